@@ -1,0 +1,35 @@
+"""Loading and saving weights; the embedded default model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The embedded default model ships inside the package (see gen.train.shapes for how it is made).
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
+
+
+def load_pipeline(
+    path: str | Path | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a local pipeline folder; with no path, the embedded default model. Never reaches the network."""
+    from gen.pipelines import TextToImagePipeline
+
+    folder = Path(path) if path is not None else DEFAULT_MODEL
+    if not folder.is_dir():
+        what = "the embedded default model" if path is None else "model folder"
+        raise FileNotFoundError(f"{what} {str(folder)!r} does not exist; give a local pipeline folder")
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no model_index.json; expected a diffusers pipeline folder"
+            " (model_index.json, text_encoder/, tokenizer/, vae/, scheduler/, transformer/ or unet/)"
+        )
+    pipe = TextToImagePipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,365 @@
+"""Text-to-image with a CLIP text encoder, a latent denoiser (our DiT or diffusers' UNet), any diffusers scheduler."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from gen.diffusion.guidance import guidance
+from gen.models.dit import DiT
+from gen.text import encode
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    """Generate images from text, called exactly like diffusers' StableDiffusionPipeline.
+
+    Exactly one denoiser: `transformer` (gen's DiT) or `unet` (diffusers' UNet2DConditionModel). Loads our own
+    saved pipelines and Stable Diffusion 1.x/2.x diffusers folders (the safety checker is not loaded).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->unet->vae"
+    _optional_components = ["transformer", "unet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        transformer: DiT | None = None,
+        unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__()
+        if (transformer is None) == (unet is None):
+            got = "both" if transformer is not None else "neither"
+            raise ValueError(
+                f"TextToImagePipeline needs exactly one denoiser, transformer= or unet=; got {got}"
+            )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            transformer=transformer,
+            unet=unet,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer if self.transformer is not None else self.unet
+
+    @property
+    def latent_stride(self) -> int:
+        """Pixels per latent token: the VAE's factor, times the patch size for a DiT."""
+        patch = getattr(self.denoiser.config, "patch_size", None) or 1
+        return self.vae_scale_factor * patch
+
+    @property
+    def default_size(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    # -- small wrappers users of StableDiffusionPipeline expect --------------------------------------------------
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_rescale: float,
+        prompt_embeds,
+        negative_prompt_embeds,
+        output_type: str,
+        callback_on_step_end_tensor_inputs,
+        num_images_per_prompt: int,
+    ) -> None:
+        """Refuse bad input before any work, naming the value and the rule."""
+        stride = self.latent_stride
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size < stride or size % stride:
+                near = (
+                    max(stride, stride * round(size / stride)) if isinstance(size, (int, float)) else stride
+                )
+                raise ValueError(
+                    f"{name}={size!r} must be a positive multiple of {stride} (VAE factor {self.vae_scale_factor}"
+                    f" x patch size {stride // self.vae_scale_factor}); nearest valid: {near}"
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+        if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be between 0 and 1")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt (str or list of str) or prompt_embeds")
+        if prompt is not None and not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+        n_prompts = (
+            1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        )
+        if isinstance(negative_prompt, list) and len(negative_prompt) != n_prompts:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; give one per prompt"
+                " or a single string"
+            )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
+                    f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}"
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L, D_text)."""
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._encode_unique(prompts, device, clip_skip)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
+            num_images_per_prompt, 0
+        )
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            negatives = (
+                negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
+            )
+            negative_prompt_embeds = self._encode_unique(negatives, device, clip_skip, prompt_embeds.shape[1])
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
+
+    def _encode_unique(
+        self, prompts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None
+    ) -> torch.Tensor:
+        # Repeated prompts (the empty negative above all) are encoded once per call.
+        unique = list(dict.fromkeys(prompts))
+        embeds = encode(self.tokenizer, self.text_encoder, unique, device, clip_skip, max_length)  # (U, L, D)
+        return embeds[[unique.index(p) for p in prompts]]  # (B, L, D)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        channels = self.denoiser.config.in_channels
+        shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt);"
+                " give one generator or one per image"
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # Both denoisers share UNet2DConditionModel's calling convention.
+        return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
+        vae = self.vae
+        x = latents / vae.config.scaling_factor  # (B, C, h, w)
+        dtype = vae.dtype
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+            dtype = torch.float32
+        image = self._vae_decode(x, dtype, generator)
+        if torch.isnan(image).any() and dtype != torch.float32:
+            logger.warning("VAE decode in %s gave NaN; retrying in float32", dtype)
+            image = self._vae_decode(x, torch.float32, generator)
+        if torch.isnan(image).any():
+            raise FloatingPointError(
+                "the decoded image contains NaN (the latents or the VAE weights are not finite); try float32,"
+                " fewer steps or another sampler"
+            )
+        return image
+
+    def _vae_decode(self, x: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
+        original = self.vae.dtype
+        if dtype != original:
+            self.vae.to(dtype)
+        try:
+            return self.vae.decode(x.to(dtype), return_dict=False, generator=generator)[0]
+        finally:
+            if dtype != original:
+                self.vae.to(original)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        clip_skip: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_rescale,
+            prompt_embeds, negative_prompt_embeds, output_type, tensor_inputs, num_images_per_prompt,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip,
+        )  # fmt: skip
+        steps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        self._num_timesteps = len(steps)
+        latents = self.prepare_latents(
+            prompt_embeds.shape[0], height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        step_kwargs = self._step_kwargs(generator, eta)
+        cfg = self.do_classifier_free_guidance
+        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds  # (2B|B, L, D)
+
+        with self.progress_bar(total=len(steps)) as progress:
+            for i, t in enumerate(steps):
+                if self.interrupt:
+                    break
+                x_in = torch.cat([latents, latents]) if cfg else latents  # (2B|B, C, h, w)
+                x_in = self.scheduler.scale_model_input(x_in, t)
+                pred = self._denoise(x_in, t, context)
+                if cfg:
+                    pred_uncond, pred_text = pred.chunk(2)
+                    pred = guidance(pred_uncond, pred_text, guidance_scale, guidance_rescale)
+                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    out = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+                    latents = out.pop("latents", latents)
+                    if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+                        prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+                progress.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(
+                self.decode_latents(latents, generator), output_type=output_type
+            )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

@@ -1,0 +1,134 @@
+"""Tiny real components built in code (no hub): a CLIP tokenizer with a small BPE vocab, CLIP text encoder,
+AutoencoderKL, UNet2DConditionModel and our DiT. Shared by the tests and the examples' smoke test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from gen.models import DiT
+from gen.pipelines import TextToImagePipeline
+
+WORDS = (
+    "a an the of on in with and photo painting red green blue white black yellow orange purple circle square "
+    "triangle star cross cat dog background large small top left right bottom centre sks shape"
+).split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2/CLIP's reversible byte -> printable-unicode table.
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIPTokenizer whose BPE knows WORDS as single tokens; everything else falls back to characters."""
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextModel:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+
+
+def unet(cross_dim: int = 32) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_dim,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
+
+
+def dit(cross_dim: int = 32, randomize: bool = True) -> DiT:
+    """A tiny DiT. randomize=True perturbs the zero-initialised layers so outputs are not trivially zero."""
+    torch.manual_seed(0)
+    model = DiT(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=cross_dim,
+    )  # fmt: skip
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def pipeline(tokenizer: CLIPTokenizer, denoiser: str = "transformer", scheduler=None) -> TextToImagePipeline:
+    scheduler = scheduler or DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    net = dit() if denoiser == "transformer" else unet()
+    pipe = TextToImagePipeline(
+        vae=vae(),
+        text_encoder=text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        **{denoiser: net},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

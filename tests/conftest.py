@@ -1,0 +1,23 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+from tests import components  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return components.write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def dit_pipe(tokenizer):
+    return components.pipeline(tokenizer, "transformer")
+
+
+@pytest.fixture
+def unet_pipe(tokenizer):
+    return components.pipeline(tokenizer, "unet")

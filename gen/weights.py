@@ -31,5 +31,16 @@ def load_pipeline(
             " (model_index.json, text_encoder/, tokenizer/, vae/, scheduler/, transformer/ or unet/)"
         )
     pipe = TextToImagePipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+    check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_tokenizer(tokenizer, text_encoder, folder: Path) -> None:
+    """A tokenizer folder missing its vocabulary loads without error as a 2-token tokenizer; catch that here."""
+    expected = text_encoder.config.vocab_size
+    if len(tokenizer) < expected // 2:
+        raise ValueError(
+            f"{folder / 'tokenizer'}: the tokenizer has {len(tokenizer)} tokens but the text encoder expects"
+            f" {expected}; are vocab.json and merges.txt (or tokenizer.json) missing?"
+        )

@@ -25,7 +25,7 @@ from torch import nn
 # Standard sizes. "S/B/L/XL" follow the DiT paper's widths and depths; the shapes preset is the embedded model.
 DIT_PRESETS: dict[str, dict] = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
-    "shapes": dict(num_layers=8, num_attention_heads=4, attention_head_dim=48),
+    "shapes": dict(num_layers=8, num_attention_heads=4, attention_head_dim=56),
     "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
     "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
     "L": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),
@@ -107,7 +107,7 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         out_channels: int | None = None,
         num_layers: int = 8,
         num_attention_heads: int = 4,
-        attention_head_dim: int = 48,
+        attention_head_dim: int = 56,
         cross_attention_dim: int = 128,
         mlp_ratio: float = 4.0,
         freq_shift: int = 0,

@@ -1,0 +1,216 @@
+"""Procedurally drawn coloured shapes with captions: the embedded model's training data and its exam.
+
+Every image holds one shape of one colour on a plain background of another colour, at one of two sizes and five
+positions. Images are drawn with PIL at 4x resolution and downsampled (anti-aliased), deterministically from
+(seed, index). A fixed list of (colour, shape, background) combinations is held out of training to measure
+compositional generalisation: every colour and shape still appears in training, only those pairings do not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (245, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 60, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Drawn by the same code but never in base training: material for teaching the model a new shape (DreamBooth).
+EXTRA_SHAPES = ("heart", "ring")
+SIZES = ("small", "large")
+POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
+ATTRIBUTES = ("background", "colour", "shape", "size", "position")
+
+_RADIUS = {"small": 0.15, "large": 0.27}  # fraction of the image side
+_CORNER_MARGIN = 0.06
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+    size: str
+    position: str
+
+    def labels(self) -> dict[str, int]:
+        """Class indices per attribute, for the judge."""
+        names = {"background": list(COLOURS), "colour": list(COLOURS), "shape": list(SHAPES + EXTRA_SHAPES),
+                 "size": list(SIZES), "position": list(POSITIONS)}  # fmt: skip
+        return {a: names[a].index(getattr(self, a)) for a in ATTRIBUTES}
+
+
+def _held_out() -> frozenset[tuple[str, str, str]]:
+    # A fixed seeded pick of 20 (colour, shape, background) triples, one per (colour, shape) row at most.
+    rng = random.Random(1234)
+    triples = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c]
+    rng.shuffle(triples)
+    chosen: list[tuple[str, str, str]] = []
+    for c, s, b in triples:
+        if len(chosen) < 20 and all((c, s) != (x[0], x[1]) for x in chosen):
+            chosen.append((c, s, b))
+    return frozenset(chosen)
+
+
+HELD_OUT = _held_out()
+
+
+def is_held_out(scene: Scene) -> bool:
+    return (scene.colour, scene.shape, scene.background) in HELD_OUT
+
+
+def sample_scene(rng: random.Random, split: str = "train", shapes: tuple[str, ...] = SHAPES) -> Scene:
+    """A random scene; split "train" avoids HELD_OUT, "heldout" draws only from it, "all" from everything."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split={split!r} must be 'train', 'heldout' or 'all'")
+    while True:
+        if split == "heldout":
+            colour, shape, background = rng.choice(sorted(HELD_OUT))
+        else:
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(shapes)
+            background = rng.choice([c for c in COLOURS if c != colour])
+        scene = Scene(colour, shape, background, rng.choice(SIZES), rng.choice(POSITIONS))
+        if split != "train" or not is_held_out(scene):
+            return scene
+
+
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """One of a few phrasings; rng=None gives the canonical one used in evaluation prompts."""
+    where = "in the centre" if scene.position == "centre" else f"in the {scene.position}"
+    thing = f"{scene.size} {scene.colour} {scene.shape}"
+    forms = [
+        f"a {thing} {where} on a {scene.background} background",
+        f"a {thing} {where} on {scene.background}",
+        f"a {scene.background} background with a {thing} {where}",
+        f"{where}, a {thing} on a {scene.background} background",
+    ]
+    if rng is None:
+        return forms[0]
+    return rng.choice(forms)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        # Equilateral, pointing up, centred on its centroid.
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+        return pts
+    if shape == "heart":
+        pts = []
+        for k in range(64):
+            t = 2 * math.pi * k / 64
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + r * x / 16, cy - r * (y + 2) / 16))
+        return pts
+    raise ValueError(f"no polygon for shape {shape!r}")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = r * 0.85  # a square of the same visual weight as the circle
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "cross":
+        w = r * 0.32
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, round(r * 0.38)))
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+
+
+def render(
+    scene: Scene, resolution: int = 64, jitter: random.Random | None = None, supersample: int = 4
+) -> Image.Image:
+    """Draw a scene. `jitter` (an rng) moves and scales the shape slightly, for training variety."""
+    side = resolution * supersample
+    r = _RADIUS[scene.size]
+    dx = dy = 0.0
+    if jitter is not None:
+        r *= jitter.uniform(0.9, 1.1)
+        dx, dy = jitter.uniform(-0.025, 0.025), jitter.uniform(-0.025, 0.025)
+    corner = r + _CORNER_MARGIN
+    fx = {"centre": 0.5, "top left": corner, "bottom left": corner}.get(scene.position, 1 - corner)
+    fy = {"centre": 0.5, "top left": corner, "top right": corner}.get(scene.position, 1 - corner)
+    image = Image.new("RGB", (side, side), COLOURS[scene.background])
+    _draw_shape(
+        ImageDraw.Draw(image),
+        scene.shape,
+        (fx + dx) * side,
+        (fy + dy) * side,
+        r * side,
+        COLOURS[scene.colour],
+    )
+    return image.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+def example(
+    index: int, seed: int = 0, split: str = "train", resolution: int = 64, shapes=SHAPES
+) -> tuple[np.ndarray, str, Scene]:
+    """Image (H, W, 3) uint8, caption and scene for one index, the same on every machine."""
+    rng = random.Random(seed * 1_000_003 + index)
+    scene = sample_scene(rng, split, shapes)
+    image = render(scene, resolution, jitter=rng)
+    return np.asarray(image), caption(scene, rng), scene
+
+
+def render_many(
+    count: int, seed: int = 0, split: str = "train", resolution: int = 64, shapes=SHAPES, workers: int = 1
+):
+    """(N, H, W, 3) uint8 images, captions and scenes for indices 0..count-1; `workers` processes in parallel."""
+    args = [(i, seed, split, resolution, shapes) for i in range(count)]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            rows = pool.starmap(example, args, chunksize=256)
+    else:
+        rows = [example(*a) for a in args]
+    images = np.stack([r[0] for r in rows])
+    return images, [r[1] for r in rows], [r[2] for r in rows]
+
+
+class ShapesDataset:
+    """A torch-style map dataset: {"pixel_values": (3, H, W) float in [-1, 1], "caption": str, "labels": dict}."""
+
+    def __init__(self, size: int, seed: int = 0, split: str = "train", resolution: int = 64, shapes=SHAPES):
+        self.size, self.seed, self.split, self.resolution, self.shapes = (
+            size,
+            seed,
+            split,
+            resolution,
+            tuple(shapes),
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} examples")
+        image, text, scene = example(index, self.seed, self.split, self.resolution, self.shapes)
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+        return {"pixel_values": pixels, "caption": text, "labels": scene.labels(), "scene": asdict(scene)}

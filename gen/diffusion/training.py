@@ -1,0 +1,68 @@
+"""Training targets and loss weights for noise-prediction diffusion, written once for every training script.
+
+Parameterisations follow diffusers' schedulers: "epsilon" (Ho et al. 2020), "v_prediction" (Salimans & Ho 2022),
+"sample". Min-SNR-γ weighting: Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy" (2023).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _alphas_cumprod(scheduler, t: torch.Tensor) -> torch.Tensor:
+    return scheduler.alphas_cumprod.to(device=t.device)[t].float()  # (B,)
+
+
+def snr(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t: (B,)."""
+    a = _alphas_cumprod(scheduler, t)
+    return a / (1 - a)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser should predict for x_t = add_noise(x0, noise, t), by the scheduler's prediction_type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"prediction_type={kind!r} must be 'epsilon', 'v_prediction' or 'sample'")
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, γ) / SNR, adjusted to the parameterisation's own loss scale: (B,)."""
+    s = snr(scheduler, t)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / s
+    if kind == "v_prediction":
+        return clipped / (s + 1)
+    return clipped  # "sample"
+
+
+def diffusion_loss(
+    pred: torch.Tensor,  # (B, C, h, w)
+    target: torch.Tensor,  # (B, C, h, w)
+    weights: torch.Tensor | None = None,  # (B,)
+) -> torch.Tensor:
+    """Mean squared error per sample, optionally weighted, averaged over the batch."""
+    per_sample = (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def sample_noise(
+    latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise, plus an optional per-channel offset (Guttenberg 2023) that lets models learn dark/bright."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if offset:
+        shape = (latents.shape[0], latents.shape[1], 1, 1)
+        noise = noise + offset * torch.randn(
+            shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    return noise

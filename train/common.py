@@ -1,0 +1,184 @@
+"""Pieces every training script shares: options as a dataclass turned into flags, the diffusion loss step,
+caption dropout, EMA, and writing folders atomically."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gen.diffusion.training import diffusion_loss, min_snr_weights, sample_noise, training_target
+
+logger = logging.getLogger(__name__)
+
+
+# -- options ---------------------------------------------------------------------------------------------------
+def options_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    """argparse flags from a dataclass: field `learning_rate` -> `--learning-rate`; bools get `--no-…` too.
+
+    `--config FILE.json` supplies defaults; flags given on the command line win.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None, help="JSON file of options (flags override it)")
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = field.metadata.get("help", "") + " (default: %(default)s)"
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text
+            )
+            continue
+        parser.add_argument(flag, type=_flag_type(kind), default=field.default, help=help_text)
+    return parser
+
+
+def _flag_type(kind):
+    # `str | None` -> str; plain types stay as they are.
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def parse_options(cls: type, argv: list[str] | None = None, description: str = ""):
+    parser = options_parser(cls, description)
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        if not args.config.is_file():
+            parser.error(f"--config {args.config}: no such file")
+        given = json.loads(args.config.read_text())
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            parser.error(f"--config {args.config}: unknown options {sorted(unknown)}")
+        parser.set_defaults(**given)
+        args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def save_options(options, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
+    atomic_write_text(folder / "train_config.json", json.dumps(data, indent=2))
+
+
+# -- the diffusion training step ---------------------------------------------------------------------------------
+def drop_captions(captions: list[str], probability: float, rng: random.Random) -> list[str]:
+    """Replace captions with "" at random, so the model also learns the unconditional branch CFG needs."""
+    return ["" if rng.random() < probability else c for c in captions]
+
+
+def denoiser_loss(
+    denoiser: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,  # (B, C, h, w), already scaled by the VAE's scaling_factor
+    context: torch.Tensor,  # (B, L, D_text)
+    min_snr_gamma: float = 0.0,
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Noise the latents at random timesteps, predict, and return the (optionally min-SNR weighted) loss."""
+    b = latents.shape[0]
+    noise = sample_noise(latents, noise_offset, generator)
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator
+    )
+    x_t = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
+    pred = denoiser(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
+    target = training_target(scheduler, latents, noise, t)
+    weights = min_snr_weights(scheduler, t, min_snr_gamma) if min_snr_gamma > 0 else None
+    return diffusion_loss(pred, target, weights)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (the weights that get shipped)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = True):
+        self.decay, self.warmup, self.steps = decay, warmup, 0
+        self.shadow = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        # Warm-up (1 + n) / (10 + n) lets early, fast-changing weights through instead of the random init.
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps)) if self.warmup else self.decay
+        for s, p in zip(self.shadow, model.parameters(), strict=True):
+            s.lerp_(p.detach().float(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for s, p in zip(self.shadow, model.parameters(), strict=True):
+            p.copy_(s.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "steps": self.steps, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.steps = state["decay"], state["steps"]
+        self.shadow = [s.clone() for s in state["shadow"]]
+
+
+# -- files -------------------------------------------------------------------------------------------------------
+def _default_mode(directory: bool) -> int:
+    # mkstemp/mkdtemp create 0600/0700; results should get the permissions any new file would.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _default_mode(directory=False))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_folder(dest: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Write a folder into a temporary sibling, then promote it with one rename: never a half-written `dest`.
+
+    An existing `dest` is kept unless overwrite=True, in which case it is replaced only after the new one is
+    complete.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; refusing to overwrite it (pass overwrite=True)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    os.chmod(tmp, _default_mode(directory=True))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass

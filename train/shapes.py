@@ -1,0 +1,314 @@
+"""Rebuild gen's embedded default model from nothing: python -m gen.train.shapes --out DIR
+
+Stages, each saved when done so a rerun with the same --out skips it: render the shapes data; train a tiny CLIP
+(its text tower becomes the pipeline's text encoder, its vision tower part of the evaluator); train the VAE;
+train the DiT on VAE latents with the frozen text encoder (caption dropout, min-SNR, EMA; checkpointed every
+few minutes and resumable); train and verify the judge; evaluate; write the pipeline folder DIR/model.
+Every stage runs for a time budget (and a step cap), so the whole run has a known length on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from gen.eval import ClipScorer, Judge, eval_scenes, evaluate, save_grid
+from gen.models import dit_from_preset
+from gen.pipelines import TextToImagePipeline
+from gen.train import shapes_parts as P
+from gen.train.common import (
+    EMA,
+    atomic_folder,
+    atomic_write_text,
+    denoiser_loss,
+    parse_options,
+    save_options,
+    seed_everything,
+)
+from gen.weights import DEFAULT_MODEL
+
+logger = logging.getLogger("gen.train.shapes")
+
+
+@dataclass
+class ShapesOptions:
+    out: Path = field(
+        default=Path("runs/shapes"), metadata={"help": "run folder; the model lands in OUT/model"}
+    )
+    tokenizer: Path = field(default=DEFAULT_MODEL / "tokenizer", metadata={"help": "CLIP tokenizer folder"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    seed: int = 0
+    resolution: int = 64
+    dataset_size: int = field(default=60_000, metadata={"help": "training images rendered"})
+    workers: int = field(default=1, metadata={"help": "processes rendering the data"})
+    clip_minutes: float = 12.0
+    clip_steps: int = 20_000
+    clip_batch: int = 256
+    vae_minutes: float = 10.0
+    vae_steps: int = 20_000
+    vae_batch: int = 32
+    dit_minutes: float = 75.0
+    dit_steps: int = 200_000
+    dit_batch: int = 64
+    dit_lr: float = 5e-4
+    dit_preset: str = "shapes"
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 10.0
+    judge_minutes: float = 4.0
+    judge_steps: int = 3000
+    eval_images_per_prompt: int = 4
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/model"})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2))
+
+
+def stage_clip(o: ShapesOptions, tokenizer, data: P.Data, device) -> Path:
+    folder = o.out / "stages" / "clip"
+    if (folder / "report.json").exists():
+        return folder
+    clip = P.make_clip(tokenizer, o.resolution)
+    P.train_clip(clip, data, device, o.clip_minutes, o.clip_steps, o.clip_batch, 1e-3, o.seed)
+    report = {"zero_shot_heldout": P.clip_zero_shot(clip, tokenizer, device)}
+    logger.info("clip zero-shot on held-out renders: %s", report["zero_shot_heldout"])
+    text, vision, projection = P.split_clip(clip.float().cpu())
+    P.prune_embeddings(text, P.used_token_ids(tokenizer))
+
+    def write(tmp: Path) -> None:
+        text.save_pretrained(tmp / "text_encoder")
+        vision.save_pretrained(tmp / "clip_vision")
+        save_file(
+            {"weight": projection.contiguous()}, str(tmp / "clip_vision" / "text_projection.safetensors")
+        )
+        _write_json(tmp / "report.json", report)
+
+    return atomic_folder(folder, write, overwrite=True)
+
+
+def stage_vae(o: ShapesOptions, data: P.Data, device) -> Path:
+    folder = o.out / "stages" / "vae"
+    if (folder / "report.json").exists():
+        return folder
+    vae = P.make_vae(o.resolution)
+    P.train_vae(vae, data, device, o.vae_minutes, o.vae_steps, o.vae_batch, 5e-4, o.seed)
+    report = P.vae_report(vae, device)
+    # Latents are scaled to unit variance for the denoiser: scaling_factor = 1 / std, stored in the config.
+    vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
+    logger.info("vae: %s", report)
+
+    def write(tmp: Path) -> None:
+        vae.save_pretrained(tmp / "vae")
+        _write_json(tmp / "report.json", report)
+
+    return atomic_folder(folder, write, overwrite=True)
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+                         clip_sample=False, timestep_spacing="trailing")  # fmt: skip
+
+
+@torch.no_grad()
+def encode_latents(vae, data: P.Data, device, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(data.images), batch):
+        x = data.images[i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(out)  # (N, 4, h, w)
+
+
+def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path:
+    folder = o.out / "stages" / "dit"
+    if (folder / "report.json").exists():
+        return folder
+    latents = encode_latents(vae, data, device)
+    scheduler = train_scheduler()
+    dit = dit_from_preset(o.dit_preset, sample_size=latents.shape[-1], in_channels=latents.shape[1],
+                          cross_attention_dim=text_encoder.config.hidden_size).to(device)  # fmt: skip
+    opt = torch.optim.AdamW(dit.parameters(), lr=o.dit_lr, weight_decay=0.0)
+    ema = EMA(dit, o.ema_decay)
+    ckpt_path = o.out / "stages" / "dit-checkpoint.pt"
+    start, g = 0, torch.Generator().manual_seed(o.seed)
+    if ckpt_path.exists():  # resume: weights, EMA, optimiser, step and the data RNG
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        dit.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = state["step"]
+        g.set_state(state["rng"].cpu())
+        logger.info("resuming the DiT from step %d", start)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rng, last_save, losses = random.Random(o.seed + start), time.monotonic(), []
+    text_encoder.to(device).requires_grad_(False)
+    dit.train()
+    step = start
+    for step in P.timed_steps(o.dit_minutes, o.dit_steps - start, "dit"):
+        step += start
+        P.warmup_lr(opt, step, o.dit_lr, 500)
+        idx = torch.randint(0, len(latents), (o.dit_batch,), generator=g)
+        ids = data.ids[idx]
+        drop = torch.tensor([rng.random() < o.caption_dropout for _ in range(len(idx))])
+        ids[drop] = data.empty_ids
+        with amp:
+            with torch.no_grad():
+                context = text_encoder(ids.to(device))[0]  # (B, 77, D_text)
+            loss = denoiser_loss(dit, scheduler, latents[idx.to(latents.device)], context, o.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        ema.update(dit)
+        losses.append(loss.item())
+        if step % 500 == 0:
+            logger.info("dit step %d loss %.4f", step, sum(losses[-500:]) / len(losses[-500:]))
+        if time.monotonic() - last_save > o.checkpoint_minutes * 60:
+            _save_dit_checkpoint(ckpt_path, dit, opt, ema, step + 1, g)
+            last_save = time.monotonic()
+    ema.copy_to(dit)
+    report = {"steps": step + 1, "final_loss": sum(losses[-200:]) / max(len(losses[-200:]), 1),
+              "parameters": sum(p.numel() for p in dit.parameters())}  # fmt: skip
+
+    def write(tmp: Path) -> None:
+        dit.eval().save_pretrained(tmp / "transformer")
+        scheduler.save_pretrained(tmp / "scheduler")
+        _write_json(tmp / "report.json", report)
+
+    return atomic_folder(folder, write, overwrite=True)
+
+
+def _save_dit_checkpoint(path: Path, dit, opt, ema, step: int, g: torch.Generator) -> None:
+    tmp = path.with_suffix(".tmp")
+    state = {"model": dit.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(), "step": step,
+             "rng": g.get_state()}  # fmt: skip
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint whole
+
+
+def stage_judge(o: ShapesOptions, device) -> Path:
+    folder = o.out / "stages" / "judge"
+    if (folder / "report.json").exists():
+        return folder
+    judge = Judge()
+    P.train_judge(judge, o.resolution, device, o.judge_minutes, o.judge_steps, 256, o.seed + 1,
+                  count=min(o.dataset_size, 40_000), workers=o.workers)  # fmt: skip
+    report = P.judge_report(judge)
+    logger.info("judge accuracy on rendered ground truth: %s", report)
+
+    def write(tmp: Path) -> None:
+        judge.save_pretrained(tmp / "judge")
+        _write_json(tmp / "report.json", report)
+
+    return atomic_folder(folder, write, overwrite=True)
+
+
+def assemble(o: ShapesOptions, tokenizer: CLIPTokenizer, stages: dict[str, Path], device) -> Path:
+    """The shipped folder: the pipeline (fp16 weights, loaded as fp32), the CLIP vision tower and the judge."""
+    text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder")
+    pipe = TextToImagePipeline(
+        vae=_load_vae(stages["vae"]),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=DPMSolverMultistepScheduler.from_config(DDPMScheduler.from_pretrained(stages["dit"] / "scheduler").config),
+        transformer=_load_dit(stages["dit"]),
+    )  # fmt: skip
+
+    def write(tmp: Path) -> None:
+        pipe.to(torch.float16).save_pretrained(tmp)
+        # Ship CLIP's own vocab.json + merges.txt (transformers 5 would save only a 3.6 MB tokenizer.json).
+        shutil.rmtree(tmp / "tokenizer")
+        shutil.copytree(o.tokenizer, tmp / "tokenizer")
+        vision = CLIPVisionModelWithProjection.from_pretrained(stages["clip"] / "clip_vision").to(
+            torch.float16
+        )
+        vision.save_pretrained(tmp / "clip_vision")
+        shutil.copy(stages["clip"] / "clip_vision" / "text_projection.safetensors", tmp / "clip_vision")
+        Judge.from_pretrained(stages["judge"] / "judge").to(torch.float16).save_pretrained(tmp / "judge")
+        reports = {k: json.loads((v / "report.json").read_text()) for k, v in stages.items()}
+        _write_json(
+            tmp / "training_report.json", {"options": {k: str(v) for k, v in vars(o).items()}, **reports}
+        )
+
+    return atomic_folder(o.out / "model", write, overwrite=True)
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder / "vae")
+
+
+def _load_dit(folder: Path):
+    from gen.models import DiT
+
+    return DiT.from_pretrained(folder / "transformer")
+
+
+def run_eval(o: ShapesOptions, model: Path, device) -> dict:
+    from gen.weights import load_pipeline
+
+    pipe = load_pipeline(model, device=device)
+    judge = Judge.from_pretrained(model / "judge").float().to(device)
+    clip = ClipScorer(model / "clip_vision", pipe.text_encoder, pipe.tokenizer)
+    clip.vision.to(device)
+    table = {}
+    for name, scale in (("cfg", 5.0), ("no_cfg", 1.0)):
+        r = evaluate(pipe, judge, o.eval_images_per_prompt, scale, clip=clip, batch_size=64)
+        table[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images}
+        logger.info("eval %s: %s", name, table[name])
+    scenes = eval_scenes(8)
+    save_grid(pipe, o.out / "grid.png", scenes["seen"][:4] + scenes["held-out"][:4], seeds=[0, 1, 2, 3])
+    _write_json(o.out / "eval.json", table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    o = parse_options(ShapesOptions, argv, __doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if (o.out / "model").exists() and not o.overwrite:
+        raise SystemExit(
+            f"{o.out / 'model'} exists; pass --overwrite to replace it (stages already done are reused)"
+        )
+    seed_everything(o.seed)
+    device = pick_device(o.device)
+    save_options(o, o.out)
+    t0 = time.monotonic()
+    tokenizer = CLIPTokenizer.from_pretrained(o.tokenizer)
+    data = P.render_data(o.dataset_size, o.seed, o.resolution, tokenizer, o.workers)
+    logger.info("rendered %d images in %.1fs", len(data.images), time.monotonic() - t0)
+    stages = {"clip": stage_clip(o, tokenizer, data, device), "vae": stage_vae(o, data, device)}
+    text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder").to(device).eval()
+    vae = _load_vae(stages["vae"]).to(device).eval()
+    stages["dit"] = stage_dit(o, text_encoder, vae, data, device)
+    stages["judge"] = stage_judge(o, device)
+    model = assemble(o, tokenizer, stages, device)
+    print(f"model: {model} ({sum(f.stat().st_size for f in model.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    run_eval(o, model, device)
+    print(
+        f"done in {(time.monotonic() - t0) / 60:.1f} min; eval in {o.out / 'eval.json'}, grid {o.out / 'grid.png'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -152,7 +152,7 @@ class ClipScorer:
         from safetensors.torch import load_file
         from transformers import CLIPVisionModelWithProjection
 
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=torch.float32).eval()
         self.text_projection = load_file(str(Path(folder) / "text_projection.safetensors"))["weight"]
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
 
@@ -181,3 +181,54 @@ def save_grid(
     sheet = rows.transpose(0, 2, 1, 3, 4).reshape(len(scenes) * h, len(seeds) * w, 3)
     Image.fromarray(sheet).save(path)
     return path
+
+
+def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_scale: float = 5.0,
+        num_inference_steps: int = 20, seed: int = 0, grid: str | Path | None = None, device: str = "cpu",
+        batch_size: int = 32) -> dict:  # fmt: skip
+    """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, grid."""
+    from gen.weights import DEFAULT_MODEL, load_pipeline
+
+    folder = Path(model) if model is not None else DEFAULT_MODEL
+    pipe = load_pipeline(folder, device=device)
+    if not (folder / "judge").is_dir():
+        raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")
+    judge = Judge.from_pretrained(folder / "judge").float().eval()
+    report: dict = {"model": str(folder), "judge": judge_accuracy(judge, count=500)}
+    judge.to(device)
+    clip = (
+        ClipScorer(folder / "clip_vision", pipe.text_encoder, pipe.tokenizer)
+        if (folder / "clip_vision").is_dir()
+        else None
+    )
+    if clip is not None:
+        clip.vision.to(device)
+    common = dict(num_inference_steps=num_inference_steps, batch_size=batch_size)
+    for name, scale in ((f"cfg {guidance_scale:g}", guidance_scale), ("no cfg", 1.0)):
+        r = evaluate(pipe, judge, images_per_prompt, scale, seed, clip=clip, **common)
+        report[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images}
+    if grid is not None:
+        scenes = eval_scenes(8)
+        save_grid(pipe, Path(grid), scenes["seen"][:4] + scenes["held-out"][:4], [seed + k for k in range(4)],
+                  guidance_scale, num_inference_steps=num_inference_steps)  # fmt: skip
+        report["grid"] = str(grid)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A table people can read: judge accuracy first, then per split x setting accuracies in percent."""
+    cols = list(S.ATTRIBUTES) + ["all"]
+    lines = [f"model: {report['model']}", "judge accuracy on rendered ground truth (%):"]
+    for kind, acc in report["judge"].items():
+        lines.append(f"  {kind:<6}" + "".join(f"{a} {100 * acc[a]:5.1f}  " for a in S.ATTRIBUTES))
+    lines.append(f"{'setting':<10}{'split':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'clip':>8}")
+    for name, block in report.items():
+        if not isinstance(block, dict) or "accuracy" not in block:
+            continue
+        for split, acc in block["accuracy"].items():
+            clip = block["clip_score"].get(split)
+            row = "".join(f"{100 * acc[c]:11.1f}" for c in cols)
+            lines.append(f"{name:<10}{split:<10}{row}{'' if clip is None else f'{clip:8.1f}'}")
+    if "grid" in report:
+        lines.append(f"grid: {report['grid']}")
+    return "\n".join(lines)

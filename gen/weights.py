@@ -30,7 +30,7 @@ def load_pipeline(
             f"{str(folder)!r} has no model_index.json; expected a diffusers pipeline folder"
             " (model_index.json, text_encoder/, tokenizer/, vae/, scheduler/, transformer/ or unet/)"
         )
-    pipe = TextToImagePipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+    pipe = TextToImagePipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -26,3 +26,26 @@ def test_saved_class_module_paths_are_pinned():
 
     assert DiT.__module__ == "gen.models.dit"
     assert TextToImagePipeline.__module__ == "gen.pipelines.text_to_image"
+
+
+def test_wheel_carries_the_model_and_mapped_packages(tmp_path):
+    import zipfile
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        str(ROOT),
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("gen-*.whl"))).namelist()
+    for path in ("gen/assets/shapes/model_index.json", "gen/assets/shapes/transformer/diffusion_pytorch_model.safetensors",
+                 "gen/assets/shapes/tokenizer/vocab.json", "gen/assets/shapes/judge/config.json",
+                 "gen/pipelines/text_to_image.py", "gen/train/common.py"):  # fmt: skip
+        assert path in names, path

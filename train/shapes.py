@@ -23,8 +23,9 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from gen.eval import ClipScorer, Judge, eval_scenes, evaluate, save_grid
-from gen.models import dit_from_preset
+from gen import eval as gen_eval
+from gen.eval import Judge
+from gen.models import DiT, dit_from_preset
 from gen.pipelines import TextToImagePipeline
 from gen.train import shapes_parts as P
 from gen.train.common import (
@@ -71,6 +72,13 @@ class ShapesOptions:
     judge_steps: int = 3000
     eval_images_per_prompt: int = 4
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/model"})
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "a shapes model folder: reuse its CLIP, VAE and judge, "
+            "and fine-tune its DiT instead of starting from scratch"
+        },
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,8 +154,11 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
         return folder
     latents = encode_latents(vae, data, device)
     scheduler = train_scheduler()
-    dit = dit_from_preset(o.dit_preset, sample_size=latents.shape[-1], in_channels=latents.shape[1],
-                          cross_attention_dim=text_encoder.config.hidden_size).to(device)  # fmt: skip
+    if o.init_from:
+        dit = DiT.from_pretrained(Path(o.init_from) / "transformer").float().to(device)
+    else:
+        dit = dit_from_preset(o.dit_preset, sample_size=latents.shape[-1], in_channels=latents.shape[1],
+                              cross_attention_dim=text_encoder.config.hidden_size).to(device)  # fmt: skip
     opt = torch.optim.AdamW(dit.parameters(), lr=o.dit_lr, weight_decay=0.0)
     ema = EMA(dit, o.ema_decay)
     ckpt_path = o.out / "stages" / "dit-checkpoint.pt"
@@ -246,11 +257,34 @@ def assemble(o: ShapesOptions, tokenizer: CLIPTokenizer, stages: dict[str, Path]
         shutil.copy(stages["clip"] / "clip_vision" / "text_projection.safetensors", tmp / "clip_vision")
         Judge.from_pretrained(stages["judge"] / "judge").to(torch.float16).save_pretrained(tmp / "judge")
         reports = {k: json.loads((v / "report.json").read_text()) for k, v in stages.items()}
-        _write_json(
-            tmp / "training_report.json", {"options": {k: str(v) for k, v in vars(o).items()}, **reports}
-        )
+        report = {"options": {k: str(v) for k, v in vars(o).items()}, **reports}
+        base = Path(o.init_from) / "training_report.json" if o.init_from else None
+        if base is not None and base.exists():  # provenance: the run this one continued from
+            report["init_from_report"] = json.loads(base.read_text())
+        _write_json(tmp / "training_report.json", report)
 
     return atomic_folder(o.out / "model", write, overwrite=True)
+
+
+def seed_stages_from(o: ShapesOptions, model: Path) -> None:
+    """Lay out a finished model's CLIP, VAE and judge as completed stages, so only the DiT trains."""
+    reports = (
+        json.loads((model / "training_report.json").read_text())
+        if (model / "training_report.json").exists()
+        else {}
+    )
+    parts = {"clip": ("text_encoder", "clip_vision"), "vae": ("vae",), "judge": ("judge",)}
+    for stage, folders in parts.items():
+        dest = o.out / "stages" / stage
+        if (dest / "report.json").exists():
+            continue
+
+        def write(tmp: Path, folders=folders, stage=stage) -> None:
+            for name in folders:
+                shutil.copytree(model / name, tmp / name)
+            _write_json(tmp / "report.json", reports.get(stage, {"from": str(model)}))
+
+        atomic_folder(dest, write, overwrite=True)
 
 
 def _load_vae(folder: Path):
@@ -260,27 +294,16 @@ def _load_vae(folder: Path):
 
 
 def _load_dit(folder: Path):
-    from gen.models import DiT
-
     return DiT.from_pretrained(folder / "transformer")
 
 
 def run_eval(o: ShapesOptions, model: Path, device) -> dict:
-    from gen.weights import load_pipeline
-
-    pipe = load_pipeline(model, device=device)
-    judge = Judge.from_pretrained(model / "judge").float().to(device)
-    clip = ClipScorer(model / "clip_vision", pipe.text_encoder, pipe.tokenizer)
-    clip.vision.to(device)
-    table = {}
-    for name, scale in (("cfg", 5.0), ("no_cfg", 1.0)):
-        r = evaluate(pipe, judge, o.eval_images_per_prompt, scale, clip=clip, batch_size=64)
-        table[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images}
-        logger.info("eval %s: %s", name, table[name])
-    scenes = eval_scenes(8)
-    save_grid(pipe, o.out / "grid.png", scenes["seen"][:4] + scenes["held-out"][:4], seeds=[0, 1, 2, 3])
-    _write_json(o.out / "eval.json", table)
-    return table
+    report = gen_eval.run(
+        model, o.eval_images_per_prompt, device=str(device), grid=o.out / "grid.png", batch_size=64
+    )
+    _write_json(o.out / "eval.json", report)
+    print(gen_eval.format_report(report))
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,11 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     save_options(o, o.out)
     t0 = time.monotonic()
     tokenizer = CLIPTokenizer.from_pretrained(o.tokenizer)
+    if o.init_from:
+        seed_stages_from(o, Path(o.init_from))
     data = P.render_data(o.dataset_size, o.seed, o.resolution, tokenizer, o.workers)
     logger.info("rendered %d images in %.1fs", len(data.images), time.monotonic() - t0)
     stages = {"clip": stage_clip(o, tokenizer, data, device), "vae": stage_vae(o, data, device)}
-    text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder").to(device).eval()
-    vae = _load_vae(stages["vae"]).to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder").float().to(device).eval()
+    vae = _load_vae(stages["vae"]).float().to(device).eval()
     stages["dit"] = stage_dit(o, text_encoder, vae, data, device)
     stages["judge"] = stage_judge(o, device)
     model = assemble(o, tokenizer, stages, device)

@@ -86,14 +86,25 @@ def sample_scene(rng: random.Random, split: str = "train", shapes: tuple[str, ..
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """One of a few phrasings; rng=None gives the canonical one used in evaluation prompts."""
+    """One of a few phrasings; rng=None gives the canonical one used in evaluation prompts.
+
+    With an rng, size and position are each left out now and then, so short prompts ("a red circle on a blue
+    background") are in the training distribution too: an unnamed attribute may then be anything.
+    """
     where = "in the centre" if scene.position == "centre" else f"in the {scene.position}"
-    thing = f"{scene.size} {scene.colour} {scene.shape}"
+    size = scene.size
+    if rng is not None:
+        size = "" if rng.random() < 0.25 else size
+        where = "" if rng.random() < 0.25 else where
+    thing = " ".join(w for w in (size, scene.colour, scene.shape) if w)
+    spot = f" {where}" if where else ""
     forms = [
-        f"a {thing} {where} on a {scene.background} background",
-        f"a {thing} {where} on {scene.background}",
-        f"a {scene.background} background with a {thing} {where}",
-        f"{where}, a {thing} on a {scene.background} background",
+        f"a {thing}{spot} on a {scene.background} background",
+        f"a {thing}{spot} on {scene.background}",
+        f"a {scene.background} background with a {thing}{spot}",
+        f"{where}, a {thing} on a {scene.background} background"
+        if where
+        else f"a {thing} on a {scene.background} background",
     ]
     if rng is None:
         return forms[0]
@@ -172,7 +183,7 @@ def example(
     rng = random.Random(seed * 1_000_003 + index)
     scene = sample_scene(rng, split, shapes)
     image = render(scene, resolution, jitter=rng)
-    return np.asarray(image), caption(scene, rng), scene
+    return np.array(image), caption(scene, rng), scene
 
 
 def render_many(

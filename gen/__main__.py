@@ -1,5 +1,3 @@
-import sys
+from gen.cli import run
 
-from gen.cli import main
-
-sys.exit(main())
+run()

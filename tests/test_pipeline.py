@@ -199,3 +199,16 @@ def test_fp16_vae_decodes_in_fp32_and_nan_is_an_error(dit_pipe):
     torch.testing.assert_close(out, ref, atol=3e-3, rtol=0)
     with pytest.raises(FloatingPointError, match="contains NaN"):
         dit_pipe.decode_latents(torch.full((1, 4, 16, 16), float("nan")))
+
+
+def test_custom_timesteps_and_sigmas(unet_pipe):
+    unet_pipe.scheduler = EulerDiscreteScheduler.from_config(unet_pipe.scheduler.config)
+    seen = []
+    cb = lambda pipe, i, t, kw: seen.append(int(t)) or {}  # noqa: E731
+    run(unet_pipe, timesteps=[999, 700, 300, 50], callback_on_step_end=cb)
+    assert seen == [999, 700, 300, 50]
+    image = run(unet_pipe, sigmas=[14.6, 5.0, 1.0, 0.3])
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    unet_pipe.scheduler = DDPMScheduler.from_config(unet_pipe.scheduler.config)
+    with pytest.raises(ValueError, match="sigmas"):
+        run(unet_pipe, sigmas=[1.0, 0.5])

@@ -308,11 +308,13 @@ def run_eval(o: ShapesOptions, model: Path, device) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     o = parse_options(ShapesOptions, argv, __doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if (o.out / "model").exists() and not o.overwrite:
         raise SystemExit(
-            f"{o.out / 'model'} exists; pass --overwrite to replace it (stages already done are reused)"
+            f"{o.out / 'model'} exists; pass --overwrite to replace it (finished stages are reused)"
         )
+    o.out.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(o.out / "train.log")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
     seed_everything(o.seed)
     device = pick_device(o.device)
     save_options(o, o.out)

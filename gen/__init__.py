@@ -12,14 +12,18 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_pipeline": "gen.weights",
+    "generate": "gen.generation",
+    "make_scheduler": "gen.samplers",
     "DiT": "gen.models.dit",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
-__all__ = ["DiT", "TextToImagePipeline", "__version__", "load_pipeline"]
+__all__ = ["DiT", "TextToImagePipeline", "__version__", "generate", "load_pipeline", "make_scheduler"]
 
 if TYPE_CHECKING:
+    from gen.generation import generate
     from gen.models.dit import DiT
     from gen.pipelines.text_to_image import TextToImagePipeline
+    from gen.samplers import make_scheduler
     from gen.weights import load_pipeline
 
 

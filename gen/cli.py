@@ -1,8 +1,11 @@
 """The `gen` command: parse, call the pipeline or evaluator, save. No sampling logic of its own.
 
-gen "a red circle on a blue background" -o out.png     generate (the default subcommand)
-gen generate "eval"                                    a prompt that equals a subcommand's name
-gen eval [--json]                                      score the embedded model's prompt adherence
+    gen "a red circle on a blue background" -o out.png      generate (the default subcommand)
+    gen generate "eval"  |  gen -- "eval"                   a prompt that equals a subcommand's name
+    gen samplers | gen info PATH | gen eval | gen reproduce IMAGE.png [--verify]
+
+Bad input: one line on stderr, exit status 2 (--debug shows the traceback). Paths written go to stdout, one per
+line; everything else (seed, progress, summary) to stderr.
 """
 
 from __future__ import annotations
@@ -13,46 +16,179 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("generate", "eval")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce")
+EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
+out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
+A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
+reproduce IMAGE.png. Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
 
 
 class CliError(Exception):
     """Bad input: printed as one line on stderr, exit status 2."""
 
 
+def err(message: str) -> None:
+    print(f"gen: {message}", file=sys.stderr)
+
+
 def _quiet_libraries() -> None:
-    # Library progress bars and warnings about loading are noise on a command line.
+    # Library progress bars and load-time warnings are noise on a command line.
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2**64-1")
+    return value
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gen", description="Generate an image from a text prompt.")
-    p.add_argument("prompt", help="what to draw")
-    p.add_argument(
-        "-o", "--output", type=Path, default=Path("gen.png"), help="PNG file to write (default: %(default)s)"
+    p = argparse.ArgumentParser(prog="gen", description="Generate images from text.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    a = p.add_argument
+    a("prompt", nargs="?", help="what to draw (or --from-file)")
+    a(
+        "-o",
+        "--output",
+        default="gen.png",
+        help="PNG file or folder/ (default: %(default)s; see naming below)",
     )
-    p.add_argument("--model", default=None, help="local pipeline folder (default: the embedded shapes model)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
-    p.add_argument(
+    a("-n", "--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")
+    a(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images computed together; never changes them (default: %(default)s)",
+    )
+    a(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="seed of the first image; image k gets seed+k (default: random, printed)",
+    )
+    a("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    a("--sampler", default=None, help="sampler name, see `gen samplers` (default: the model's own)")
+    a(
         "--guidance",
         "--cfg",
         type=float,
         default=5.0,
-        help="classifier-free guidance scale (default: %(default)s)",
+        help="classifier-free guidance scale; <= 1 turns CFG off (default: %(default)s)",
     )
-    p.add_argument("--negative", default=None, help="negative prompt (default: none)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="rescale CFG towards the text branch's std, 0..1 (default: %(default)s)",
+    )
+    a("--negative", default="", help="negative prompt (default: none)")
+    a("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    a("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    a(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help="use the text encoder's output this many layers before the last",
+    )
+    a(
+        "--model",
+        default=None,
+        help="local pipeline folder, ours or a Stable Diffusion 1.x/2.x one (default: embedded)",
+    )
+    a("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)")
+    a(
+        "--from-file",
+        type=Path,
+        default=None,
+        help="read prompts from this file, one per line (blank lines skipped)",
+    )
+    a("--grid", default=None, help="also save a contact sheet of this run's images to this PNG")
+    a("--overwrite", action="store_true", help="replace existing files instead of numbering around them")
+    a("--quiet", action="store_true", help="no progress bar, seed or summary; only the paths written")
+    a("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def eval_parser() -> argparse.ArgumentParser:
+def read_prompts(path: Path):
+    """Stream prompts (a file of a million lines is not read at once); bad bytes name their line."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise CliError(f"cannot read prompt file {path}: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise CliError(f"{path}:{number}: not valid UTF-8 text") from None
+            if any(ord(c) < 32 and c != "\t" for c in line):
+                raise CliError(f"{path}:{number}: contains control characters")
+            if line.strip():
+                yield line
+
+
+def _options(args):
+    from gen.generation import Options
+
+    return Options(prompt=args.prompt or "", negative=args.negative, model=args.model, num_images=args.num_images,
+                   batch_size=args.batch_size, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                   guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=args.width,
+                   height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip)  # fmt: skip
+
+
+def cmd_generate(argv: list[str]) -> int:
+    args = generate_parser().parse_args(argv)
+    from gen import generation as G
+    from gen import outputs
+
+    if (args.prompt is None) == (args.from_file is None):
+        raise CliError("give a prompt or --from-file FILE (one, not both)")
+    o = _options(args)
+    G.check_options(o)
+    prompts = (lambda: read_prompts(args.from_file)) if args.from_file else (lambda: iter([args.prompt]))
+    total = sum(1 for _ in prompts()) * o.num_images
+    if total == 0:
+        raise CliError(f"{args.from_file} has no prompts")
+    name = outputs.namer(args.output, total)
+    outputs.check_writable(args.output)
+    picked = o.seed is None
+    if picked:
+        o.seed = G.pick_seed()
+    _quiet_libraries()
+    from gen.run import Runner
+
+    return Runner(o, args, name, total, announce_seed=picked).run(G.plan(prompts(), o.num_images, o.seed))
+
+
+def cmd_samplers(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="gen samplers", description="List sampler names.").parse_args(argv)
+    from gen.samplers import SAMPLERS
+
+    for name, s in SAMPLERS.items():
+        print(f"{name:<22}{s.description}")
+    return 0
+
+
+def cmd_info(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gen info", description="What a model folder holds.")
+    p.add_argument("path", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    from gen.modelinfo import describe, format_description
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gen eval", description="Measure how often images obey their prompts.")
     p.add_argument("--model", default=None, help="shapes model folder (default: the embedded model)")
     p.add_argument(
@@ -71,52 +207,38 @@ def eval_parser() -> argparse.ArgumentParser:
         "--grid", type=Path, default=None, help="also save a prompts x seeds contact sheet PNG here"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p
-
-
-def cmd_generate(argv: list[str]) -> int:
-    args = generate_parser().parse_args(argv)
-    if args.output.exists() and not args.overwrite:
-        raise CliError(f"{args.output} exists; pass --overwrite to replace it")
-    import torch
-
-    from gen.weights import load_pipeline
-
-    _quiet_libraries()
-    pipe = load_pipeline(args.model)
-    image = pipe(
-        args.prompt,
-        negative_prompt=args.negative,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator().manual_seed(args.seed),
-    ).images[0]
-    save_png(image, args.output)
-    print(args.output)
-    return 0
-
-
-def save_png(image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def cmd_eval(argv: list[str]) -> int:
-    args = eval_parser().parse_args(argv)
-    if args.images_per_prompt < 1:
-        raise CliError(f"--images-per-prompt {args.images_per_prompt} must be >= 1")
+    args = p.parse_args(argv)
+    if args.images_per_prompt < 1 or args.steps < 1:
+        raise CliError("--images-per-prompt and --steps must be >= 1")
     from gen import eval as gen_eval
 
     _quiet_libraries()
     report = gen_eval.run(args.model, args.images_per_prompt, args.guidance, args.steps, args.seed, args.grid)
     print(json.dumps(report, indent=2) if args.json else gen_eval.format_report(report))
     return 0
+
+
+def cmd_reproduce(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gen reproduce", description="Make an image again from its PNG metadata."
+    )
+    p.add_argument("image", type=Path, help="a PNG written by gen")
+    p.add_argument("-o", "--output", default=None, help="also save the re-made image here")
+    p.add_argument(
+        "--verify", action="store_true", help="exit 1 if the re-made image differs beyond --tolerance"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=int,
+        default=1,
+        help="largest allowed pixel difference, 0-255 (default: %(default)s)",
+    )
+    p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
+    args = p.parse_args(argv)
+    _quiet_libraries()
+    from gen.run import reproduce
+
+    return reproduce(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,11 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
     else:
         command, rest = "generate", argv
+    commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info, "eval": cmd_eval,
+                "reproduce": cmd_reproduce}  # fmt: skip
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval}[command](rest)
-    except (CliError, FileNotFoundError, ValueError) as e:
-        print(f"gen: error: {e}", file=sys.stderr)
+        return commands[command](rest)
+    except (CliError, ValueError, FileNotFoundError, OSError) as e:
+        if "--debug" in rest:
+            raise
+        err(f"error: {e}")
         return 2
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
 
 
 def run() -> None:

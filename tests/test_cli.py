@@ -1,32 +1,193 @@
 import json
+import os
+import shutil
+import subprocess
+import sys
 
+import numpy as np
+import pytest
 from PIL import Image
 
+import gen
+from gen import generation as G
 from gen.cli import main
+from gen.samplers import SAMPLERS
+
+STEPS = ["--steps", "4"]
 
 
-def test_generate_writes_png_and_never_overwrites(tmp_path, capsys):
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_writes_png_prints_path_and_numbers_around_existing(tmp_path, capsys):
     out = tmp_path / "sub" / "a.png"
-    assert main(["a red circle on a blue background", "-o", str(out), "--steps", "4"]) == 0
+    assert main(["a red circle on a blue background", "-o", str(out), "--seed", "1", *STEPS]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert Image.open(out).size == (64, 64)
     before = out.read_bytes()
-    assert main(["x", "-o", str(out), "--steps", "4"]) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["x", "-o", str(out), "--seed", "2", *STEPS]) == 0  # taken: the next free number instead
+    assert capsys.readouterr().out.strip() == str(tmp_path / "sub" / "a-00001.png")
     assert out.read_bytes() == before
-    assert not list(out.parent.glob(".*tmp"))
+    assert main(["x", "-o", str(out), "--seed", "2", "--overwrite", *STEPS]) == 0
+    assert out.read_bytes() != before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_prompt_equal_to_a_subcommand(tmp_path):
-    assert main(["--", "eval", "-o", str(tmp_path / "e.png"), "--steps", "2"]) == 0
-    assert main(["generate", "eval", "-o", str(tmp_path / "g.png"), "--steps", "2"]) == 0
-    assert (tmp_path / "e.png").exists() and (tmp_path / "g.png").exists()
+def test_many_images_naming(tmp_path, capsys):
+    assert main(["a star", "-o", str(tmp_path / "o.png"), "-n", "3", "--seed", "0", *STEPS]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"o-{k:05d}.png") for k in range(3)]
+    assert main(["a star", "-o", str(tmp_path / "o.png"), "-n", "2", "--seed", "0", *STEPS]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"o-{k:05d}.png") for k in (3, 4)]
 
 
-def test_missing_model_is_one_line_exit_2(tmp_path, capsys):
-    assert main(["x", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png")]) == 2
+def test_seed_and_batch_invariance_bit_identical(tmp_path, capsys):
+    prompt = "a small green star in the top left on a white background"
+    assert (
+        main(
+            [prompt, "-o", str(tmp_path / "b") + "/", "-n", "3", "--batch-size", "3", "--seed", "10", *STEPS]
+        )
+        == 0
+    )
+    assert main([prompt, "-o", str(tmp_path / "s.png"), "--seed", "12", *STEPS]) == 0
+    assert np.array_equal(pixels(tmp_path / "b" / "00002.png"), pixels(tmp_path / "s.png"))
+    images = gen.generate(prompt, num_images=3, batch_size=2, seed=10, steps=4)
+    assert np.array_equal(np.asarray(images[2]), pixels(tmp_path / "s.png"))  # the Python API, same path
+
+
+def test_metadata_and_reproduce_verify(tmp_path, capsys):
+    out = tmp_path / "m.png"
+    args = ["a large red circle on a blue background", "-o", str(out), "--seed", "77", "--negative", "blue",
+            "--sampler", "euler_a", "--guidance", "4", *STEPS]  # fmt: skip
+    assert main(args) == 0
+    text = Image.open(out).text
+    lines = text["parameters"].splitlines()
+    assert lines[0] == "a large red circle on a blue background" and lines[1] == "Negative prompt: blue"
+    assert "Steps: 4, Sampler: Euler a, CFG scale: 4.0, Seed: 77, Size: 64x64, Model hash: " in lines[2]
+    record = json.loads(text["gen"])
+    assert record["seed"] == 77 and record["options"]["sampler"] == "euler_a"
+    assert record["scheduler"]["_class_name"] == "EulerAncestralDiscreteScheduler"
+    assert set(record["versions"]) == {"gen", "torch", "diffusers", "transformers"}
+    capsys.readouterr()
+    assert main(["reproduce", str(out), "--verify"]) == 0
+    assert "max pixel difference: 0" in capsys.readouterr().out
+    tampered = tmp_path / "t.png"
+    image = Image.open(out)
+    image.point(lambda v: 255 - v).save(
+        tampered, pnginfo=__import__("gen.metadata").metadata.png_info(record)
+    )
+    assert main(["reproduce", str(tampered), "--verify"]) == 1
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_makes_an_image(tmp_path, name):
+    out = tmp_path / "s.png"
+    assert (
+        main(
+            ["a blue square on a yellow background", "-o", str(out), "--sampler", name, "--seed", "3", *STEPS]
+        )
+        == 0
+    )
+    image = pixels(out)
+    assert image.shape == (64, 64, 3) and image.std() > 5  # a picture, not a flat or black field
+
+
+def test_make_scheduler_keeps_training_settings():
+    pipe = gen.load_pipeline()
+    s = gen.make_scheduler("dpm++_2m_karras", pipe.scheduler.config)
+    assert type(s).__name__ == "DPMSolverMultistepScheduler" and s.config.use_karras_sigmas
+    assert s.config.beta_schedule == pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+
+BAD = [
+    (
+        ["x", "--sampler", "dpm_2m"],
+        "unknown sampler 'dpm_2m' (did you mean 'dpm++_2m'?); choose one of: euler,",
+    ),
+    (["x", "--width", "60"], "width=60 must be a positive multiple of 8"),
+    (["x", "--steps", "0"], "steps 0 must be an integer >= 1"),
+    (["x", "--guidance", "-1"], "guidance_scale=-1.0 must be a finite number >= 0"),
+    (["x", "--guidance", "nan"], "guidance nan must be a finite number"),
+    (["x", "--model", "/nonexistent/model"], "model folder '/nonexistent/model' does not exist"),
+    (["--from-file", "/nonexistent/p.txt"], "cannot read prompt file /nonexistent/p.txt"),
+    (["x", "-o", "out.jpg"], "output 'out.jpg' must be a .png file or a folder"),
+    (["x", "--dtype", "fp16"], "dtype fp16 is ~10x slower than fp32 on a CPU"),
+    (["x", "-n", "0"], "num-images 0 must be an integer >= 1"),
+    ([], "give a prompt or --from-file FILE"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[m[:28] for _, m in BAD])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    os.chdir(tmp_path)
+    assert main([*STEPS, *argv]) == 2  # argv last: its --steps wins
     err = capsys.readouterr().err
-    assert err.startswith("gen: error:") and "does not exist" in err and err.count("\n") == 1
+    assert err.startswith("gen: error: ") and message in err and err.count("\n") == 1, err
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".png", ".tmp")]
+
+
+def test_unwritable_output_and_bad_prompt_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["x", "-o", str(blocker / "o.png"), *STEPS]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"a red circle\n\xff\xfe bad\n")
+    assert main(["--from-file", str(bad), "-o", str(tmp_path / "o") + "/", *STEPS]) == 2
+    assert f"{bad}:2: not valid UTF-8 text" in capsys.readouterr().err
+
+
+def test_from_file_and_grid(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a blue background\n\na white star on black\n")
+    grid = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "--from-file",
+                str(prompts),
+                "-o",
+                str(tmp_path / "o") + "/",
+                "-n",
+                "2",
+                "--grid",
+                str(grid),
+                *STEPS,
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
+    assert Image.open(grid).size == (4 * 64, 64)
+
+
+def test_ctrl_c_keeps_finished_images(tmp_path, capsys, monkeypatch):
+    real, calls = G.render, []
+
+    def interrupted(pipe, o, batch, on_step=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(pipe, o, batch, on_step)
+
+    monkeypatch.setattr(G, "render", interrupted)
+    assert main(["x", "-o", str(tmp_path / "o") + "/", "-n", "3", *STEPS]) == 130
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["00000.png"]
+    assert "kept 1 finished image" in capsys.readouterr().err
+
+
+def test_samplers_info_and_prompt_named_like_a_subcommand(tmp_path, capsys):
+    assert main(["samplers"]) == 0
+    assert "dpm++_2m_karras" in capsys.readouterr().out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (
+        info["components"]["transformer"]["class"] == "DiT"
+        and info["components"]["tokenizer"]["vocab_size"] == 49408
+    )
+    assert main(["--", "eval", "-o", str(tmp_path / "e.png"), *STEPS]) == 0
+    assert main(["generate", "info", "-o", str(tmp_path / "g.png"), *STEPS]) == 0
+    assert (tmp_path / "e.png").exists() and (tmp_path / "g.png").exists()
 
 
 def test_eval_json(tmp_path, capsys, monkeypatch):
@@ -43,3 +204,32 @@ def test_eval_json(tmp_path, capsys, monkeypatch):
     assert report["cfg 5"]["images"] == 6 and 0 <= report["cfg 5"]["accuracy"]["seen"]["all"] <= 1
     assert report["judge"]["clean"]["shape"] >= 0.98
     assert Image.open(grid).size == (4 * 64, 6 * 64)
+
+
+def test_installed_executable(tmp_path):
+    exe = shutil.which("gen")
+    assert exe, "the gen console script is not installed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([exe, "a red circle", "-o", str(tmp_path / "x.png"), "--seed", "4", *STEPS], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "x.png")
+    bad = subprocess.run([exe, "x", "--steps", "0"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "gen: error: steps 0 must be an integer >= 1"
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_equal_one(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a blue background\na small white star in the top right on black\n")
+    common = ["--from-file", str(prompts), "-n", "2", "--seed", "5", *STEPS, "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen", *common, "-o", str(tmp_path / "multi") + "/"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*common, "-o", str(tmp_path / "single") + "/"]) == 0
+    names = sorted(p.name for p in (tmp_path / "multi").iterdir())
+    assert names == [f"{k:05d}.png" for k in range(4)]
+    for name in names:
+        assert np.array_equal(pixels(tmp_path / "multi" / name), pixels(tmp_path / "single" / name)), name

@@ -185,14 +185,17 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"latent size {height}x{width} is not divisible by patch_size={p}")
         h, w = height // p, width // p
 
-        x = self.patch_embed(sample.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self._patchify(sample.to(self.patch_embed.weight.dtype), h, w)  # (B, N, D)
         x = x + self._positions(h, w, x.device, x.dtype)
 
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)  # (B,)
-        temb = self.time_embed(self.time_proj(t).to(x.dtype))  # (B, D)
-        mod = self.time_mod(temb).unflatten(1, (6, -1))  # (B, 6, D)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if t.numel() not in (1, b):
+            raise ValueError(f"timestep has {t.numel()} values for a batch of {b}")
+        # One shared timestep (always so when sampling) is embedded once and broadcast, so an image's result
+        # does not depend on how many others share its batch (small-row matmuls take batch-dependent kernels).
+        temb = self.time_embed(self.time_proj(t).to(x.dtype))  # (1|B, D)
+        mod = self.time_mod(temb).unflatten(1, (6, -1)).expand(b, -1, -1)  # (B, 6, D)
+        temb = temb.expand(b, -1)  # (B, D)
 
         context = encoder_hidden_states.to(x.dtype)
         mask = None
@@ -214,6 +217,16 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+    def _patchify(self, sample: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        # The patch-embedding conv (kernel = stride = p) computed as a linear over flattened patches: the same
+        # weights and result, but one matmul over all B*N patches, which is batch-invariant (convs are not).
+        p, b, c = self.config.patch_size, sample.shape[0], sample.shape[1]
+        x = (
+            sample.reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
+        )  # (B, N, C*p*p)
+        weight = self.patch_embed.weight.reshape(self.patch_embed.out_channels, -1)  # (D, C*p*p)
+        return nn.functional.linear(x, weight, self.patch_embed.bias)  # (B, N, D)
 
     def _unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         p, c = self.config.patch_size, self.out_channels

@@ -1,0 +1,110 @@
+"""What each PNG says about how it was made: AUTOMATIC1111's "parameters" text (read by A1111, ComfyUI, civitai
+and others) and a JSON chunk with everything needed to make the same image again (`gen reproduce`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+JSON_KEY = "gen"
+A1111_KEY = "parameters"
+_CHUNK = 1 << 20
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gen" / "model-hashes.json"
+
+
+def model_hash(folder: str | Path) -> str:
+    """SHA-256 of the model's weight files (content, in sorted order), cached by path, size and mtime."""
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
+    key = (
+        str(folder)
+        + "|"
+        + "|".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    )
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(folder)).encode())
+        with p.open("rb") as f:
+            while block := f.read(_CHUNK):
+                digest.update(block)
+    value = digest.hexdigest()
+    try:  # the cache is a convenience: a read-only home must not stop generation
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache[key] = value
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass
+    return value
+
+
+def a1111_parameters(record: dict) -> str:
+    """A1111's three-line format: prompt, negative prompt, then "Key: value" pairs."""
+    o = record["options"]
+    pairs = {
+        "Steps": o["steps"],
+        "Sampler": record["sampler_label"],
+        "CFG scale": o["guidance"],
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+        "Model hash": record["model_hash"][:10],
+        "Model": record["model_name"],
+    }
+    if o.get("clip_skip"):
+        pairs["Clip skip"] = o["clip_skip"]
+    if o.get("guidance_rescale"):
+        pairs["CFG rescale"] = o["guidance_rescale"]
+    lines = [record["prompt"]]
+    if o.get("negative"):
+        lines.append(f"Negative prompt: {o['negative']}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+def png_info(record: dict) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(A1111_KEY, a1111_parameters(record))
+    info.add_itxt(JSON_KEY, json.dumps(record, sort_keys=True))
+    return info
+
+
+def read(path: str | Path) -> dict:
+    """The JSON record gen wrote into a PNG; ValueError if there is none."""
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(JSON_KEY) if hasattr(image, "text") else None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable PNG ({e})") from None
+    if text is None:
+        raise ValueError(f"{path}: has no gen metadata (was it made by gen?)")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path}: the gen metadata is not valid JSON") from None
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    import gen
+
+    return {"gen": gen.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}  # fmt: skip

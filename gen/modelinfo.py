@@ -1,0 +1,62 @@
+"""`gen info`: what a model folder holds, read from its files' headers without loading any weights."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def _weights(folder: Path) -> dict:
+    params, dtypes, size = 0, Counter(), 0
+    for f in sorted(folder.glob("*.safetensors")):
+        size += f.stat().st_size
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                s = st.get_slice(key)
+                n = 1
+                for d in s.get_shape():
+                    n *= d
+                params += n
+                dtypes[s.get_dtype()] += n
+    return {"parameters": params, "bytes": size, "dtype": dtypes.most_common(1)[0][0] if dtypes else None}
+
+
+def describe(path: str | Path | None = None) -> dict:
+    from gen.weights import DEFAULT_MODEL
+
+    folder = Path(path) if path is not None else DEFAULT_MODEL
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; expected a diffusers pipeline folder")
+    index = json.loads(index_file.read_text())
+    info = {"path": str(folder), "pipeline": index.get("_class_name"), "components": {}}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        entry = {"class": spec[1], "library": spec[0]}
+        sub = folder / name
+        if (sub / "config.json").exists():
+            entry.update(_weights(sub))
+        if name == "scheduler" and (sub / "scheduler_config.json").exists():
+            cfg = json.loads((sub / "scheduler_config.json").read_text())
+            entry.update({k: cfg.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")})
+        if name == "tokenizer" and (sub / "vocab.json").exists():
+            entry["vocab_size"] = len(json.loads((sub / "vocab.json").read_text()))
+        info["components"][name] = entry
+    return info
+
+
+def format_description(info: dict) -> str:
+    lines = [f"{info['path']}  ({info['pipeline']})"]
+    for name, c in info["components"].items():
+        detail = [c["class"]]
+        if "parameters" in c:
+            detail.append(f"{c['parameters'] / 1e6:.2f} M params, {c['bytes'] / 1e6:.1f} MB, {c['dtype']}")
+        for key in ("prediction_type", "beta_schedule", "vocab_size"):
+            if c.get(key) is not None:
+                detail.append(f"{key} {c[key]}")
+        lines.append(f"  {name:<14}" + ", ".join(detail))
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The CLI's generation loop: batches, progress, PNG metadata, several processes, Ctrl-C, and `gen reproduce`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gen import generation as G
+from gen import metadata, outputs
+from gen.samplers import SAMPLERS, sampler_name
+
+
+def _distributed():
+    """accelerate's process state when launched with several processes (accelerate launch), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+class Runner:
+    def __init__(self, o: G.Options, args, name, total: int, announce_seed: bool = False):
+        self.o, self.args, self.name, self.total = o, args, name, total
+        self.announce_seed = announce_seed and not args.quiet
+        self.state = _distributed()
+        self.saved: list[Path] = []
+
+    def _record(self, pipe, job: G.Job, image) -> dict:
+        o = self.o
+        sampler = sampler_name(pipe.scheduler)
+        folder = Path(o.model) if o.model else _default_model()
+        return {
+            "prompt": job.prompt, "seed": job.seed, "index": job.index, "options": o.to_dict(),
+            "width": image.width, "height": image.height, "sampler": sampler,
+            "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
+            "scheduler": dict(pipe.scheduler.config), "model_path": o.model, "model_name": folder.name,
+            "model_hash": self.model_hash, "versions": metadata.versions(), "device": o.device, "dtype": o.dtype,
+        }  # fmt: skip
+
+    def run(self, jobs) -> int:
+        o, quiet = self.o, self.args.quiet
+        pipe = G.load(o)
+        G.validate(pipe, o)
+        if self.announce_seed:
+            print(f"gen: seed: {o.seed}", file=sys.stderr)
+        self.model_hash = metadata.model_hash(Path(o.model) if o.model else _default_model())
+        if self.state is not None:  # every process takes every num_processes-th image; seeds stay per image
+            jobs = (j for j in jobs if j.index % self.state.num_processes == self.state.process_index)
+            self.state.wait_for_everyone()
+        mine = (
+            self.total
+            if self.state is None
+            else len(range(self.state.process_index, self.total, self.state.num_processes))
+        )
+        bar = tqdm(
+            total=mine * o.steps, unit="step", disable=True if quiet else None, file=sys.stderr, leave=False
+        )
+        start, images = time.monotonic(), []
+        try:
+            for batch in G.batches(jobs, o.batch_size):
+                step = len(batch)
+                for job, image in zip(
+                    batch, G.render(pipe, o, batch, on_step=lambda n=step: bar.update(n)), strict=True
+                ):
+                    info = metadata.png_info(self._record(pipe, job, image))
+                    path = outputs.save(image, self.name, job.index, self.total, self.args.overwrite, info)
+                    self.saved.append(path)
+                    images.append(image)
+                    print(path, flush=True)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"gen: interrupted; kept {len(self.saved)} finished image(s)", file=sys.stderr)
+            return 130
+        bar.close()
+        elapsed = time.monotonic() - start
+        if self.args.grid and images:
+            outputs.save(contact_sheet(images), lambda n: Path(self.args.grid), 0, 1, True)
+            print(self.args.grid, flush=True)
+        if not quiet:
+            n = len(self.saved)
+            print(
+                f"gen: {n} image(s) in {elapsed:.1f} s ({elapsed / max(n, 1):.2f} s/image)", file=sys.stderr
+            )
+        return 0
+
+
+def _default_model() -> Path:
+    from gen.weights import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def contact_sheet(images: list, columns: int | None = None):
+    from PIL import Image
+
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def reproduce(args) -> int:
+    """Re-run the generation recorded in a PNG; report the largest pixel difference."""
+    from PIL import Image
+
+    record = metadata.read(args.image)
+    fields = set(G.Options.__dataclass_fields__)
+    o = G.Options(**{k: v for k, v in record["options"].items() if k in fields})
+    o.prompt, o.seed, o.num_images, o.batch_size = record["prompt"], record["seed"], 1, 1
+    if args.model is not None:
+        o.model = args.model
+    G.check_options(o)
+    pipe = G.load(o)
+    G.validate(pipe, o)
+    image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)])[0]
+    if args.output:
+        out = outputs.save(
+            image,
+            outputs.namer(args.output, 1),
+            0,
+            1,
+            False,
+            metadata.png_info({**record, "reproduced_from": str(args.image)}),
+        )
+        print(out)
+    with Image.open(args.image) as original:
+        a = np.asarray(original.convert("RGB"), dtype=np.int16)
+    b = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if a.shape != b.shape:
+        print(f"gen: sizes differ: {a.shape[1]}x{a.shape[0]} vs {b.shape[1]}x{b.shape[0]}", file=sys.stderr)
+        return 1
+    diff = int(np.abs(a - b).max())
+    print(f"max pixel difference: {diff} (tolerance {args.tolerance})")
+    return 1 if args.verify and diff > args.tolerance else 0

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
@@ -218,6 +218,30 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_prompt(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gen prompt", description="Show how a prompt is tokenized, weighted and chunked."
+    )
+    p.add_argument("prompt", help="the prompt, in A1111 syntax: (word:1.2), [word], BREAK")
+    p.add_argument(
+        "--model", default=None, help="model folder whose tokenizer to use (default: the embedded model)"
+    )
+    p.add_argument(
+        "--truncate", action="store_true", help="show what truncation to one 77-token window would cut"
+    )
+    args = p.parse_args(argv)
+    from transformers import CLIPTokenizer
+
+    from gen.prompts import explain
+    from gen.weights import DEFAULT_MODEL
+
+    folder = Path(args.model) if args.model else DEFAULT_MODEL
+    if not (folder / "tokenizer").is_dir():
+        raise CliError(f"{folder} has no tokenizer/ folder")
+    print(explain(CLIPTokenizer.from_pretrained(folder / "tokenizer"), args.prompt, args.truncate))
+    return 0
+
+
 def cmd_reproduce(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="gen reproduce", description="Make an image again from its PNG metadata."
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command, rest = "generate", argv
     commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info, "eval": cmd_eval,
-                "reproduce": cmd_reproduce}  # fmt: skip
+                "reproduce": cmd_reproduce, "prompt": cmd_prompt}  # fmt: skip
     try:
         return commands[command](rest)
     except (CliError, ValueError, FileNotFoundError, OSError) as e:

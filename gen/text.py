@@ -1,7 +1,10 @@
 """Prompt -> token embeddings for the denoiser's cross-attention.
 
 The tokenizer and text encoder are transformers' CLIP classes; this module owns how they are called, so the
-pipeline, the training code and the CLI all turn text into embeddings the same way.
+pipeline, the training code and the CLI all turn text into embeddings the same way. Prompts use A1111's syntax
+(gen.prompts): emphasis weights, BREAK, and any length — long prompts are split into 75-token chunks, each
+encoded with its own BOS/EOS, and the chunks concatenated along the sequence axis (cross-attention takes any
+length). A prompt of at most 75 tokens with no weights gives exactly what plain CLIP tokenization gives.
 """
 
 from __future__ import annotations
@@ -10,24 +13,41 @@ import logging
 
 import torch
 
+from gen.prompts import Chunks, tokenize_weighted
+
 logger = logging.getLogger(__name__)
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad/truncate to the tokenizer's window; warn with the text that was cut."""
-    max_length = max_length or tokenizer.model_max_length
-    batch = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    )
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > max_length:
-        cut = tokenizer.batch_decode(full[:, max_length - 1 : -1], skip_special_tokens=True)
-        cut = [c for c in cut if c.strip()]
-        if cut:
-            logger.warning(
-                "The prompt is longer than the %d-token window; this part was cut: %s", max_length, cut
-            )
-    return batch
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it.
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def _run(text_encoder, ids: torch.Tensor, mask: torch.Tensor | None, clip_skip: int | None) -> torch.Tensor:
+    if clip_skip is None:
+        return text_encoder(ids, attention_mask=mask)[0]  # (K, 77, D)
+    out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
+    return final_layer_norm(text_encoder)(out.hidden_states[-(clip_skip + 1)])  # (K, 77, D)
+
+
+def encode_chunks(text_encoder, chunks: Chunks, device, clip_skip: int | None = None) -> torch.Tensor:
+    """One prompt's chunks -> (K*77, D), weights applied with A1111's mean-restoring normalisation per chunk."""
+    ids = torch.tensor(chunks.ids, device=device)  # (K, 77)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        # Models trained with masks (a config flag) must be called with them; CLIP's own are not.
+        mask = (
+            torch.arange(ids.shape[1], device=device)[None]
+            < torch.tensor(chunks.lengths, device=device)[:, None]
+        ).long()
+    z = _run(text_encoder, ids, mask, clip_skip)  # (K, 77, D)
+    weights = torch.tensor(chunks.weights, device=device, dtype=z.dtype)  # (K, 77)
+    if bool((weights != 1).any()):
+        mean = z.mean(dim=(1, 2), keepdim=True)  # (K, 1, 1)
+        z = z * weights[..., None]
+        z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+    return z.reshape(-1, z.shape[-1])  # (K*77, D)
 
 
 def encode(
@@ -36,23 +56,22 @@ def encode(
     prompts: list[str],
     device: torch.device | str,
     clip_skip: int | None = None,
-    max_length: int | None = None,
+    min_chunks: int = 1,
+    truncate: bool = False,
+    weighting: bool = True,
 ) -> torch.Tensor:
-    """Embed prompts: (B, L, D_text). `clip_skip=k` takes the output k layers before the last (then final LN)."""
-    batch = tokenize(tokenizer, prompts, max_length)
-    ids = batch.input_ids.to(device)  # (B, L)
-    # Models trained with masks (a config flag) must be called with them; CLIP's own are not.
-    mask = (
-        batch.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    )
-    if clip_skip is None:
-        return text_encoder(ids, attention_mask=mask)[0]  # (B, L, D_text)
-    out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-    hidden = out.hidden_states[-(clip_skip + 1)]  # (B, L, D_text)
-    return final_layer_norm(text_encoder)(hidden)
-
-
-def final_layer_norm(text_encoder) -> torch.nn.Module:
-    # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it.
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm
+    """Embed prompts: (B, 77*K, D), K the most chunks any prompt needs (at least `min_chunks`); shorter prompts
+    are padded with the embedding of an empty chunk, as A1111 pads the negative prompt."""
+    chunked = [tokenize_weighted(tokenizer, p, truncate, weighting) for p in prompts]
+    for c in chunked:
+        if c.cut:
+            text = tokenizer.decode(c.cut)
+            logger.warning("The prompt is longer than CLIP's 75-token window; this part was cut: %r", text)
+    k = max([min_chunks] + [len(c.ids) for c in chunked])
+    rows = [encode_chunks(text_encoder, c, device, clip_skip) for c in chunked]
+    if any(r.shape[0] < k * 77 for r in rows):
+        empty = encode_chunks(
+            text_encoder, tokenize_weighted(tokenizer, "", weighting=False), device, clip_skip
+        )
+        rows = [torch.cat([r, empty.repeat(k - r.shape[0] // 77, 1)]) for r in rows]
+    return torch.stack(rows)  # (B, 77*K, D)

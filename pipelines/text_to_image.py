@@ -6,11 +6,13 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -24,9 +26,10 @@ from gen.text import encode
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
-class TextToImagePipeline(DiffusionPipeline):
+class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     """Generate images from text, called exactly like diffusers' StableDiffusionPipeline.
 
     Exactly one denoiser: `transformer` (gen's DiT) or `unet` (diffusers' UNet2DConditionModel). Loads our own
@@ -76,6 +79,23 @@ class TextToImagePipeline(DiffusionPipeline):
     @property
     def default_size(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    def load_textual_inversion(
+        self, pretrained_model_name_or_path, token=None, allow_pickle: bool = False, **kwargs
+    ):
+        """diffusers' loader (A1111 and diffusers embedding formats), refusing pickle files unless allow_pickle:
+        a .pt/.bin/.ckpt file can run code when unpickled. With allow_pickle, diffusers reads it with
+        torch.load(weights_only=True)."""
+        sources = pretrained_model_name_or_path
+        for source in sources if isinstance(sources, list) else [sources]:
+            suffix = Path(str(source)).suffix.lower() if isinstance(source, (str, Path)) else ""
+            if suffix in PICKLE_SUFFIXES and not allow_pickle:
+                raise ValueError(
+                    f"{source}: {suffix} embeddings are pickle files, which can run code when loaded; use a"
+                    " .safetensors file or pass allow_pickle=True"
+                )
+        kwargs.setdefault("local_files_only", True)
+        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, **kwargs)
 
     # -- small wrappers users of StableDiffusionPipeline expect --------------------------------------------------
     def enable_vae_slicing(self) -> None:
@@ -184,33 +204,53 @@ class TextToImagePipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         clip_skip: int | None = None,
+        truncate_long_prompts: bool = False,
+        prompt_weighting: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L, D_text)."""
+        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, 77*K, D).
+
+        Prompts use A1111's syntax (weights, BREAK) and may be longer than 77 tokens: both are chunked to the same
+        number of 75-token chunks K (see gen.text).
+        """
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
+        opts = dict(clip_skip=clip_skip, truncate=truncate_long_prompts, weighting=prompt_weighting)
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._encode_unique(prompts, device, clip_skip)
+            prompt_embeds = self._encode_unique(prompts, device, **opts)
         batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = (
+                negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
+            )
+            negative_prompt_embeds = self._encode_unique(
+                negatives, device, **opts, min_chunks=prompt_embeds.shape[1] // 77
+            )
+            if (
+                negative_prompt_embeds.shape[1] > prompt_embeds.shape[1]
+            ):  # a longer negative: pad the prompt too
+                pad = self._encode_unique([""], device, **opts)[:1].expand(batch, -1, -1)
+                chunks = (negative_prompt_embeds.shape[1] - prompt_embeds.shape[1]) // pad.shape[1]
+                prompt_embeds = torch.cat([prompt_embeds.to(pad)] + [pad] * chunks, dim=1)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
             num_images_per_prompt, 0
         )
         if not do_classifier_free_guidance:
             return prompt_embeds, None
-        if negative_prompt_embeds is None:
-            negatives = (
-                negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
-            )
-            negative_prompt_embeds = self._encode_unique(negatives, device, clip_skip, prompt_embeds.shape[1])
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
 
     def _encode_unique(
-        self, prompts: list[str], device: torch.device, clip_skip: int | None, max_length: int | None = None
+        self, prompts: list[str], device: torch.device, min_chunks: int = 1, **opts
     ) -> torch.Tensor:
         # Repeated prompts (the empty negative above all) are encoded once per call.
-        unique = list(dict.fromkeys(prompts))
-        embeds = encode(self.tokenizer, self.text_encoder, unique, device, clip_skip, max_length)  # (U, L, D)
-        return embeds[[unique.index(p) for p in prompts]]  # (B, L, D)
+        converted = [
+            self.maybe_convert_prompt(p, self.tokenizer) for p in prompts
+        ]  # textual-inversion tokens
+        unique = list(dict.fromkeys(converted))
+        embeds = encode(
+            self.tokenizer, self.text_encoder, unique, device, min_chunks=min_chunks, **opts
+        )  # (U, L, D)
+        return embeds[[unique.index(p) for p in converted]]  # (B, L, D)
 
     def prepare_latents(
         self,
@@ -301,6 +341,8 @@ class TextToImagePipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         clip_skip: int | None = None,
+        truncate_long_prompts: bool = False,
+        prompt_weighting: bool = True,
     ) -> ImagePipelineOutput | tuple:
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
@@ -315,7 +357,7 @@ class TextToImagePipeline(DiffusionPipeline):
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip,
+            prompt_embeds, negative_prompt_embeds, clip_skip, truncate_long_prompts, prompt_weighting,
         )  # fmt: skip
         steps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gen.cli import main
+from gen.prompts import CHUNK, parse, tokenize_weighted
+from gen.text import encode, encode_chunks
+
+# AUTOMATIC1111's own documented examples (modules/prompt_parser.py), and a few more.
+GOLDEN = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("((word))", [("word", 1.2100000000000002)]),
+    ("[word]", [("word", 1 / 1.1)]),
+    ("(word:1.3)", [("word", 1.3)]),
+    ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
+    ("ratio 1:2)", [("ratio 1:2)", 1.0)]),
+    ("", [("", 1.0)]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("prompt,expected", GOLDEN, ids=[g[0][:20] or "empty" for g in GOLDEN])
+def test_parser_golden(prompt, expected):
+    assert parse(prompt) == expected
+
+
+def test_plain_prompt_chunks_like_clip_tokenization(tokenizer):
+    chunks = tokenize_weighted(tokenizer, "a red circle on a blue background")
+    plain = tokenizer("a red circle on a blue background", padding="max_length", max_length=77).input_ids
+    assert chunks.ids == [plain] and set(chunks.weights[0]) == {1.0}
+
+
+def test_long_prompt_and_break_chunks(tokenizer):
+    long = tokenize_weighted(tokenizer, "red " * 200)
+    assert len(long.ids) == 3 and all(len(r) == 77 for r in long.ids)
+    assert long.ids[1][0] == tokenizer.bos_token_id and long.ids[1][CHUNK + 1] == tokenizer.eos_token_id
+    assert long.lengths == [77, 77, 52]
+    broken = tokenize_weighted(tokenizer, "a cat BREAK a dog")
+    assert len(broken.ids) == 2 and broken.lengths == [4, 4]
+    cut = tokenize_weighted(tokenizer, "red " * 80, truncate=True)
+    assert len(cut.ids) == 1 and len(cut.cut) == 5
+
+
+def test_weights_apply_with_mean_restoring_normalisation(dit_pipe):
+    tok, te = dit_pipe.tokenizer, dit_pipe.text_encoder
+    plain = encode(tok, te, ["a red circle"], "cpu")
+    assert torch.equal(encode(tok, te, ["a (red:1.0) circle"], "cpu"), plain)  # syntax removed, weight 1
+    chunks = tokenize_weighted(tok, "a (red:1.5) circle")
+    z = te(torch.tensor(chunks.ids))[0]  # (1, 77, D)
+    w = torch.tensor(chunks.weights)[..., None]
+    expected = z * w * (z.mean() / (z * w).mean())
+    got = encode_chunks(te, chunks, "cpu")
+    torch.testing.assert_close(got, expected.reshape(77, -1))
+    red = chunks.ids[0].index(tok("red", add_special_tokens=False).input_ids[0])
+    assert not torch.allclose(got[red], plain[0, red])
+
+
+def test_long_prompt_changes_the_image_and_cfg_shapes_match(dit_pipe):
+    words = "a red circle on a blue background with a green star and a white cross".split()
+    long = " ".join(words[i % len(words)] for i in range(200))
+    chunks = tokenize_weighted(dit_pipe.tokenizer, long)
+    k = len(chunks.ids)
+    assert k >= 3
+    first = dit_pipe.tokenizer.decode(chunks.ids[0][1:76])
+    embeds, negative = dit_pipe.encode_prompt(long, "cpu", 1, True, "a black square")
+    assert embeds.shape == negative.shape == (1, k * 77, 32)  # the negative padded to the same chunks
+    run = lambda p: (
+        dit_pipe(
+            p, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+    )  # noqa: E731
+    assert abs(run(long) - run(first)).max() > 1e-3
+    e2, n2 = dit_pipe.encode_prompt("a red circle", "cpu", 1, True, long)  # a long negative pads the prompt
+    assert e2.shape == n2.shape == (1, k * 77, 32)
+
+
+def test_unet_takes_long_prompts_too(unet_pipe):
+    image = unet_pipe("red " * 100, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_textual_inversion_safetensors_and_pickle_refused(dit_pipe, tmp_path):
+    dim = dit_pipe.text_encoder.config.hidden_size
+    vectors = torch.randn(2, dim)
+    save_file({"emb_params": vectors}, str(tmp_path / "style.safetensors"))  # A1111's format, two vectors
+    dit_pipe.load_textual_inversion(str(tmp_path / "style.safetensors"), token="<style>")
+    table = dit_pipe.text_encoder.get_input_embeddings().weight
+    ids = dit_pipe.tokenizer.convert_tokens_to_ids(["<style>", "<style>_1"])
+    torch.testing.assert_close(table[ids], vectors)
+    with_token, _ = dit_pipe.encode_prompt("a <style> circle", "cpu", 1, False)
+    without, _ = dit_pipe.encode_prompt("a circle", "cpu", 1, False)
+    assert not torch.allclose(with_token, without)
+    torch.save({"emb_params": vectors}, tmp_path / "style.pt")
+    with pytest.raises(ValueError, match=r"style.pt: .pt embeddings are pickle files.*allow_pickle=True"):
+        dit_pipe.load_textual_inversion(str(tmp_path / "style.pt"), token="<other>")
+
+
+def test_gen_prompt_explains(capsys):
+    assert main(["prompt", "a (red:1.3) circle BREAK on [blue]"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pieces: 'a 'x1  'red'x1.3")
+    assert out[1] == "chunk 1: 3/75 tokens: a_ red_(1.3) circle_"
+    assert out[2] == "chunk 2: 2/75 tokens: on_ blue_(0.909)"
+    assert main(["prompt", "red " * 80, "--truncate"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "cut (5 tokens): 'red red red red red'"

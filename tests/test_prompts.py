@@ -70,11 +70,12 @@ def test_long_prompt_changes_the_image_and_cfg_shapes_match(dit_pipe):
     first = dit_pipe.tokenizer.decode(chunks.ids[0][1:76])
     embeds, negative = dit_pipe.encode_prompt(long, "cpu", 1, True, "a black square")
     assert embeds.shape == negative.shape == (1, k * 77, 32)  # the negative padded to the same chunks
-    run = lambda p: (
-        dit_pipe(
-            p, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+
+    def run(prompt):
+        return dit_pipe(
+            prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
         ).images
-    )  # noqa: E731
+
     assert abs(run(long) - run(first)).max() > 1e-3
     e2, n2 = dit_pipe.encode_prompt("a red circle", "cpu", 1, True, long)  # a long negative pads the prompt
     assert e2.shape == n2.shape == (1, k * 77, 32)

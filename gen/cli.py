@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
@@ -242,6 +242,27 @@ def cmd_prompt(argv: list[str]) -> int:
     return 0
 
 
+def cmd_convert(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gen convert", description="Convert between model formats.")
+    p.add_argument("model", help="a UNet pipeline folder (Stable Diffusion layout)")
+    p.add_argument(
+        "--to-single-file", required=True, type=Path, help="write one .safetensors in the original SD layout"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = p.parse_args(argv)
+    out = args.to_single_file
+    if out.suffix.lower() != ".safetensors":
+        raise CliError(f"--to-single-file {out} must end in .safetensors")
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} exists; pass --overwrite to replace it")
+    _quiet_libraries()
+    from gen.single_file import save_single_file
+    from gen.weights import load_pipeline
+
+    print(save_single_file(load_pipeline(args.model), out))
+    return 0
+
+
 def cmd_reproduce(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="gen reproduce", description="Make an image again from its PNG metadata."
@@ -274,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command, rest = "generate", argv
     commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info, "eval": cmd_eval,
-                "reproduce": cmd_reproduce, "prompt": cmd_prompt}  # fmt: skip
+                "reproduce": cmd_reproduce, "prompt": cmd_prompt, "convert": cmd_convert}  # fmt: skip
     try:
         return commands[command](rest)
     except (CliError, ValueError, FileNotFoundError, OSError) as e:

@@ -23,7 +23,7 @@ def _cache_file() -> Path:
 def model_hash(folder: str | Path) -> str:
     """SHA-256 of the model's weight files (content, in sorted order), cached by path, size and mtime."""
     folder = Path(folder).resolve()
-    files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
     key = (
         str(folder)
         + "|"
@@ -38,7 +38,8 @@ def model_hash(folder: str | Path) -> str:
         return cache[key]
     digest = hashlib.sha256()
     for p in files:
-        digest.update(str(p.relative_to(folder)).encode())
+        if p != folder:
+            digest.update(str(p.relative_to(folder)).encode())
         with p.open("rb") as f:
             while block := f.read(_CHUNK):
                 digest.update(block)

@@ -39,7 +39,7 @@ class Runner:
             "prompt": job.prompt, "seed": job.seed, "index": job.index, "options": o.to_dict(),
             "width": image.width, "height": image.height, "sampler": sampler,
             "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
-            "scheduler": dict(pipe.scheduler.config), "model_path": o.model, "model_name": folder.name,
+            "scheduler": dict(pipe.scheduler.config), "model_path": o.model, "model_name": folder.stem,
             "model_hash": self.model_hash, "versions": metadata.versions(), "device": o.device, "dtype": o.dtype,
         }  # fmt: skip
 

@@ -18,10 +18,17 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ):
-    """Load a local pipeline folder; with no path, the embedded default model. Never reaches the network."""
+    """Load a local pipeline folder or single .safetensors SD checkpoint; with no path, the embedded default model.
+    Never reaches the network."""
     from gen.pipelines import TextToImagePipeline
 
     folder = Path(path) if path is not None else DEFAULT_MODEL
+    if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
+        from gen.single_file import load_single_file
+
+        pipe = load_single_file(folder, torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     if not folder.is_dir():
         what = "the embedded default model" if path is None else "model folder"
         raise FileNotFoundError(f"{what} {str(folder)!r} does not exist; give a local pipeline folder")

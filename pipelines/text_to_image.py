@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -29,7 +29,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
-class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin):
+class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSingleFileMixin):
     """Generate images from text, called exactly like diffusers' StableDiffusionPipeline.
 
     Exactly one denoiser: `transformer` (gen's DiT) or `unet` (diffusers' UNet2DConditionModel). Loads our own

@@ -110,3 +110,59 @@ def test_gen_prompt_explains(capsys):
     assert out[2] == "chunk 2: 2/75 tokens: on_ blue_(0.909)"
     assert main(["prompt", "red " * 80, "--truncate"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "cut (5 tokens): 'red red red red red'"
+
+
+def test_single_file_round_trip_through_the_cli(tokenizer, tmp_path, capsys):
+    import numpy as np
+
+    from gen.single_file import detect_version, load_single_file
+    from tests import components
+
+    pipe = components.pipeline(tokenizer, "unet")
+    pipe.save_pretrained(tmp_path / "folder")
+    out = tmp_path / "model.safetensors"
+    assert main(["convert", str(tmp_path / "folder"), "--to-single-file", str(out)]) == 0
+    assert main(["convert", str(tmp_path / "folder"), "--to-single-file", str(out)]) == 2  # never overwrites
+    assert detect_version(out) == "v1"
+    loaded = load_single_file(out, config=tmp_path / "folder")  # the tiny model's configs, not SD 1.5's
+    loaded.set_progress_bar_config(disable=True)
+
+    def image(p):
+        return p(
+            "a red circle",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    assert np.abs(image(loaded) - image(pipe)).max() == 0
+    with pytest.raises(ValueError, match="only .safetensors single files"):
+        load_single_file(tmp_path / "folder" / "model_index.json")
+
+
+def test_shipped_sd_configs_cover_the_real_architectures(tmp_path):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from gen.single_file import _unet_key, _vae_key, config_folder
+
+    for version, unet_params in (("v1", 859_520_964), ("v2", 865_910_724)):
+        folder = config_folder(version, tmp_path / version)
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        assert sum(p.numel() for p in unet.parameters()) == unet_params
+        original = {
+            "model.diffusion_model." + _unet_key(k, unet.config): v for k, v in unet.state_dict().items()
+        }
+        assert set(convert_ldm_unet_checkpoint(original, unet.config)) == set(unet.state_dict())
+        n = len(vae.config.block_out_channels)
+        original = {"first_stage_model." + _vae_key(k, n): v for k, v in vae.state_dict().items()}
+        assert set(convert_ldm_vae_checkpoint(original, vae.config)) == set(vae.state_dict())
+        assert (
+            CLIPTextConfig.from_pretrained(folder / "text_encoder").hidden_size
+            == {"v1": 768, "v2": 1024}[version]
+        )
+        assert len(CLIPTokenizer.from_pretrained(folder / "tokenizer")) == 49408

@@ -1,0 +1,179 @@
+"""Single-file Stable Diffusion checkpoints (the original "LDM" key layout), fully offline.
+
+Loading uses diffusers' single-file loader, which converts the keys, but wants a diffusers config folder that it
+would otherwise fetch from the hub. gen ships the SD 1.x and 2.x configs (gen/assets/sd_configs/*.json) and the
+CLIP tokenizer files, assembles a config folder from them in a temporary directory, and passes it as `config=`.
+
+Exporting (diffusers folder -> one .safetensors file in the original layout) is written here because diffusers
+keeps that conversion in a script outside the package; the test suite checks it against diffusers' own
+converter by a round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIGS = Path(__file__).parent / "assets" / "sd_configs"
+TOKENIZER = Path(__file__).parent / "assets" / "shapes" / "tokenizer"
+
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]  # fmt: skip
+_VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def _sub(key: str, pairs) -> str:
+    for new, old in pairs:
+        key = key.replace(f".{new}.", f".{old}.")
+    return key
+
+
+def _unet_key(key: str, config) -> str:
+    n_layers = config.layers_per_block
+    up_attn = ["CrossAttn" in t for t in config.up_block_types]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    head = key.split(".")[0]
+    for new, old in fixed.items():
+        if key.startswith(new + "."):
+            return old + key[len(new) :]
+    parts = key.split(".")
+    if head == "down_blocks":
+        i, kind, j = int(parts[1]), parts[2], int(parts[3])
+        tail = ".".join(parts[4:])
+        if kind == "downsamplers":
+            return f"input_blocks.{(n_layers + 1) * (i + 1)}.0.op.{'.'.join(parts[5:])}"
+        block = (n_layers + 1) * i + j + 1
+        return _sub(
+            f"input_blocks.{block}.{0 if kind == 'resnets' else 1}.{tail}",
+            _RESNET if kind == "resnets" else [],
+        )
+    if head == "up_blocks":
+        i, kind, j = int(parts[1]), parts[2], int(parts[3])
+        tail = ".".join(parts[4:])
+        if kind == "upsamplers":
+            return f"output_blocks.{(n_layers + 1) * i + n_layers}.{2 if up_attn[i] else 1}.{'.'.join(parts[4:])}"
+        block = (n_layers + 1) * i + j  # an up block has layers_per_block + 1 resnets
+        return _sub(
+            f"output_blocks.{block}.{0 if kind == 'resnets' else 1}.{tail}",
+            _RESNET if kind == "resnets" else [],
+        )
+    if head == "mid_block":
+        kind, j = parts[1], int(parts[2])
+        tail = ".".join(parts[3:])
+        if kind == "attentions":
+            return f"middle_block.1.{tail}"
+        return _sub(f"middle_block.{2 * j}.{tail}", _RESNET)
+    raise KeyError(f"no original-layout name for UNet key {key!r}")
+
+
+def _vae_key(key: str, n_blocks: int) -> str:
+    parts = key.split(".")
+    side = parts[0]  # encoder / decoder / quant_conv / post_quant_conv
+    if side in ("quant_conv", "post_quant_conv"):
+        return key
+    rest = ".".join(parts[1:])
+    if parts[1] == "conv_norm_out":
+        return f"{side}.norm_out.{'.'.join(parts[2:])}"
+    if parts[1] in ("down_blocks", "up_blocks"):
+        i, kind = int(parts[2]), parts[3]
+        level = i if side == "encoder" else n_blocks - 1 - i
+        name = "down" if side == "encoder" else "up"
+        if kind in ("downsamplers", "upsamplers"):
+            return f"{side}.{name}.{level}.{'downsample' if side == 'encoder' else 'upsample'}.{'.'.join(parts[5:])}"
+        rest = f"{name}.{level}.block.{parts[4]}.{'.'.join(parts[5:])}"
+    elif parts[1] == "mid_block":
+        kind, j = parts[2], int(parts[3])
+        tail = ".".join(parts[4:])
+        rest = f"mid.attn_1.{tail}" if kind == "attentions" else f"mid.block_{j + 1}.{tail}"
+    return _sub(f"{side}.{rest}".replace(".conv_shortcut.", ".nin_shortcut."), _VAE_ATTN)
+
+
+def to_original(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and text encoder weights under the original SD checkpoint's names."""
+    if pipe.unet is None:
+        raise ValueError("single-file export needs a UNet pipeline (the original layout has no DiT)")
+    out = {}
+    for key, value in pipe.unet.state_dict().items():
+        out["model.diffusion_model." + _unet_key(key, pipe.unet.config)] = value
+    n_blocks = len(pipe.vae.config.block_out_channels)
+    for key, value in pipe.vae.state_dict().items():
+        new = _vae_key(key, n_blocks)
+        if ".mid.attn_1." in new and value.ndim == 2:  # the original uses 1x1 convs for the VAE's attention
+            value = value[:, :, None, None]
+        out["first_stage_model." + new] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        key = (
+            key if key.startswith("text_model.") else "text_model." + key
+        )  # transformers 5 dropped the prefix
+        out["cond_stage_model.transformer." + key] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_single_file(pipe, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(to_original(pipe), str(tmp), metadata={"format": "pt", "exported_by": "gen"})
+    tmp.replace(path)
+    return path
+
+
+def detect_version(path: str | Path) -> str:
+    """'v1' (CLIP ViT-L text encoder, 768-wide cross-attention) or 'v2' (OpenCLIP ViT-H, 1024)."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "v2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "v1"
+    raise ValueError(
+        f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no text-encoder keys of either layout)"
+    )
+
+
+def config_folder(version: str, into: Path) -> Path:
+    """Lay out a diffusers config folder for an SD version from the shipped JSON and tokenizer files."""
+    spec = json.loads((CONFIGS / f"{version}.json").read_text())
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "model_index.json").write_text(json.dumps(spec["model_index"]))
+    for name, file in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                       ("scheduler", "scheduler_config.json")):  # fmt: skip
+        (into / name).mkdir(exist_ok=True)
+        (into / name / file).write_text(json.dumps(spec[name]))
+    shutil.copytree(TOKENIZER, into / "tokenizer", dirs_exist_ok=True)
+    (into / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(spec["tokenizer"]))
+    return into
+
+
+def load_single_file(
+    path: str | Path, config: str | Path | None = None, torch_dtype: torch.dtype = torch.float32
+):
+    """A TextToImagePipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs
+    fit the checkpoint (default: the shipped SD 1.x or 2.x configs, chosen from the checkpoint's keys)."""
+    from gen.pipelines import TextToImagePipeline
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"{path}: only .safetensors single files are loaded (pickle .ckpt files can run code)"
+        )
+    with tempfile.TemporaryDirectory(prefix="gen-sd-config-") as tmp:
+        version = detect_version(path) if config is None else None
+        folder = Path(config) if config is not None else config_folder(version, Path(tmp))
+        try:
+            return TextToImagePipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                        torch_dtype=torch_dtype)  # fmt: skip
+        except (ValueError, RuntimeError) as e:
+            what = f"the Stable Diffusion {version} configs" if version else f"the configs in {folder}"
+            detail = str(e).split(". If you want")[0].replace("Cannot load  because ", "")
+            raise ValueError(
+                f"{path} does not fit {what}: {detail}; pass config=<a matching diffusers folder>"
+            ) from None

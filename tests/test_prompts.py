@@ -138,6 +138,11 @@ def test_single_file_round_trip_through_the_cli(tokenizer, tmp_path, capsys):
     assert np.abs(image(loaded) - image(pipe)).max() == 0
     with pytest.raises(ValueError, match="only .safetensors single files"):
         load_single_file(tmp_path / "folder" / "model_index.json")
+    from gen.pipelines import TextToImagePipeline
+
+    # Without config=, the shipped SD 1.x configs are used (offline); they do not fit this tiny checkpoint.
+    with pytest.raises(ValueError, match="does not fit the Stable Diffusion v1 configs"):
+        TextToImagePipeline.from_single_file(str(out))
 
 
 def test_shipped_sd_configs_cover_the_real_architectures(tmp_path):

@@ -80,6 +80,18 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
     def default_size(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' single-file loader, offline: without `config=`, gen's shipped SD 1.x/2.x configs are used."""
+        if "config" not in kwargs:
+            from gen.single_file import load_single_file
+
+            return load_single_file(
+                pretrained_model_link_or_path, torch_dtype=kwargs.get("torch_dtype", torch.float32)
+            )
+        kwargs.setdefault("local_files_only", True)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
     def load_textual_inversion(
         self, pretrained_model_name_or_path, token=None, allow_pickle: bool = False, **kwargs
     ):

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
@@ -46,6 +46,16 @@ def _seed(text: str) -> int:
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2**64-1")
     return value
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START,END (e.g. 0,0.6)") from None
+    if not 0 <= start < end <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < END <= 1")
+    return start, end
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -140,7 +150,8 @@ def _options(args):
     return Options(prompt=args.prompt or "", negative=args.negative, model=args.model, num_images=args.num_images,
                    batch_size=args.batch_size, seed=args.seed, steps=args.steps, sampler=args.sampler,
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=args.width,
-                   height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip)  # fmt: skip
+                   height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip,
+                   attention=args.attention, compile=args.compile, guidance_interval=args.guidance_interval)  # fmt: skip
 
 
 def cmd_generate(argv: list[str]) -> int:
@@ -206,6 +217,13 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument(
         "--grid", type=Path, default=None, help="also save a prompts x seeds contact sheet PNG here"
     )
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="precision (default: %(default)s)"
+    )
+    p.add_argument(
+        "--guidance-interval", type=_interval, default=None, help="START,END: CFG only in this part"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the guidance_scale=1 comparison")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.images_per_prompt < 1 or args.steps < 1:
@@ -213,7 +231,8 @@ def cmd_eval(argv: list[str]) -> int:
     from gen import eval as gen_eval
 
     _quiet_libraries()
-    report = gen_eval.run(args.model, args.images_per_prompt, args.guidance, args.steps, args.seed, args.grid)
+    report = gen_eval.run(args.model, args.images_per_prompt, args.guidance, args.steps, args.seed, args.grid,
+                          dtype=args.dtype, guidance_interval=args.guidance_interval, no_cfg=not args.no_baseline)  # fmt: skip
     print(json.dumps(report, indent=2) if args.json else gen_eval.format_report(report))
     return 0
 
@@ -239,6 +258,47 @@ def cmd_prompt(argv: list[str]) -> int:
     if not (folder / "tokenizer").is_dir():
         raise CliError(f"{folder} has no tokenizer/ folder")
     print(explain(CLIPTokenizer.from_pretrained(folder / "tokenizer"), args.prompt, args.truncate))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gen bench", description="Measure speed, against diffusers and the machine."
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument(
+        "--attention", default="sdpa", choices=["sdpa", "math", "xformers"], help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the denoiser; warm-up reported apart"
+    )
+    p.add_argument("--batch", default="1,16", help="batch sizes, comma-separated (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    p.add_argument(
+        "--reps", type=int, default=5, help="timed repetitions after warm-up (default: %(default)s)"
+    )
+    p.add_argument("--pairs", type=int, default=5, help="paired gen/diffusers runs (default: %(default)s)")
+    p.add_argument("--no-unet", action="store_true", help="skip the SD-architecture UNet comparison")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise CliError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,16") from None
+    if min(batches) < 1 or args.steps < 1 or args.reps < 1 or args.pairs < 1:
+        raise CliError("--batch, --steps, --reps and --pairs must be >= 1")
+    if args.dtype == "fp16" and args.device == "cpu":
+        raise CliError("dtype fp16 is ~10x slower than fp32 on a CPU; use --dtype bf16 or fp32 there")
+    _quiet_libraries()
+    from gen import bench
+
+    report = bench.run(args.model, args.dtype, args.device, args.attention, args.compile, batches, args.steps,
+                       args.reps, args.pairs, not args.no_unet)  # fmt: skip
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
 
 
@@ -295,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command, rest = "generate", argv
     commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info, "eval": cmd_eval,
-                "reproduce": cmd_reproduce, "prompt": cmd_prompt, "convert": cmd_convert}  # fmt: skip
+                "reproduce": cmd_reproduce, "prompt": cmd_prompt, "convert": cmd_convert,
+                "bench": cmd_bench}  # fmt: skip
     try:
         return commands[command](rest)
     except (CliError, ValueError, FileNotFoundError, OSError) as e:

@@ -185,12 +185,16 @@ def save_grid(
 
 def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_scale: float = 5.0,
         num_inference_steps: int = 20, seed: int = 0, grid: str | Path | None = None, device: str = "cpu",
-        batch_size: int = 32) -> dict:  # fmt: skip
+        batch_size: int = 32, dtype: str = "fp32", guidance_interval: tuple[float, float] | None = None,
+        no_cfg: bool = True) -> dict:  # fmt: skip
     """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, grid."""
+    import time
+
+    from gen.generation import DTYPES
     from gen.weights import DEFAULT_MODEL, load_pipeline
 
     folder = Path(model) if model is not None else DEFAULT_MODEL
-    pipe = load_pipeline(folder, device=device)
+    pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
     if not (folder / "judge").is_dir():
         raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")
     judge = Judge.from_pretrained(folder / "judge").float().eval()
@@ -204,9 +208,16 @@ def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_sc
     if clip is not None:
         clip.vision.to(device)
     common = dict(num_inference_steps=num_inference_steps, batch_size=batch_size)
-    for name, scale in ((f"cfg {guidance_scale:g}", guidance_scale), ("no cfg", 1.0)):
-        r = evaluate(pipe, judge, images_per_prompt, scale, seed, clip=clip, **common)
-        report[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images}
+    report["dtype"], report["guidance_interval"] = dtype, guidance_interval
+    settings = [(f"cfg {guidance_scale:g}", guidance_scale, {"guidance_interval": guidance_interval})]
+    if no_cfg:
+        settings.append(("no cfg", 1.0, {}))
+    for name, scale, extra in settings:
+        start = time.perf_counter()
+        r = evaluate(pipe, judge, images_per_prompt, scale, seed, clip=clip, **common, **extra)
+        seconds = time.perf_counter() - start
+        report[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images,
+                        "s_per_image": seconds / r.images}  # fmt: skip
     if grid is not None:
         scenes = eval_scenes(8)
         save_grid(pipe, Path(grid), scenes["seen"][:4] + scenes["held-out"][:4], [seed + k for k in range(4)],
@@ -218,17 +229,21 @@ def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_sc
 def format_report(report: dict) -> str:
     """A table people can read: judge accuracy first, then per split x setting accuracies in percent."""
     cols = list(S.ATTRIBUTES) + ["all"]
-    lines = [f"model: {report['model']}", "judge accuracy on rendered ground truth (%):"]
+    lines = [f"model: {report['model']}  dtype {report.get('dtype', 'fp32')}  guidance interval"
+             f" {report.get('guidance_interval') or 'all steps'}", "judge accuracy on rendered ground truth (%):"]  # fmt: skip
     for kind, acc in report["judge"].items():
         lines.append(f"  {kind:<6}" + "".join(f"{a} {100 * acc[a]:5.1f}  " for a in S.ATTRIBUTES))
-    lines.append(f"{'setting':<10}{'split':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'clip':>8}")
+    lines.append(
+        f"{'setting':<10}{'split':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'clip':>8}{'s/image':>9}"
+    )
     for name, block in report.items():
         if not isinstance(block, dict) or "accuracy" not in block:
             continue
         for split, acc in block["accuracy"].items():
             clip = block["clip_score"].get(split)
             row = "".join(f"{100 * acc[c]:11.1f}" for c in cols)
-            lines.append(f"{name:<10}{split:<10}{row}{'' if clip is None else f'{clip:8.1f}'}")
+            per_image = f"{block['s_per_image']:9.3f}" if "s_per_image" in block else ""
+            lines.append(f"{name:<10}{split:<10}{row}{'' if clip is None else f'{clip:8.1f}'}{per_image}")
     if "grid" in report:
         lines.append(f"grid: {report['grid']}")
     return "\n".join(lines)

@@ -40,6 +40,9 @@ class Options:
     device: str = "cpu"
     dtype: str = "fp32"
     clip_skip: int | None = None
+    attention: str = "sdpa"
+    compile: bool = False
+    guidance_interval: tuple[float, float] | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -67,6 +70,8 @@ def check_options(o: Options) -> None:
         raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype {o.dtype!r} must be one of {list(DTYPES)}")
+    if o.attention not in ("sdpa", "math", "xformers"):
+        raise ValueError(f"attention {o.attention!r} must be one of ['sdpa', 'math', 'xformers']")
     if o.dtype == "fp16" and o.device == "cpu":
         raise ValueError("dtype fp16 is ~10x slower than fp32 on a CPU; use --dtype bf16 or fp32 there")
     for name in ("guidance", "guidance_rescale"):
@@ -100,9 +105,14 @@ def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
 
 
 def prepare(pipe, o: Options):
-    """Set the sampler and the batch-invariant VAE decode on a loaded pipeline."""
+    """Set the sampler, attention backend, compilation and the batch-invariant VAE decode on a loaded pipeline."""
+    from gen.pipelines.text_to_image import set_attention
+
     if o.sampler is not None:
         pipe.scheduler = make_scheduler(o.sampler, pipe.scheduler.config)
+    set_attention(pipe, o.attention)
+    if o.compile:
+        pipe.denoiser.compile()  # in place: the module keeps its type; the compiled graph is reused across calls
     pipe.vae.enable_slicing()  # one image per decode: convolutions are not batch-invariant
     return pipe
 
@@ -119,6 +129,7 @@ def render(pipe, o: Options, batch: list[Job], on_step: Callable[[], None] | Non
         width=o.width,
         height=o.height,
         clip_skip=o.clip_skip,
+        guidance_interval=tuple(o.guidance_interval) if o.guidance_interval else None,
         generator=[torch.Generator().manual_seed(j.seed) for j in batch],
         callback_on_step_end=callback,
     ).images

@@ -22,6 +22,10 @@ def load_pipeline(
     Never reaches the network."""
     from gen.pipelines import TextToImagePipeline
 
+    if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError(
+            "torch.float16 is ~10x slower than float32 on a CPU; use torch.bfloat16 or float32 there"
+        )
     folder = Path(path) if path is not None else DEFAULT_MODEL
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
         from gen.single_file import load_single_file
@@ -40,7 +44,12 @@ def load_pipeline(
     pipe = TextToImagePipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if torch_dtype in (torch.float16, torch.bfloat16):
+        pipe.vae.to(
+            torch.float32
+        )  # half-precision VAEs overflow or band; the decoder is a small part of the time
+    return pipe
 
 
 def check_tokenizer(tokenizer, text_encoder, folder: Path) -> None:

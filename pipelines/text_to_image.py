@@ -29,6 +29,36 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
+def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool:
+    """Is this step inside the guidance interval (fractions of the schedule, start inclusive)?"""
+    if interval is None:
+        return True
+    return interval[0] <= step / total < interval[1]
+
+
+ATTENTION = ("sdpa", "math", "xformers")
+
+
+def set_attention(pipe, backend: str) -> str:
+    """Select the denoiser's attention: "sdpa" (default), "math" (plain matmuls), or "xformers" where it is
+    installed and the model is on CUDA; otherwise warn and keep SDPA. Returns the backend in use."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend not in ATTENTION:
+        raise ValueError(f"attention {backend!r} must be one of {list(ATTENTION)}")
+    if backend == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None or pipe.denoiser.device.type != "cuda":
+            logger.warning("xformers needs the xformers package and a CUDA device; using SDPA instead")
+            backend = "sdpa"
+        else:
+            pipe.enable_xformers_memory_efficient_attention()
+            return backend
+    pipe.denoiser.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+    return backend
+
+
 class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSingleFileMixin):
     """Generate images from text, called exactly like diffusers' StableDiffusionPipeline.
 
@@ -153,6 +183,7 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         output_type: str,
         callback_on_step_end_tensor_inputs,
         num_images_per_prompt: int,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> None:
         """Refuse bad input before any work, naming the value and the rule."""
         stride = self.latent_stride
@@ -199,6 +230,13 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
                 raise ValueError(
                     f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
                     f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
+        if guidance_interval is not None:
+            ok = isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
+            if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
+                raise ValueError(
+                    f"guidance_interval={guidance_interval!r} must be (start, end) with 0 <= start < end <= 1,"
+                    " fractions of the schedule"
                 )
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
@@ -342,6 +380,7 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         sigmas: list[float] | None = None,
         guidance_scale: float = 5.0,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -362,6 +401,7 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, guidance_rescale,
             prompt_embeds, negative_prompt_embeds, output_type, tensor_inputs, num_images_per_prompt,
+            guidance_interval,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -380,16 +420,18 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         )
         step_kwargs = self._step_kwargs(generator, eta)
         cfg = self.do_classifier_free_guidance
-        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds  # (2B|B, L, D)
+        both = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else None  # (2B, L, D)
 
         with self.progress_bar(total=len(steps)) as progress:
             for i, t in enumerate(steps):
                 if self.interrupt:
                     break
-                x_in = torch.cat([latents, latents]) if cfg else latents  # (2B|B, C, h, w)
+                # Outside the guidance interval only the text branch runs: half the denoiser work.
+                guided = cfg and _inside(i, len(steps), guidance_interval)
+                x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
                 x_in = self.scheduler.scale_model_input(x_in, t)
-                pred = self._denoise(x_in, t, context)
-                if cfg:
+                pred = self._denoise(x_in, t, both if guided else prompt_embeds)
+                if guided:
                     pred_uncond, pred_text = pred.chunk(2)
                     pred = guidance(pred_uncond, pred_text, guidance_scale, guidance_rescale)
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
@@ -404,7 +446,7 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
                     if "prompt_embeds" in out or "negative_prompt_embeds" in out:
                         prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
-                        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+                        both = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else None
                 progress.update()
 
         if output_type == "latent":

@@ -1,0 +1,77 @@
+"""Plumbing of the speed features; the timings themselves are measured by `gen bench`, not asserted here."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import gen
+from gen import bench
+from gen.cli import main
+from gen.pipelines.text_to_image import set_attention
+
+
+def run(pipe, **kw):
+    return pipe(
+        "a red circle",
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kw,
+    ).images
+
+
+def test_guidance_interval_runs_one_branch_outside(dit_pipe):
+    sizes = []
+    original = dit_pipe.transformer.forward
+    dit_pipe.transformer.forward = lambda x, *a, **k: sizes.append(x.shape[0]) or original(x, *a, **k)
+    run(dit_pipe, guidance_interval=(0.0, 0.5))
+    assert sizes == [2, 2, 1, 1]
+    sizes.clear()
+    run(dit_pipe, guidance_interval=(0.25, 1.0))
+    assert sizes == [1, 2, 2, 2]
+    dit_pipe.transformer.forward = original
+    np.testing.assert_array_equal(run(dit_pipe, guidance_interval=(0.0, 1.0)), run(dit_pipe))
+    with pytest.raises(ValueError, match=r"guidance_interval=\(0.6, 0.2\) must be \(start, end\)"):
+        run(dit_pipe, guidance_interval=(0.6, 0.2))
+
+
+def test_attention_backends_agree_and_xformers_falls_back(dit_pipe, caplog):
+    ref = run(dit_pipe)
+    assert set_attention(dit_pipe, "math") == "math"
+    np.testing.assert_allclose(run(dit_pipe), ref, atol=1e-4)
+    with caplog.at_level(logging.WARNING):
+        assert set_attention(dit_pipe, "xformers") == "sdpa"  # no CUDA here
+    assert "xformers needs" in caplog.text
+    with pytest.raises(ValueError, match="attention 'flash' must be one of"):
+        set_attention(dit_pipe, "flash")
+
+
+def test_bf16_pipeline_keeps_vae_fp32_and_fp16_on_cpu_is_refused():
+    pipe = gen.load_pipeline(torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+    image = run(pipe)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    with pytest.raises(ValueError, match="float16 is ~10x slower than float32 on a CPU"):
+        gen.load_pipeline(torch_dtype=torch.float16)
+
+
+def test_flop_count_matches_a_hand_count():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    assert bench.count_flops(lambda: lin(torch.ones(10, 64))) == 2 * 10 * 64 * 32
+
+
+def test_bench_plumbing(capsys):
+    assert main(["bench", "--batch", "1,2", "--steps", "2", "--reps", "1", "--pairs", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["batch"] for m in report["model"]] == [1, 2]
+    for m in report["model"]:
+        assert m["s_per_image"]["min"] <= m["s_per_image"]["median"] <= m["s_per_image"]["max"]
+        assert m["denoiser_flops_per_step"] > 0 and 0 < m["fraction_of_peak"] < 2
+    assert report["matmul_peak_flops"] > 1e9
+    assert report["unet_vs_diffusers"]["pairs"] == 2 and report["unet_vs_diffusers"]["ratio"]["median"] > 0
+    assert report["peak_memory_mb"] > 0
+    assert main(["bench", "--batch", "0"]) == 2

@@ -101,6 +101,29 @@ def bench_pipeline(pipe, batch: int, steps: int, reps: int, guidance: float = 5.
     }
 
 
+def dtype_speedup(pipe, batch: int, pairs: int) -> dict:
+    """The denoiser in the pipeline's dtype against an fp32 copy of it, timed alternately in the same run."""
+    device = pipe._execution_device
+    fp32 = copy.deepcopy(pipe.denoiser).float()
+    size = pipe.default_size // pipe.vae_scale_factor
+    x = torch.randn(2 * batch, pipe.denoiser.config.in_channels, size, size, device=device)
+    context = torch.randn(2 * batch, 77, pipe.text_encoder.config.hidden_size, device=device)
+    t = torch.tensor(500, device=device)
+    low = pipe.denoiser.dtype
+
+    def step(model, dtype):
+        return lambda: model(x.to(dtype), t, encoder_hidden_states=context.to(dtype))
+
+    ratios = []
+    with torch.no_grad():
+        timed(step(fp32, torch.float32), device, 1), timed(step(pipe.denoiser, low), device, 1)
+        for _ in range(pairs):
+            slow = timed(step(fp32, torch.float32), device, 1, warmup=0)[0]
+            fast = timed(step(pipe.denoiser, low), device, 1, warmup=0)[0]
+            ratios.append(slow / fast)
+    return {"batch": batch, "fp32_over_this_dtype": stats(ratios)}
+
+
 def compare_with_diffusers(pipe, steps: int, pairs: int, batch: int = 1) -> dict:
     """gen's pipeline vs StableDiffusionPipeline on the same UNet components: ratio per paired run."""
     import warnings
@@ -177,6 +200,8 @@ def run(model=None, dtype: str = "fp32", device: str = "cpu", attention: str = "
         pipe("warm-up", num_inference_steps=2, output_type="np")
         report["compile_warmup_s"] = time.perf_counter() - start
     report["model"] = [bench_pipeline(pipe, b, steps, reps) for b in batches]
+    if dtype != "fp32":
+        report["speedup_vs_fp32"] = dtype_speedup(pipe, max(batches), pairs)
     for row in report["model"]:
         row["fraction_of_peak"] = row["achieved_flops"] / report["matmul_peak_flops"]
     if unet:
@@ -203,6 +228,10 @@ def format_report(r: dict) -> str:
             f"  {m['text_encoder_s']['median']:7.4f}  {m['vae_decode_s']['median']:6.4f}"
             f"  {m['denoiser_flops_per_step'] / 1e9:10.2f}  {m['achieved_flops'] / 1e9:7.1f}  {100 * m['fraction_of_peak']:6.1f}%"
         )
+    if "speedup_vs_fp32" in r:
+        sp = r["speedup_vs_fp32"]["fp32_over_this_dtype"]
+        lines.append(f"denoiser fp32 / {r['dtype']} time at batch {r['speedup_vs_fp32']['batch']} (paired, same run):"
+                     f" min {sp['min']:.2f}x  median {sp['median']:.2f}x  max {sp['max']:.2f}x")  # fmt: skip
     if "unet_vs_diffusers" in r:
         c = r["unet_vs_diffusers"]
         ratio = c["ratio"]

@@ -27,6 +27,13 @@ class CliError(Exception):
     """Bad input: printed as one line on stderr, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (via CliError), not a usage block."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
 def err(message: str) -> None:
     print(f"gen: {message}", file=sys.stderr)
 
@@ -59,7 +66,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gen", description="Generate images from text.", epilog=EPILOG,
+    p = Parser(prog="gen", description="Generate images from text.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     a = p.add_argument
     a("prompt", nargs="?", help="what to draw (or --from-file)")
@@ -113,6 +120,19 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     a("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)")
+    a(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "math", "xformers"],
+        help="attention kernels (default: %(default)s)",
+    )
+    a("--compile", action="store_true", help="torch.compile the denoiser (slow first call, faster after)")
+    a(
+        "--guidance-interval",
+        type=_interval,
+        default=None,
+        help="START,END: CFG only in this part of the schedule, 0..1",
+    )
     a(
         "--from-file",
         type=Path,
@@ -179,7 +199,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_samplers(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="gen samplers", description="List sampler names.").parse_args(argv)
+    Parser(prog="gen samplers", description="List sampler names.").parse_args(argv)
     from gen.samplers import SAMPLERS
 
     for name, s in SAMPLERS.items():
@@ -188,7 +208,7 @@ def cmd_samplers(argv: list[str]) -> int:
 
 
 def cmd_info(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gen info", description="What a model folder holds.")
+    p = Parser(prog="gen info", description="What a model folder holds.")
     p.add_argument("path", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
@@ -200,7 +220,7 @@ def cmd_info(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gen eval", description="Measure how often images obey their prompts.")
+    p = Parser(prog="gen eval", description="Measure how often images obey their prompts.")
     p.add_argument("--model", default=None, help="shapes model folder (default: the embedded model)")
     p.add_argument(
         "--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)"
@@ -238,9 +258,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_prompt(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="gen prompt", description="Show how a prompt is tokenized, weighted and chunked."
-    )
+    p = Parser(prog="gen prompt", description="Show how a prompt is tokenized, weighted and chunked.")
     p.add_argument("prompt", help="the prompt, in A1111 syntax: (word:1.2), [word], BREAK")
     p.add_argument(
         "--model", default=None, help="model folder whose tokenizer to use (default: the embedded model)"
@@ -262,9 +280,7 @@ def cmd_prompt(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="gen bench", description="Measure speed, against diffusers and the machine."
-    )
+    p = Parser(prog="gen bench", description="Measure speed, against diffusers and the machine.")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)"
@@ -303,7 +319,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gen convert", description="Convert between model formats.")
+    p = Parser(prog="gen convert", description="Convert between model formats.")
     p.add_argument("model", help="a UNet pipeline folder (Stable Diffusion layout)")
     p.add_argument(
         "--to-single-file", required=True, type=Path, help="write one .safetensors in the original SD layout"
@@ -324,9 +340,7 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_reproduce(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="gen reproduce", description="Make an image again from its PNG metadata."
-    )
+    p = Parser(prog="gen reproduce", description="Make an image again from its PNG metadata.")
     p.add_argument("image", type=Path, help="a PNG written by gen")
     p.add_argument("-o", "--output", default=None, help="also save the re-made image here")
     p.add_argument(

@@ -31,23 +31,38 @@ def _run(text_encoder, ids: torch.Tensor, mask: torch.Tensor | None, clip_skip: 
     return final_layer_norm(text_encoder)(out.hidden_states[-(clip_skip + 1)])  # (K, 77, D)
 
 
-def encode_chunks(text_encoder, chunks: Chunks, device, clip_skip: int | None = None) -> torch.Tensor:
-    """One prompt's chunks -> (K*77, D), weights applied with A1111's mean-restoring normalisation per chunk."""
-    ids = torch.tensor(chunks.ids, device=device)  # (K, 77)
+def _weighted(z: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    """A1111's emphasis: scale each token's embedding by its weight, then restore the chunk's mean."""
+    w = torch.tensor(weights, device=z.device, dtype=z.dtype)  # (K, 77)
+    if not bool((w != 1).any()):
+        return z
+    mean = z.mean(dim=(1, 2), keepdim=True)  # (K, 1, 1)
+    z = z * w[..., None]
+    return z * (mean / z.mean(dim=(1, 2), keepdim=True))
+
+
+def embed_chunks(
+    text_encoder, chunked: list[Chunks], device, clip_skip: int | None = None
+) -> list[torch.Tensor]:
+    """Every chunk of every prompt through the text encoder in one call; per prompt (K_i*77, D), weighted."""
+    ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, 77)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         # Models trained with masks (a config flag) must be called with them; CLIP's own are not.
-        mask = (
-            torch.arange(ids.shape[1], device=device)[None]
-            < torch.tensor(chunks.lengths, device=device)[:, None]
-        ).long()
-    z = _run(text_encoder, ids, mask, clip_skip)  # (K, 77, D)
-    weights = torch.tensor(chunks.weights, device=device, dtype=z.dtype)  # (K, 77)
-    if bool((weights != 1).any()):
-        mean = z.mean(dim=(1, 2), keepdim=True)  # (K, 1, 1)
-        z = z * weights[..., None]
-        z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
-    return z.reshape(-1, z.shape[-1])  # (K*77, D)
+        lengths = torch.tensor([n for c in chunked for n in c.lengths], device=device)
+        mask = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
+    z = _run(text_encoder, ids, mask, clip_skip)  # (sum K, 77, D)
+    out, at = [], 0
+    for c in chunked:
+        k = len(c.ids)
+        out.append(_weighted(z[at : at + k], c.weights).reshape(-1, z.shape[-1]))  # (K*77, D)
+        at += k
+    return out
+
+
+def encode_chunks(text_encoder, chunks: Chunks, device, clip_skip: int | None = None) -> torch.Tensor:
+    """One prompt's chunks -> (K*77, D)."""
+    return embed_chunks(text_encoder, [chunks], device, clip_skip)[0]
 
 
 def encode(
@@ -68,10 +83,10 @@ def encode(
             text = tokenizer.decode(c.cut)
             logger.warning("The prompt is longer than CLIP's 75-token window; this part was cut: %r", text)
     k = max([min_chunks] + [len(c.ids) for c in chunked])
-    rows = [encode_chunks(text_encoder, c, device, clip_skip) for c in chunked]
-    if any(r.shape[0] < k * 77 for r in rows):
-        empty = encode_chunks(
-            text_encoder, tokenize_weighted(tokenizer, "", weighting=False), device, clip_skip
-        )
+    pad = any(len(c.ids) < k for c in chunked)
+    extra = [tokenize_weighted(tokenizer, "", weighting=False)] if pad else []
+    rows = embed_chunks(text_encoder, chunked + extra, device, clip_skip)
+    if pad:
+        empty = rows.pop()
         rows = [torch.cat([r, empty.repeat(k - r.shape[0] // 77, 1)]) for r in rows]
     return torch.stack(rows)  # (B, 77*K, D)

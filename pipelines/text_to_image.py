@@ -266,7 +266,17 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         opts = dict(clip_skip=clip_skip, truncate=truncate_long_prompts, weighting=prompt_weighting)
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self._encode_unique(prompts, device, **opts)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                # Prompts and negatives in one text-encoder call, padded to a common number of chunks.
+                negatives = (
+                    negative_prompt
+                    if isinstance(negative_prompt, list)
+                    else [negative_prompt or ""] * len(prompts)
+                )
+                both = self._encode_unique(prompts + negatives, device, **opts)  # (2B, L, D)
+                prompt_embeds, negative_prompt_embeds = both[: len(prompts)], both[len(prompts) :]
+            else:
+                prompt_embeds = self._encode_unique(prompts, device, **opts)
         batch = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negatives = (

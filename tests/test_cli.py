@@ -233,3 +233,19 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     assert names == [f"{k:05d}.png" for k in range(4)]
     for name in names:
         assert np.array_equal(pixels(tmp_path / "multi" / name), pixels(tmp_path / "single" / name)), name
+
+
+def test_speed_flags_recorded_and_bad_flags_one_line(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert (
+        main(["a red circle", "-o", str(out), "--guidance-interval", "0,0.5", "--attention", "math", *STEPS])
+        == 0
+    )
+    record = json.loads(Image.open(out).text["gen"])
+    assert record["options"]["guidance_interval"] == [0.0, 0.5] and record["options"]["attention"] == "math"
+    capsys.readouterr()
+    for argv, message in ((["x", "--guidance-interval", "0.6,0.2"], "need 0 <= START < END <= 1"),
+                          (["x", "--steps", "abc"], "argument --steps: invalid int value: 'abc'")):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "usage:" not in err, err

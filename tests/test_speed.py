@@ -75,3 +75,14 @@ def test_bench_plumbing(capsys):
     assert report["unet_vs_diffusers"]["pairs"] == 2 and report["unet_vs_diffusers"]["ratio"]["median"] > 0
     assert report["peak_memory_mb"] > 0
     assert main(["bench", "--batch", "0"]) == 2
+
+
+def test_fused_qkv_gives_the_same_output():
+    from tests import components
+
+    model = components.dit()
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    ref = model(x, 7, c).sample
+    model.fuse_qkv_projections()
+    assert model.blocks[0].attn1.to_qkv is not None and model.blocks[0].attn2.to_kv is not None
+    torch.testing.assert_close(model(x, 7, c).sample, ref, atol=1e-6, rtol=1e-5)

@@ -49,3 +49,18 @@ def test_wheel_carries_the_model_and_mapped_packages(tmp_path):
                  "gen/assets/shapes/tokenizer/vocab.json", "gen/assets/shapes/judge/config.json",
                  "gen/pipelines/text_to_image.py", "gen/train/common.py"):  # fmt: skip
         assert path in names, path
+
+
+def test_text_encoder_lora_works_with_the_installed_peft(tokenizer):
+    # transformers 5.24 refuses peft < 0.22 here, and PyPI's newest peft is 0.21: hence the pin below 5.24.
+    import torch
+    from peft import LoraConfig
+
+    from tests import components
+
+    encoder = components.text_encoder(tokenizer)
+    ids = torch.tensor([tokenizer("a red circle", padding="max_length").input_ids])
+    ref = encoder(ids)[0]
+    encoder.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert any("lora_A" in name for name, _ in encoder.named_parameters())
+    assert not torch.allclose(encoder(ids)[0], ref)

@@ -141,6 +141,11 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     a("--grid", default=None, help="also save a contact sheet of this run's images to this PNG")
     a("--overwrite", action="store_true", help="replace existing files instead of numbering around them")
+    a(
+        "--allow-pickle",
+        action="store_true",
+        help="also load .bin/.ckpt weights (pickle can run code; read weights-only)",
+    )
     a("--quiet", action="store_true", help="no progress bar, seed or summary; only the paths written")
     a("--debug", action="store_true", help="show tracebacks")
     return p
@@ -171,7 +176,8 @@ def _options(args):
                    batch_size=args.batch_size, seed=args.seed, steps=args.steps, sampler=args.sampler,
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=args.width,
                    height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip,
-                   attention=args.attention, compile=args.compile, guidance_interval=args.guidance_interval)  # fmt: skip
+                   attention=args.attention, compile=args.compile, guidance_interval=args.guidance_interval,
+                   allow_pickle=args.allow_pickle)  # fmt: skip
 
 
 def cmd_generate(argv: list[str]) -> int:

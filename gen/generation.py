@@ -43,6 +43,7 @@ class Options:
     attention: str = "sdpa"
     compile: bool = False
     guidance_interval: tuple[float, float] | None = None
+    allow_pickle: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -146,7 +147,7 @@ def validate(pipe, o: Options) -> None:
 def load(o: Options):
     from gen.weights import load_pipeline
 
-    pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device)
+    pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle)
     return prepare(pipe, o)
 
 

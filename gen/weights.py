@@ -17,9 +17,10 @@ def load_pipeline(
     path: str | Path | None = None,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
 ):
     """Load a local pipeline folder or single .safetensors SD checkpoint; with no path, the embedded default model.
-    Never reaches the network."""
+    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.safety)."""
     from gen.pipelines import TextToImagePipeline
 
     if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
@@ -31,18 +32,9 @@ def load_pipeline(
         from gen.single_file import load_single_file
 
         pipe = load_single_file(folder, torch_dtype=torch_dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
-    if not folder.is_dir():
-        what = "the embedded default model" if path is None else "model folder"
-        raise FileNotFoundError(f"{what} {str(folder)!r} does not exist; give a local pipeline folder")
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{str(folder)!r} has no model_index.json; expected a diffusers pipeline folder"
-            " (model_index.json, text_encoder/, tokenizer/, vae/, scheduler/, transformer/ or unet/)"
-        )
-    pipe = TextToImagePipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
-    check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
+    else:
+        pipe = TextToImagePipeline.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
+        check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if torch_dtype in (torch.float16, torch.bfloat16):

@@ -111,6 +111,22 @@ class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSi
         return self.denoiser.config.sample_size * self.vae_scale_factor
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """diffusers' loader behind gen's checks (gen.safety): a local folder only, safetensors unless
+        allow_pickle, classes from diffusers/transformers/gen only, whole files, finite weights."""
+        from gen.safety import check_finite, check_folder
+
+        folder = Path(pretrained_model_name_or_path)
+        check_folder(folder, allow_pickle)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault(
+            "use_safetensors", None if allow_pickle else True
+        )  # None: safetensors first, then pickle
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        check_finite(pipe, folder)
+        return pipe
+
+    @classmethod
     def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
         """diffusers' single-file loader, offline: without `config=`, gen's shipped SD 1.x/2.x configs are used."""
         if "config" not in kwargs:

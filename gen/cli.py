@@ -387,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("interrupted")
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "--debug" in rest or not isinstance(e, MemoryError) and "out of memory" not in str(e).lower():
+            raise
+        err(
+            "error: out of memory; try a smaller --batch-size or size, --dtype bf16, or VAE tiling / CPU offload"
+        )
+        return 2
 
 
 def run() -> None:

@@ -137,11 +137,44 @@ def render(pipe, o: Options, batch: list[Job], on_step: Callable[[], None] | Non
 
 
 def validate(pipe, o: Options) -> None:
-    """The pipeline's own input checks (sizes against the model's stride, ...) before any image work."""
-    height = o.height or pipe.default_size
-    width = o.width or pipe.default_size
+    """The pipeline's own input checks (sizes against the model's stride, ...) and a memory estimate, before
+    any image work."""
+    height = pipe.default_size if o.height is None else o.height
+    width = pipe.default_size if o.width is None else o.width
     pipe.check_inputs("x", o.negative, height, width, o.steps, o.guidance, o.guidance_rescale, None, None, "pil",
                       ["latents"], 1)  # fmt: skip
+    need = memory_estimate(pipe, o.batch_size, height, width)
+    free = available_memory()
+    if free and need > free:
+        raise ValueError(
+            f"{width}x{height} at batch size {o.batch_size} needs about {need / 2**30:.1f} GiB, more than the"
+            f" {free / 2**30:.1f} GiB available; use a smaller size or --batch-size, or VAE tiling / CPU offload"
+        )
+
+
+def memory_estimate(pipe, batch: int, height: int, width: int) -> int:
+    """A rough upper bound on activation bytes: the denoiser's tokens x channels x a depth factor and its attention
+    matrices (CFG doubles the batch), plus the VAE decoder's widest feature map for one image (decoded singly)."""
+    d = pipe.denoiser.config
+    itemsize = torch.tensor([], dtype=pipe.denoiser.dtype).element_size()
+    tokens = (height // pipe.latent_stride) * (width // pipe.latent_stride)
+    if getattr(d, "num_attention_heads", None):  # DiT
+        heads, channels = d.num_attention_heads, d.num_attention_heads * d.attention_head_dim
+    else:  # UNet: attention at the full latent resolution, widest block for the channels
+        heads, channels = 8, max(d.block_out_channels)
+    attention = 2 * batch * heads * tokens * tokens * itemsize
+    activations = 2 * batch * tokens * channels * itemsize * 16
+    vae = height * width * max(pipe.vae.config.block_out_channels) * 4 * 6
+    return attention + activations + vae
+
+
+def available_memory() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def load(o: Options):

@@ -78,10 +78,15 @@ def a1111_parameters(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _printable(text: str) -> str:
+    # PNG text chunks are text: control characters (NUL above all) are dropped, newlines and tabs kept.
+    return "".join(c for c in text if c in "\n\t" or ord(c) >= 32)
+
+
 def png_info(record: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt(A1111_KEY, a1111_parameters(record))
-    info.add_itxt(JSON_KEY, json.dumps(record, sort_keys=True))
+    info.add_itxt(A1111_KEY, _printable(a1111_parameters(record)))
+    info.add_itxt(JSON_KEY, json.dumps(record, sort_keys=True))  # JSON escapes control characters itself
     return info
 
 

@@ -29,7 +29,7 @@ class Runner:
         self.o, self.args, self.name, self.total = o, args, name, total
         self.announce_seed = announce_seed and not args.quiet
         self.state = _distributed()
-        self.saved: list[Path] = []
+        self.saved = 0  # a count, not a list: a run may write millions of images
 
     def _record(self, pipe, job: G.Job, image) -> dict:
         o = self.o
@@ -70,12 +70,13 @@ class Runner:
                 ):
                     info = metadata.png_info(self._record(pipe, job, image))
                     path = outputs.save(image, self.name, job.index, self.total, self.args.overwrite, info)
-                    self.saved.append(path)
-                    images.append(image)
+                    self.saved += 1
+                    if self.args.grid:  # only then: a million-line prompt file must not pile up images
+                        images.append(image)
                     print(path, flush=True)
         except KeyboardInterrupt:
             bar.close()
-            print(f"gen: interrupted; kept {len(self.saved)} finished image(s)", file=sys.stderr)
+            print(f"gen: interrupted; kept {self.saved} finished image(s)", file=sys.stderr)
             return 130
         bar.close()
         elapsed = time.monotonic() - start
@@ -83,7 +84,7 @@ class Runner:
             outputs.save(contact_sheet(images), lambda n: Path(self.args.grid), 0, 1, True)
             print(self.args.grid, flush=True)
         if not quiet:
-            n = len(self.saved)
+            n = self.saved
             print(
                 f"gen: {n} image(s) in {elapsed:.1f} s ({elapsed / max(n, 1):.2f} s/image)", file=sys.stderr
             )

@@ -1,0 +1,122 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import gen
+from gen.train import checkpoint
+from gen.train.text_to_image import main
+from tests import components
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    components.pipeline(tokenizer).save_pretrained(d / "model")
+    data = d / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a red circle number {i}")
+    (data / "broken.png").write_bytes(b"this is not an image")
+    return d
+
+
+def args(setup, out, *extra):
+    return ["--data-dir", str(setup / "data"), "--model", str(setup / "model"), "--output-dir", str(out),
+            "--resolution", "32", "--batch-size", "2", "--seed", "3", *extra]  # fmt: skip
+
+
+def weights(folder):
+    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_smoke_fine_tune_with_ema_text_encoder_and_corrupt_image(setup, tmp_path, caplog):
+    out = main(args(setup, tmp_path / "run", "--max-steps", "2", "--ema-decay", "0.9", "--train-text-encoder",
+                    "--min-snr-gamma", "5", "--noise-offset", "0.05", "--gradient-accumulation-steps", "2"))  # fmt: skip
+    assert "skipped 1 unreadable image(s)" in caplog.text and "broken.png" in caplog.text
+    before, after = weights(setup / "model"), weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "run" / "train_config.json").exists()
+    image = gen.load_pipeline(out)("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_smoke_from_scratch_preset(setup, tmp_path):
+    out = main(args(setup, tmp_path / "run", "--max-steps", "2", "--from-scratch", "tiny"))
+    assert gen.load_pipeline(out).transformer.config.num_layers == 2
+
+
+def test_refuses_to_overwrite_a_finished_run(setup, tmp_path):
+    main(args(setup, tmp_path / "run", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match="exists; pass --overwrite, or --resume latest"):
+        main(args(setup, tmp_path / "run", "--max-steps", "1"))
+
+
+def test_incomplete_checkpoints_are_ignored_and_rotation(tmp_path):
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, step, {"step": step, "w": torch.ones(3) * step}, total_limit=2)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    broken = tmp_path / "checkpoint-8"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"half")  # killed before its manifest was written
+    (tmp_path / ".checkpoint-10.abc.tmp").mkdir()
+    assert checkpoint.resolve(tmp_path, "latest").name == "checkpoint-6"
+    assert checkpoint.load(checkpoint.resolve(tmp_path, "latest"))["step"] == 6
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):
+        checkpoint.resolve(tmp_path, str(broken))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_path):
+    common = [
+        "--max-steps",
+        "150",
+        "--checkpointing-steps",
+        "5",
+        "--checkpoints-total-limit",
+        "2",
+        "--ema-decay",
+        "0.9",
+    ]
+    reference = main(args(setup, tmp_path / "reference", *common))
+    run = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "gen.train.text_to_image", *args(setup, run, *common, "--resume", "latest")]
+    rng, kills = random.Random(7), []
+    for _ in range(5):
+        before = {p.name for p in checkpoint.complete(run)}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        # Wait until this process is training (it has promoted a new checkpoint), then kill at a random moment:
+        # inside a step or inside a checkpoint save.
+        while proc.poll() is None and {p.name for p in checkpoint.complete(run)} <= before:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.2))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            found = checkpoint.complete(run)
+            kills.append(found[-1].name if found else None)
+            for p in found:  # zero corrupt checkpoints: every complete one loads
+                assert checkpoint.load(p)["step"] == int(p.name.split("-")[1])
+        proc.wait()
+    main(args(setup, run, *common, "--resume", "latest", "--overwrite"))
+    ref, got = weights(reference), weights(run / "model")
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed run differs from the uninterrupted one"
+    assert len(kills) >= 3, kills
+    assert len(checkpoint.complete(run)) <= 2
+    print(f"killed at (latest complete checkpoint): {kills}")

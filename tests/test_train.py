@@ -91,10 +91,16 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_p
         "--ema-decay",
         "0.9",
     ]
-    reference = main(args(setup, tmp_path / "reference", *common))
     run = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "gen.train.text_to_image", *args(setup, run, *common, "--resume", "latest")]
+    # Every run in a subprocess with the same environment: CPU matmul rounding depends on the thread count,
+    # which earlier in-process tests may have changed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    module = [sys.executable, "-m", "gen.train.text_to_image"]
+    subprocess.run(
+        [*module, *args(setup, tmp_path / "reference", *common)], env=env, check=True, capture_output=True
+    )
+    reference = tmp_path / "reference" / "model"
+    cmd = [*module, *args(setup, run, *common, "--resume", "latest")]
     rng, kills = random.Random(7), []
     for _ in range(5):
         before = {p.name for p in checkpoint.complete(run)}
@@ -114,7 +120,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_p
             for p in found:  # zero corrupt checkpoints: every complete one loads
                 assert checkpoint.load(p)["step"] == int(p.name.split("-")[1])
         proc.wait()
-    main(args(setup, run, *common, "--resume", "latest", "--overwrite"))
+    subprocess.run([*cmd, "--overwrite"], env=env, check=True, capture_output=True)
     ref, got = weights(reference), weights(run / "model")
     assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed run differs from the uninterrupted one"
     assert len(kills) >= 3, kills

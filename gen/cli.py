@@ -142,6 +142,13 @@ def generate_parser() -> argparse.ArgumentParser:
     a("--grid", default=None, help="also save a contact sheet of this run's images to this PNG")
     a("--overwrite", action="store_true", help="replace existing files instead of numbering around them")
     a(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="apply a LoRA file (repeatable; weight 1 by default)",
+    )
+    a(
         "--allow-pickle",
         action="store_true",
         help="also load .bin/.ckpt weights (pickle can run code; read weights-only)",
@@ -177,7 +184,7 @@ def _options(args):
                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=args.width,
                    height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip,
                    attention=args.attention, compile=args.compile, guidance_interval=args.guidance_interval,
-                   allow_pickle=args.allow_pickle)  # fmt: skip
+                   allow_pickle=args.allow_pickle, lora=args.lora)  # fmt: skip
 
 
 def cmd_generate(argv: list[str]) -> int:

@@ -44,6 +44,7 @@ class Options:
     compile: bool = False
     guidance_interval: tuple[float, float] | None = None
     allow_pickle: bool = False
+    lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -81,6 +82,17 @@ def check_options(o: Options) -> None:
             raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """PATH or PATH:WEIGHT (the weight after the last colon, if it is a number)."""
+    path, _, weight = spec.rpartition(":")
+    if path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def pick_seed() -> int:
     return secrets.randbelow(2**32)
 
@@ -112,6 +124,13 @@ def prepare(pipe, o: Options):
     if o.sampler is not None:
         pipe.scheduler = make_scheduler(o.sampler, pipe.scheduler.config)
     set_attention(pipe, o.attention)
+    if o.lora:
+        names, weights = [], []
+        for k, spec in enumerate(o.lora):
+            path, weight = parse_lora(spec)
+            names.append(pipe.load_lora_weights(path, adapter_name=f"lora{k}", allow_pickle=o.allow_pickle))
+            weights.append(weight)
+        pipe.set_adapters(names, weights)
     if o.compile:
         pipe.denoiser.compile()  # in place: the module keeps its type; the compiled graph is reused across calls
     pipe.vae.enable_slicing()  # one image per decode: convolutions are not batch-invariant

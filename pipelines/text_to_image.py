@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from gen.diffusion.guidance import guidance
 from gen.models.dit import DiT
+from gen.pipelines.lora import LoraMixin
 from gen.text import encode
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def set_attention(pipe, backend: str) -> str:
     return backend
 
 
-class TextToImagePipeline(DiffusionPipeline, TextualInversionLoaderMixin, FromSingleFileMixin):
+class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
     """Generate images from text, called exactly like diffusers' StableDiffusionPipeline.
 
     Exactly one denoiser: `transformer` (gen's DiT) or `unet` (diffusers' UNet2DConditionModel). Loads our own

@@ -126,3 +126,39 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_p
     assert len(kills) >= 3, kills
     assert len(checkpoint.complete(run)) <= 2
     print(f"killed at (latest complete checkpoint): {kills}")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    import gen.train.text_to_image as t2i
+
+    real, calls = t2i.denoiser_loss, []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(t2i, "denoiser_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4; stopping"):
+        main(args(setup, tmp_path / "run", "--max-steps", "10", "--checkpointing-steps", "2"))
+    assert [p.name for p in checkpoint.complete(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
+    state = checkpoint.load(tmp_path / "run" / "checkpoint-4")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    checkpoint.save(tmp_path, 2, {"step": 2, "w": torch.ones(4)})
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save(tmp_path, 4, {"step": 4, "w": torch.zeros(4)})
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-2"]
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the half-written temporary folder is gone
+    assert torch.equal(checkpoint.load(tmp_path / "checkpoint-2")["w"], torch.ones(4))

@@ -1,0 +1,95 @@
+import pytest
+import torch
+from peft import LoraConfig
+
+from gen.pipelines import TextToImagePipeline
+from tests import components
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def run(pipe):
+    return pipe(
+        "a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+
+
+def adapted(tokenizer, denoiser, seed):
+    pipe = components.pipeline(tokenizer, denoiser)
+    torch.manual_seed(seed)
+    pipe.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
+    return pipe
+
+
+@pytest.mark.parametrize("denoiser", ["transformer", "unet"])
+def test_save_load_set_adapters_fuse(tokenizer, tmp_path, denoiser):
+    a, b = adapted(tokenizer, denoiser, 1), adapted(tokenizer, denoiser, 2)
+    a.save_lora_weights(tmp_path / "a.safetensors")
+    b.save_lora_weights(tmp_path / "b.safetensors")
+    with_a = run(a)
+    pipe = components.pipeline(tokenizer, denoiser)
+    base = run(pipe)
+    assert pipe.load_lora_weights(tmp_path / "a.safetensors", adapter_name="a") == "a"
+    assert abs(run(pipe) - with_a).max() < 1e-5  # the loaded adapter reproduces the one it was saved from
+    pipe.load_lora_weights(tmp_path / "b.safetensors", adapter_name="b")
+    pipe.set_adapters(["a", "b"], [1.0, 0.0])
+    assert abs(run(pipe) - with_a).max() < 1e-5
+    pipe.set_adapters(["a", "b"], [0.0, 0.0])
+    assert abs(run(pipe) - base).max() < 1e-5
+    pipe.set_adapters(["a", "b"], [0.5, 0.5])
+    mixed = run(pipe)
+    assert abs(mixed - base).max() > 1e-3
+    pipe.fuse_lora()
+    assert abs(run(pipe) - mixed).max() < 1e-4  # fused weights give the same images
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert abs(run(pipe) - base).max() < 1e-4
+
+
+def test_lora_for_another_model_and_pickle_are_refused(tokenizer, tmp_path):
+    adapted(tokenizer, "unet", 1).save_lora_weights(tmp_path / "unet.safetensors")
+    dit = components.pipeline(tokenizer, "transformer")
+    with pytest.raises(
+        ValueError, match=r"unet.safetensors is a LoRA for unet; this pipeline's denoiser is `transformer`"
+    ):
+        dit.load_lora_weights(tmp_path / "unet.safetensors")
+    # A DiT LoRA trained on a DiT with another text width: same key names, other shapes.
+    other = TextToImagePipeline(**{**dit.components, "transformer": components.dit(cross_dim=16)})
+    torch.manual_seed(0)
+    other.transformer.add_adapter(LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    other.save_lora_weights(tmp_path / "other.safetensors")
+    with pytest.raises(
+        ValueError, match=r"other.safetensors does not fit this DiT \(another model's LoRA\?\)"
+    ):
+        dit.load_lora_weights(tmp_path / "other.safetensors")
+    torch.save({}, tmp_path / "x.bin")
+    with pytest.raises(ValueError, match="only .safetensors LoRA files are loaded"):
+        dit.load_lora_weights(tmp_path / "x.bin")
+
+
+def test_cli_lora_flag_and_wrong_lora(tokenizer, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from gen.cli import main
+
+    pipe = adapted(tokenizer, "transformer", 3)
+    pipe.save_lora_weights(tmp_path / "style.safetensors")
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "model")
+    base = ["a red circle", "--model", str(tmp_path / "model"), "--steps", "3", "--seed", "1"]
+    assert main([*base, "-o", str(tmp_path / "plain.png")]) == 0
+    assert (
+        main([*base, "-o", str(tmp_path / "lora.png"), "--lora", f"{tmp_path / 'style.safetensors'}:0.8"])
+        == 0
+    )
+    assert Image.open(tmp_path / "plain.png").tobytes() != Image.open(tmp_path / "lora.png").tobytes()
+    assert json.loads(Image.open(tmp_path / "lora.png").text["gen"])["options"]["lora"] == [
+        f"{tmp_path / 'style.safetensors'}:0.8"
+    ]
+    adapted(tokenizer, "unet", 1).save_lora_weights(tmp_path / "unet.safetensors")
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "bad.png"), "--lora", str(tmp_path / "unet.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is a LoRA for unet" in err and err.count("\n") == 1 and not (tmp_path / "bad.png").exists()

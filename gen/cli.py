@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, FileNotFoundError, OSError) as e:
         if "--debug" in rest:
             raise
-        err(f"error: {e}")
+        err("error: " + " ".join(str(e).split()))  # one line, whatever a library put in its message
         return 2
     except KeyboardInterrupt:
         err("interrupted")

@@ -124,10 +124,17 @@ def save_single_file(pipe, path: str | Path) -> Path:
     return path
 
 
+def _keys(path: Path) -> set[str]:
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    state = torch.load(path, map_location="meta", weights_only=True)  # reached only with allow_pickle
+    return set(state.get("state_dict", state))
+
+
 def detect_version(path: str | Path) -> str:
     """'v1' (CLIP ViT-L text encoder, 768-wide cross-attention) or 'v2' (OpenCLIP ViT-H, 1024)."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+    keys = _keys(Path(path))
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "v2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
@@ -152,7 +159,10 @@ def config_folder(version: str, into: Path) -> Path:
 
 
 def load_single_file(
-    path: str | Path, config: str | Path | None = None, torch_dtype: torch.dtype = torch.float32
+    path: str | Path,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ):
     """A TextToImagePipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs
     fit the checkpoint (default: the shipped SD 1.x or 2.x configs, chosen from the checkpoint's keys)."""
@@ -161,9 +171,10 @@ def load_single_file(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
         raise ValueError(
-            f"{path}: only .safetensors single files are loaded (pickle .ckpt files can run code)"
+            f"{path}: only .safetensors single files are loaded (a pickle .ckpt can run code); convert it, or pass"
+            " --allow-pickle / allow_pickle=True (then read with torch.load(weights_only=True))"
         )
     with tempfile.TemporaryDirectory(prefix="gen-sd-config-") as tmp:
         version = detect_version(path) if config is None else None

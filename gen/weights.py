@@ -31,7 +31,7 @@ def load_pipeline(
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
         from gen.single_file import load_single_file
 
-        pipe = load_single_file(folder, torch_dtype=torch_dtype)
+        pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:
         pipe = TextToImagePipeline.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
         check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)

@@ -123,7 +123,15 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         kwargs.setdefault(
             "use_safetensors", None if allow_pickle else True
         )  # None: safetensors first, then pickle
-        pipe = super().from_pretrained(str(folder), **kwargs)
+        try:
+            pipe = super().from_pretrained(str(folder), **kwargs)
+        except (
+            ValueError,
+            RuntimeError,
+            OSError,
+        ) as e:  # a library's multi-line message, made one clear line
+            detail = str(e).split(". If you want")[0].replace("Cannot load because ", "")
+            raise ValueError(f"{folder}: could not load it: {' '.join(detail.split())}") from None
         check_finite(pipe, folder)
         return pipe
 

@@ -78,7 +78,15 @@ def component_only(f):
     (f.parent / "solo").rename(f)
 
 
+def wrong_shapes(f):
+    # The config stays; the weights are another DiT's (another text width), under the same names.
+    components.dit(cross_dim=16).save_pretrained(f / "other")
+    shutil.copy(_weights(f, "other"), _weights(f))
+    shutil.rmtree(f / "other")
+
+
 CATALOGUE = [
+    (wrong_shapes, r"(size mismatch|expected shape|does not match)"),
     (
         lfs_pointer,
         r"diffusion_pytorch_model.safetensors is a git-lfs pointer, not the weights; run `git lfs pull`",
@@ -105,6 +113,7 @@ def test_broken_folder_one_clear_error(saved, tmp_path, capsys, damage, message)
     damage(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         gen.load_pipeline(folder)
+    capsys.readouterr()
     assert main(["x", "--model", str(folder), "-o", str(tmp_path / "o.png"), "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gen: error: ") and err.count("\n") == 1 and "Traceback" not in err, err

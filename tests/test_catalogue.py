@@ -139,3 +139,31 @@ def test_pipeline_checks_only_raise_value_error(
         )
     except ValueError as e:
         assert "\n" not in str(e)
+
+
+def test_read_only_output_folder(tmp_path, capsys, monkeypatch):
+    # CI runs as root, for whom permissions do not bite; simulate what any other user sees.
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert main(["x", "-o", str(folder / "o.png"), "--steps", "2"]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+    assert not list(folder.iterdir())
+
+
+def test_nan_decode_is_retried_in_fp32(dit_pipe, caplog):
+    import logging
+
+    real = dit_pipe._vae_decode
+    dit_pipe.vae.to(torch.bfloat16)
+
+    def flaky(x, dtype, generator):  # a half-precision VAE that overflows
+        out = real(x, dtype, generator)
+        return out if dtype == torch.float32 else out * float("nan")
+
+    dit_pipe._vae_decode = flaky
+    with caplog.at_level(logging.WARNING):
+        image = dit_pipe.decode_latents(torch.randn(1, 4, 16, 16))
+    assert torch.isfinite(image).all() and "retrying in float32" in caplog.text

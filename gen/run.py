@@ -19,9 +19,11 @@ def _distributed():
     """accelerate's process state when launched with several processes (accelerate launch), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # Without cpu=True, accelerate sees no CUDA and treats the processes as independent single runs.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 class Runner:

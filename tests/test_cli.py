@@ -222,12 +222,15 @@ def test_installed_executable(tmp_path):
 def test_accelerate_two_processes_equal_one(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle on a blue background\na small white star in the top right on black\n")
-    common = ["--from-file", str(prompts), "-n", "2", "--seed", "5", *STEPS, "--quiet"]
+    common = ["--from-file", str(prompts), "-n", "2", "--seed", "5", *STEPS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen", *common, "-o", str(tmp_path / "multi") + "/"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        done.stderr.count("gen: 2 image(s) in") == 2
+    )  # two processes (torchrun, gloo on CPU), two images each
     assert main([*common, "-o", str(tmp_path / "single") + "/"]) == 0
     names = sorted(p.name for p in (tmp_path / "multi").iterdir())
     assert names == [f"{k:05d}.png" for k in range(4)]

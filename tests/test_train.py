@@ -162,3 +162,26 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["checkpoint-2"]
     assert not list(tmp_path.glob(".checkpoint-*"))  # the half-written temporary folder is gone
     assert torch.equal(checkpoint.load(tmp_path / "checkpoint-2")["w"], torch.ones(4))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_and_only_the_main_one_writes(setup, tmp_path):
+    import re
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # --multi_gpu is accelerate's multi-process launcher (torchrun); without CUDA the processes use gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen.train.text_to_image",
+           *args(setup, tmp_path / "run", "--max-steps", "4", "--checkpointing-steps", "2")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0 of 2" in done.stderr and "process 1 of 2" in done.stderr
+    sums = re.findall(r"process (\d) weight checksum (\S+)", done.stderr)
+    assert len(sums) == 2 and sums[0][1] == sums[1][1]  # both replicas hold the same weights
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "model",
+        "train_config.json",
+    ]
+    assert gen.load_pipeline(tmp_path / "run" / "model").transformer is not None

@@ -86,13 +86,17 @@ def denoiser_loss(
     min_snr_gamma: float = 0.0,
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,  # (B, C, h, w) drawn by the caller, e.g. its slice of a global batch's
+    t: torch.Tensor | None = None,  # (B,)
 ) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and return the (optionally min-SNR weighted) loss."""
     b = latents.shape[0]
-    noise = sample_noise(latents, noise_offset, generator)
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator
-    )
+    if noise is None:
+        noise = sample_noise(latents, noise_offset, generator)
+    if t is None:
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (b,), device=latents.device, generator=generator
+        )
     x_t = scheduler.add_noise(latents, noise, t)  # (B, C, h, w)
     pred = denoiser(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
     target = training_target(scheduler, latents, noise, t)

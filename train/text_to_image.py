@@ -158,9 +158,10 @@ class Trainer:
                     )
                 with torch.set_grad_enabled(self.o.train_text_encoder):
                     context = encode(pipe.tokenizer, pipe.text_encoder, batch["captions"], dev)  # (B, L, D)
+                noise, t = self._noise_and_timesteps(latents)
                 with self.acc.autocast():
                     loss = denoiser_loss(self.model, self.scheduler, latents, context, self.o.min_snr_gamma,
-                                         self.o.noise_offset, self.noise)  # fmt: skip
+                                         noise=noise, t=t)  # fmt: skip
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -177,8 +178,22 @@ class Trainer:
         self.step += 1
         return loss.item()
 
+    def _noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drawn for the global batch and sliced: every process keeps the same generator state (so the main
+        process's checkpoint fits all) while each gets different noise."""
+        from gen.diffusion.training import sample_noise
+
+        world, rank, b = self.acc.num_processes, self.acc.process_index, latents.shape[0]
+        full = latents.new_empty((b * world, *latents.shape[1:]))
+        noise = sample_noise(full, self.o.noise_offset, self.noise)[rank * b : (rank + 1) * b]
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b * world,), device=latents.device, generator=self.noise)
+        return noise, t[rank * b : (rank + 1) * b]
+
     def run(self) -> Path:
         o = self.o
+        logger.info("process %d of %d on %s, %d images", self.acc.process_index, self.acc.num_processes,
+                    self.acc.device, len(self.data))  # fmt: skip
         if self.acc.is_main_process:
             checkpoint.clean_stale(self.out)
         resume = checkpoint.resolve(self.out, o.resume)
@@ -192,9 +207,19 @@ class Trainer:
                 checkpoint.save(self.out, self.step, self.state(), o.checkpoints_total_limit or None)
             if o.save_every and self.step % o.save_every == 0 and self.acc.is_main_process:
                 self.save_pipeline(self.out / f"model-{self.step}")
-            if o.validation_steps and o.validation_prompt and self.step % o.validation_steps == 0:
+            if (
+                o.validation_steps
+                and o.validation_prompt
+                and self.step % o.validation_steps == 0
+                and self.acc.is_main_process
+            ):
                 self.validate()
         self.acc.wait_for_everyone()
+        if self.acc.num_processes > 1:  # every replica must hold the same weights (DDP keeps them in step)
+            digest = sum(
+                float(p.detach().double().sum()) for p in self.acc.unwrap_model(self.model).parameters()
+            )
+            logger.info("process %d weight checksum %.12e", self.acc.process_index, digest)
         return self.save_pipeline(self.out / "model") if self.acc.is_main_process else self.out / "model"
 
     def save_pipeline(self, dest: Path) -> Path:

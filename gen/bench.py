@@ -185,7 +185,7 @@ def tiny_sd_pipeline(base):
 
 def run(model=None, dtype: str = "fp32", device: str = "cpu", attention: str = "sdpa", compile: bool = False,
         batches=(1, 16), steps: int = 20, reps: int = 5, pairs: int = 5, unet: bool = True) -> dict:  # fmt: skip
-    from gen.pipelines.text_to_image import set_attention
+    from gen.models.attention import set_attention
     from gen.weights import load_pipeline
 
     torch_dtype = DTYPES[dtype]

@@ -119,7 +119,7 @@ def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
 
 def prepare(pipe, o: Options):
     """Set the sampler, attention backend, compilation and the batch-invariant VAE decode on a loaded pipeline."""
-    from gen.pipelines.text_to_image import set_attention
+    from gen.models.attention import set_attention
 
     if o.sampler is not None:
         pipe.scheduler = make_scheduler(o.sampler, pipe.scheduler.config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from gen.diffusion.guidance import guidance
+from gen.models.attention import set_attention  # noqa: F401  (re-exported: pipelines users import it here)
 from gen.models.dit import DiT
+from gen.pipelines.checks import check_call
 from gen.pipelines.lora import LoraMixin
 from gen.text import encode
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
@@ -35,29 +35,6 @@ def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool
     if interval is None:
         return True
     return interval[0] <= step / total < interval[1]
-
-
-ATTENTION = ("sdpa", "math", "xformers")
-
-
-def set_attention(pipe, backend: str) -> str:
-    """Select the denoiser's attention: "sdpa" (default), "math" (plain matmuls), or "xformers" where it is
-    installed and the model is on CUDA; otherwise warn and keep SDPA. Returns the backend in use."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if backend not in ATTENTION:
-        raise ValueError(f"attention {backend!r} must be one of {list(ATTENTION)}")
-    if backend == "xformers":
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None or pipe.denoiser.device.type != "cuda":
-            logger.warning("xformers needs the xformers package and a CUDA device; using SDPA instead")
-            backend = "sdpa"
-        else:
-            pipe.enable_xformers_memory_efficient_attention()
-            return backend
-    pipe.denoiser.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
-    return backend
 
 
 class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
@@ -194,80 +171,9 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         return self._interrupt
 
     # -- inputs ------------------------------------------------------------------------------------------------
-    def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_rescale: float,
-        prompt_embeds,
-        negative_prompt_embeds,
-        output_type: str,
-        callback_on_step_end_tensor_inputs,
-        num_images_per_prompt: int,
-        guidance_interval: tuple[float, float] | None = None,
-    ) -> None:
-        """Refuse bad input before any work, naming the value and the rule."""
-        stride = self.latent_stride
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size < stride or size % stride:
-                near = (
-                    max(stride, stride * round(size / stride)) if isinstance(size, (int, float)) else stride
-                )
-                raise ValueError(
-                    f"{name}={size!r} must be a positive multiple of {stride} (VAE factor {self.vae_scale_factor}"
-                    f" x patch size {stride // self.vae_scale_factor}); nearest valid: {near}"
-                )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
-        if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be between 0 and 1")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("give prompt or prompt_embeds, not both")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("give a prompt (str or list of str) or prompt_embeds")
-        if prompt is not None and not (
-            isinstance(prompt, str)
-            or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
-        n_prompts = (
-            1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        )
-        if isinstance(negative_prompt, list) and len(negative_prompt) != n_prompts:
-            raise ValueError(
-                f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; give one per prompt"
-                " or a single string"
-            )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
-                    f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
-                )
-        if guidance_interval is not None:
-            ok = isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
-            if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
-                raise ValueError(
-                    f"guidance_interval={guidance_interval!r} must be (start, end) with 0 <= start < end <= 1,"
-                    " fractions of the schedule"
-                )
-        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}"
-            )
+    def check_inputs(self, *args, **kwargs) -> None:
+        """Refuse bad input before any work, naming the value and the rule (see gen.pipelines.checks)."""
+        check_call(self, *args, **kwargs)
 
     def encode_prompt(
         self,

@@ -10,7 +10,7 @@ import torch
 import gen
 from gen import bench
 from gen.cli import main
-from gen.pipelines.text_to_image import set_attention
+from gen.models.attention import set_attention
 
 
 def run(pipe, **kw):

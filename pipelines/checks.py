@@ -1,0 +1,79 @@
+"""The pipeline's input checks: every bad value refused before any work, with the value and the rule."""
+
+from __future__ import annotations
+
+import math
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_call(
+    pipe,
+    prompt,
+    negative_prompt,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    guidance_rescale: float,
+    prompt_embeds,
+    negative_prompt_embeds,
+    output_type: str,
+    callback_on_step_end_tensor_inputs,
+    num_images_per_prompt: int,
+    guidance_interval: tuple[float, float] | None = None,
+) -> None:
+    """Refuse bad input before any work, naming the value and the rule."""
+    stride = pipe.latent_stride
+    for name, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or size < stride or size % stride:
+            near = max(stride, stride * round(size / stride)) if isinstance(size, (int, float)) else stride
+            raise ValueError(
+                f"{name}={size!r} must be a positive multiple of {stride} (VAE factor {pipe.vae_scale_factor}"
+                f" x patch size {stride // pipe.vae_scale_factor}); nearest valid: {near}"
+            )
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
+    if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale={guidance_rescale!r} must be between 0 and 1")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("give prompt or prompt_embeds, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a prompt (str or list of str) or prompt_embeds")
+    if prompt is not None and not (
+        isinstance(prompt, str)
+        or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+    ):
+        raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    n_prompts = (
+        1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+    )
+    if isinstance(negative_prompt, list) and len(negative_prompt) != n_prompts:
+        raise ValueError(
+            f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; give one per prompt"
+            " or a single string"
+        )
+    if prompt_embeds is not None and negative_prompt_embeds is not None:
+        if prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
+                f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
+    if guidance_interval is not None:
+        ok = isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
+        if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
+            raise ValueError(
+                f"guidance_interval={guidance_interval!r} must be (start, end) with 0 <= start < end <= 1,"
+                " fractions of the schedule"
+            )
+    bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in pipe._callback_tensor_inputs]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {pipe._callback_tensor_inputs}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+import gen
 from gen.data import shapes as S
 from gen.data.clip_tokenizer import build
 from gen.weights import DEFAULT_MODEL
@@ -106,3 +107,31 @@ def test_generated_batch_obeys_prompts(packaged):
     acc = score(judge, images, judged)
     # Chance for "all five attributes right" is below 0.1 %; the model scores ~97 % on the full set.
     assert acc["all"] >= 0.75 and acc["colour"] >= 0.9, acc
+
+
+@pytest.mark.slow
+def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch):
+    import functools
+
+    import gen.eval as ev
+    from gen.train import shapes, shapes_parts
+
+    # Tiny budgets and a small exam: the plumbing of every stage is under test, not the model's quality.
+    monkeypatch.setattr(
+        shapes_parts, "clip_zero_shot", functools.partial(shapes_parts.clip_zero_shot, count=20)
+    )
+    small = ev.eval_scenes(2)
+    monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
+    argv = ["--out", str(tmp_path / "run"), "--dataset-size", "200", "--clip-steps", "2", "--clip-batch", "16",
+            "--vae-steps", "2", "--vae-batch", "4", "--dit-steps", "3", "--dit-batch", "4", "--dit-preset", "tiny",
+            "--judge-steps", "2", "--eval-images-per-prompt", "1"]  # fmt: skip
+    shapes.main(argv)
+    model = tmp_path / "run" / "model"
+    report = json.loads((model / "training_report.json").read_text())
+    assert report["dit"]["steps"] == 3 and set(report["clip"]["zero_shot_heldout"]) >= {"shape", "colour"}
+    pipe = gen.load_pipeline(model)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+    assert len(pipe.tokenizer) == 49408 and pipe.vae.config.scaling_factor > 0
+    assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "grid.png").exists()
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        shapes.main(argv)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -171,7 +172,9 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
         start = state["step"]
         g.set_state(state["rng"].cpu())
         logger.info("resuming the DiT from step %d", start)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # accelerate does device placement, bf16 autocast on GPUs and, under `accelerate launch`, data parallelism.
+    acc = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    model, opt = acc.prepare(dit, opt)
     rng, last_save, losses = random.Random(o.seed + start), time.monotonic(), []
     text_encoder.to(device).requires_grad_(False)
     dit.train()
@@ -183,13 +186,13 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
         ids = data.ids[idx]
         drop = torch.tensor([rng.random() < o.caption_dropout for _ in range(len(idx))])
         ids[drop] = data.empty_ids
-        with amp:
+        with acc.autocast():
             with torch.no_grad():
                 context = text_encoder(ids.to(device))[0]  # (B, 77, D_text)
-            loss = denoiser_loss(dit, scheduler, latents[idx.to(latents.device)], context, o.min_snr_gamma)
+            loss = denoiser_loss(model, scheduler, latents[idx.to(latents.device)], context, o.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(dit)
         losses.append(loss.item())

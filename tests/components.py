@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from gen.data.clip_tokenizer import bytes_to_unicode
 from gen.models import DiT
 from gen.pipelines import TextToImagePipeline
 
@@ -19,25 +20,9 @@ WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2/CLIP's reversible byte -> printable-unicode table.
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIPTokenizer whose BPE knows WORDS as single tokens; everything else falls back to characters."""
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     for word in WORDS:

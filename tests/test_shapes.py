@@ -110,7 +110,7 @@ def test_generated_batch_obeys_prompts(packaged):
 
 
 @pytest.mark.slow
-def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch):
+def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, caplog):
     import functools
 
     import gen.eval as ev
@@ -124,7 +124,7 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
     argv = ["--out", str(tmp_path / "run"), "--dataset-size", "200", "--clip-steps", "2", "--clip-batch", "16",
             "--vae-steps", "2", "--vae-batch", "4", "--dit-steps", "3", "--dit-batch", "4", "--dit-preset", "tiny",
-            "--judge-steps", "2", "--eval-images-per-prompt", "1"]  # fmt: skip
+            "--judge-steps", "2", "--eval-images-per-prompt", "1", "--checkpoint-minutes", "0"]  # fmt: skip
     shapes.main(argv)
     model = tmp_path / "run" / "model"
     report = json.loads((model / "training_report.json").read_text())
@@ -135,3 +135,13 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "grid.png").exists()
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         shapes.main(argv)
+    # The DiT stage checkpointed every step (--checkpoint-minutes 0); drop its result and it resumes.
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "stages" / "dit")
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="gen.train.shapes"):
+        shapes.main([*argv, "--overwrite", "--dit-steps", "4"])
+    assert "resuming the DiT from step 3" in caplog.text
+    assert json.loads((model / "training_report.json").read_text())["dit"]["steps"] == 4

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gen.diffusion.training import diffusion_loss, min_snr_weights, sample_noise, training_target
@@ -180,9 +181,4 @@ def atomic_folder(dest: Path, write: Callable[[Path], None], overwrite: bool = F
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -28,6 +27,7 @@ from gen import eval as gen_eval
 from gen.eval import Judge
 from gen.models import DiT, dit_from_preset
 from gen.pipelines import TextToImagePipeline
+from gen.train import checkpoint
 from gen.train import shapes_parts as P
 from gen.train.common import (
     EMA,
@@ -162,10 +162,11 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
                               cross_attention_dim=text_encoder.config.hidden_size).to(device)  # fmt: skip
     opt = torch.optim.AdamW(dit.parameters(), lr=o.dit_lr, weight_decay=0.0)
     ema = EMA(dit, o.ema_decay)
-    ckpt_path = o.out / "stages" / "dit-checkpoint.pt"
+    ckpt_dir = o.out / "stages" / "dit-checkpoints"
     start, g = 0, torch.Generator().manual_seed(o.seed)
-    if ckpt_path.exists():  # resume: weights, EMA, optimiser, step and the data RNG
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    resume = checkpoint.resolve(ckpt_dir, "latest")
+    if resume:  # weights, EMA, optimiser, step and the data RNG
+        state = checkpoint.load(resume, device)
         dit.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -199,7 +200,9 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
         if step % 500 == 0:
             logger.info("dit step %d loss %.4f", step, sum(losses[-500:]) / len(losses[-500:]))
         if time.monotonic() - last_save > o.checkpoint_minutes * 60:
-            _save_dit_checkpoint(ckpt_path, dit, opt, ema, step + 1, g)
+            state = {"model": dit.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+                     "step": step + 1, "rng": g.get_state()}  # fmt: skip
+            checkpoint.save(ckpt_dir, step + 1, state, total_limit=1)
             last_save = time.monotonic()
     ema.copy_to(dit)
     report = {"steps": step + 1, "final_loss": sum(losses[-200:]) / max(len(losses[-200:]), 1),
@@ -211,14 +214,6 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path
         _write_json(tmp / "report.json", report)
 
     return atomic_folder(folder, write, overwrite=True)
-
-
-def _save_dit_checkpoint(path: Path, dit, opt, ema, step: int, g: torch.Generator) -> None:
-    tmp = path.with_suffix(".tmp")
-    state = {"model": dit.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(), "step": step,
-             "rng": g.get_state()}  # fmt: skip
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint whole
 
 
 def stage_judge(o: ShapesOptions, device) -> Path:

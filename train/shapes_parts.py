@@ -68,6 +68,14 @@ def timed_steps(minutes: float, max_steps: int, desc: str) -> Iterator[int]:
             bar.update()
 
 
+def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module) -> None:
+    """Backward, clip the gradient norm to 1, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def warmup_lr(optimizer: torch.optim.Optimizer, step: int, base: float, warmup: int) -> None:
     for group in optimizer.param_groups:
         group["lr"] = base * min(1.0, (step + 1) / warmup)
@@ -96,10 +104,7 @@ def train_clip(
         x, ids, _ = data.batch(batch, device, g)
         with amp:
             loss = clip(input_ids=ids, pixel_values=x, return_loss=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, clip)
         if step % 500 == 0:
             logger.info("clip step %d loss %.4f", step, loss.item())
     clip.eval()
@@ -202,10 +207,7 @@ def train_vae(
         recon = vae.decode(posterior.sample()).sample
         # L1 keeps edges sharper than L2 alone; a tiny KL keeps the latent space smooth and bounded.
         loss = (recon - x).abs().mean() + (recon - x).square().mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, vae)
         if step % 500 == 0:
             logger.info("vae step %d loss %.4f", step, loss.item())
     vae.eval()

@@ -47,7 +47,10 @@ def embed_chunks(
     """Every chunk of every prompt through the text encoder in one call; per prompt (K_i*77, D), weighted."""
     ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, 77)
     mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
+    config = getattr(
+        text_encoder, "module", text_encoder
+    ).config  # `module`: wrapped for distributed training
+    if getattr(config, "use_attention_mask", False):
         # Models trained with masks (a config flag) must be called with them; CLIP's own are not.
         lengths = torch.tensor([n for c in chunked for n in c.lengths], device=device)
         mask = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()

@@ -129,7 +129,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(setup, tmp_p
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    import gen.train.text_to_image as t2i
+    import gen.train.trainer as t2i
 
     real, calls = t2i.denoiser_loss, []
 
@@ -143,7 +143,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
         main(args(setup, tmp_path / "run", "--max-steps", "10", "--checkpointing-steps", "2"))
     assert [p.name for p in checkpoint.complete(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
     state = checkpoint.load(tmp_path / "run" / "checkpoint-4")
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
     assert not (tmp_path / "run" / "model").exists()
 
 

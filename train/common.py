@@ -89,6 +89,7 @@ def denoiser_loss(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,  # (B, C, h, w) drawn by the caller, e.g. its slice of a global batch's
     t: torch.Tensor | None = None,  # (B,)
+    sample_weights: torch.Tensor | None = None,  # (B,), e.g. DreamBooth's prior-loss weight on class images
 ) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and return the (optionally min-SNR weighted) loss."""
     b = latents.shape[0]
@@ -102,27 +103,32 @@ def denoiser_loss(
     pred = denoiser(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
     target = training_target(scheduler, latents, noise, t)
     weights = min_snr_weights(scheduler, t, min_snr_gamma) if min_snr_gamma > 0 else None
+    if sample_weights is not None:
+        weights = sample_weights if weights is None else weights * sample_weights
     return diffusion_loss(pred, target, weights)
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (the weights that get shipped)."""
+    """Exponential moving average of parameters (the weights that get shipped): a whole model's, or only the
+    trainable ones, e.g. LoRA adapters."""
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(
+        self, params: torch.nn.Module | list[torch.nn.Parameter], decay: float = 0.999, warmup: bool = True
+    ):
         self.decay, self.warmup, self.steps = decay, warmup, 0
-        self.shadow = [p.detach().clone().float() for p in model.parameters()]
+        self.shadow = [p.detach().clone().float() for p in _params(params)]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, params: torch.nn.Module | list[torch.nn.Parameter]) -> None:
         self.steps += 1
         # Warm-up (1 + n) / (10 + n) lets early, fast-changing weights through instead of the random init.
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps)) if self.warmup else self.decay
-        for s, p in zip(self.shadow, model.parameters(), strict=True):
+        for s, p in zip(self.shadow, _params(params), strict=True):
             s.lerp_(p.detach().float(), 1 - decay)
 
     @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        for s, p in zip(self.shadow, model.parameters(), strict=True):
+    def copy_to(self, params: torch.nn.Module | list[torch.nn.Parameter]) -> None:
+        for s, p in zip(self.shadow, _params(params), strict=True):
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict:
@@ -131,6 +137,54 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.steps = state["decay"], state["steps"]
         self.shadow = [s.clone() for s in state["shadow"]]
+
+
+def _params(params) -> list[torch.nn.Parameter]:
+    return list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+
+
+# -- optimizer and noise schedule --------------------------------------------------------------------------------
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, use_8bit: bool = False, weight_decay: float = 1e-2
+):
+    """AdamW; with use_8bit, bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75 % less of its memory)."""
+    if not use_8bit:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit(
+            "--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)"
+        ) from None
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def noise_scheduler(config, prediction_type: str = "", zero_terminal_snr: bool = False):
+    """The DDPM schedule training noises with, from a pipeline's scheduler config.
+
+    zero_terminal_snr rescales the betas so the last timestep is pure noise (Lin et al., "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", 2024); it needs v-prediction, since predicting the noise from pure
+    noise teaches nothing.
+    """
+    from diffusers import DDPMScheduler
+
+    changes = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr:
+        kind = prediction_type or config.get("prediction_type", "epsilon")
+        if kind != "v_prediction":
+            raise SystemExit(
+                f"--zero-terminal-snr needs v-prediction; this model predicts {kind!r} (add --prediction-type v_prediction)"
+            )
+        changes["rescale_betas_zero_snr"] = True
+    return DDPMScheduler.from_config(config, **changes)
+
+
+def inference_scheduler(scheduler, prediction_type: str = "", zero_terminal_snr: bool = False):
+    """The pipeline's own sampler, told what training changed, so the saved model samples as it was trained."""
+    changes = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr:  # the paper's sampling fix: start from the last timestep
+        changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
 
 
 # -- files -------------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ class ImageCaptionFolder:
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, index: int, rng: random.Random | None = None) -> dict:
+    def load(self, index: int, rng: random.Random | None = None, flip: bool | None = None) -> dict:
+        """One example; `flip` mirrors it, or (flip=None) a coin from `rng` decides when the folder flips."""
         path, text = self.items[index]
         with Image.open(path) as raw:
             image = raw.convert("RGB")
@@ -87,7 +88,9 @@ class ImageCaptionFolder:
         )
         left, top = (image.width - r) // 2, (image.height - r) // 2
         image = image.crop((left, top, left + r, top + r))
-        if self.flip and rng is not None and rng.random() < 0.5:
+        if flip is None:
+            flip = self.flip and rng is not None and rng.random() < 0.5
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R)
         return {"pixel_values": pixels, "caption": text}

@@ -1,0 +1,336 @@
+"""The training loop gen's scripts share: accelerate, one diffusion loss, EMA, caching, checkpoints, validation.
+
+A script (text_to_image, dreambooth) subclasses Trainer and overrides what differs: which parameters train
+(`prepare_models`), what a batch holds (`next_batch`) and what is written at the end (`save`). Everything random
+(data order, flips, caption dropout, noise, timesteps, VAE sampling) lives in the checkpointed state, so a run
+killed at any moment and resumed ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+
+from gen.train import checkpoint
+from gen.train.common import (
+    EMA,
+    denoiser_loss,
+    inference_scheduler,
+    make_optimizer,
+    noise_scheduler,
+)
+
+logger = logging.getLogger("gen.train")
+
+
+@dataclass
+class TrainOptions:
+    """Options every training script takes; a script's own dataclass adds to them."""
+
+    output_dir: str = "runs/train"
+    model: str = field(
+        default="", metadata={"help": "pipeline folder to start from (default: the embedded model)"}
+    )
+    resolution: int = 64
+    batch_size: int = 4
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    lr_scheduler: str = field(default="constant", metadata={"help": "diffusers.optimization name"})
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes' 8-bit AdamW"})
+    train_text_encoder: bool = False
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"}
+    )
+    min_snr_gamma: float = field(
+        default=0.0, metadata={"help": "min-SNR loss weighting; 0 turns it off, 5 is usual"}
+    )
+    noise_offset: float = 0.0
+    prediction_type: str = field(
+        default="", metadata={"help": "epsilon or v_prediction (default: the model's)"}
+    )
+    zero_terminal_snr: bool = field(
+        default=False, metadata={"help": "rescale betas to zero terminal SNR (needs v_prediction)"}
+    )
+    ema_decay: float = field(default=0.0, metadata={"help": "0 turns EMA off"})
+    flip: bool = False
+    cache_latents: bool = field(default=False, metadata={"help": "encode each image once (kept in memory)"})
+    cache_text: bool = field(
+        default=False, metadata={"help": "embed each caption once (frozen text encoder)"}
+    )
+    seed: int = 0
+    checkpointing_steps: int = 0
+    checkpoints_total_limit: int = 0
+    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
+    validation_steps: int = 0
+    validation_prompt: str = ""
+    report_to: str = field(default="", metadata={"help": "'tensorboard' logs loss, lr and validation grids"})
+    overwrite: bool = False
+
+
+class Trainer:
+    def __init__(self, o: TrainOptions):
+        from gen.weights import load_pipeline
+
+        self.o, self.out = o, Path(o.output_dir)
+        if o.cache_text and o.train_text_encoder:
+            raise SystemExit("--cache-text needs a frozen text encoder; drop it or --train-text-encoder")
+        torch.manual_seed(
+            o.seed
+        )  # fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism
+        self.acc = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.gradient_accumulation_steps,
+                               cpu=not torch.cuda.is_available(), log_with=o.report_to or None,
+                               project_dir=self.out / "logs")  # fmt: skip
+        self.pipe = load_pipeline(o.model or None)
+        self.scheduler = noise_scheduler(self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr)
+        self.pipe.scheduler = inference_scheduler(self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr)
+        self.pipe.vae.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.prepare_models()
+        self.params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, o.learning_rate, o.use_8bit_adam)
+        self.lr = get_scheduler(o.lr_scheduler, self.opt, num_warmup_steps=o.lr_warmup_steps,
+                                num_training_steps=o.max_steps)  # fmt: skip
+        self.ema = EMA(self.params, o.ema_decay) if o.ema_decay else None
+        self.rng = random.Random(o.seed)  # data order, flips, caption dropout
+        self.noise = torch.Generator(self.acc.device).manual_seed(o.seed)  # noise, timesteps, VAE sampling
+        self.step, self.cursors, self.images_seen = 0, {}, 0
+        self.latent_cache: dict | None = {} if o.cache_latents else None
+        self.text_cache: dict | None = {} if o.cache_text else None
+        self.model = self.acc.prepare(self.pipe.denoiser)
+        # A trained text encoder is prepared too, so its gradients are averaged across processes like the model's.
+        self.text_model = (
+            self.acc.prepare(self.pipe.text_encoder) if o.train_text_encoder else self.pipe.text_encoder
+        )
+        self.opt = self.acc.prepare(self.opt)
+
+    # -- what a script changes ----------------------------------------------------------------------------------------
+    def prepare_models(self) -> None:
+        """Make the parameters that train require grad (default: the whole denoiser, and the text encoder if asked)."""
+        self.pipe.denoiser.requires_grad_(True).train()
+        if self.o.train_text_encoder:
+            self.pipe.text_encoder.requires_grad_(True).train()
+        if self.o.gradient_checkpointing:
+            self.pipe.denoiser.enable_gradient_checkpointing()
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"denoiser": self.pipe.denoiser}
+        if self.o.train_text_encoder:
+            mods["text_encoder"] = self.pipe.text_encoder
+        return mods
+
+    def next_batch(self) -> dict:
+        """{"items": [(dataset, index, flip)], "captions": [...], "weights": (B,) or None} for this process."""
+        raise NotImplementedError
+
+    def save(self) -> Path:
+        return self.save_pipeline(self.out / "model")
+
+    # -- data -----------------------------------------------------------------------------------------------------------
+    def take(self, name: str, dataset, n: int) -> list[int]:
+        """This process's `n` indices of the next global batch from `dataset`, in a seeded order per epoch."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        size = n * world
+        epoch, position = self.cursors.get(name, (0, 0))
+        if position + size > len(dataset) and position > 0:
+            epoch, position = epoch + 1, 0
+        order = list(range(len(dataset)))
+        random.Random(f"{self.o.seed}/{name}/{epoch}").shuffle(order)
+        picks = [order[(position + k) % len(order)] for k in range(size)][rank * n : (rank + 1) * n]
+        self.cursors[name] = (epoch, position + size)
+        return picks
+
+    def items(self, dataset, indices: list[int]) -> list[tuple]:
+        return [(dataset, i, self.o.flip and self.rng.random() < 0.5) for i in indices]
+
+    def dropped(self, captions: list[str]) -> list[str]:
+        return ["" if self.rng.random() < self.o.caption_dropout else c for c in captions]
+
+    @torch.no_grad()
+    def latents(self, items: list[tuple]) -> torch.Tensor:
+        """VAE latents (B, C, h, w) sampled from each image's posterior; the posteriors are cached if asked."""
+        vae, dev = self.pipe.vae, self.acc.device
+        cache = self.latent_cache if self.latent_cache is not None else {}
+        keys = [(id(ds), i, flip) for ds, i, flip in items]
+        missing = [(k, it) for k, it in zip(keys, items, strict=True) if k not in cache]
+        if missing:
+            x = torch.stack([ds.load(i, flip=flip)["pixel_values"] for _, (ds, i, flip) in missing]).to(dev)
+            moments = vae.encode(x).latent_dist.parameters  # (M, 2C, h, w): mean and log-variance
+            for (k, _), m in zip(missing, moments, strict=True):
+                cache[k] = m
+        posterior = DiagonalGaussianDistribution(torch.stack([cache[k] for k in keys]))
+        return posterior.sample(self.noise) * vae.config.scaling_factor
+
+    def context(self, captions: list[str]) -> torch.Tensor:
+        """Caption embeddings (B, L, D); with --cache-text each caption is embedded once."""
+        from gen.text import encode
+
+        dev = self.acc.device
+        if self.text_cache is None:
+            with torch.set_grad_enabled(self.o.train_text_encoder):
+                return encode(self.pipe.tokenizer, self.text_model, captions, dev)
+        with torch.no_grad():
+            for c in {*captions, ""} - set(self.text_cache):
+                self.text_cache[c] = encode(self.pipe.tokenizer, self.text_model, [c], dev)[0]  # (77*K, D)
+        rows = [self.text_cache[c] for c in captions]
+        longest, empty = max(r.shape[0] for r in rows), self.text_cache[""]
+        # Pad shorter prompts with the empty chunk's embedding, as encode() does within a batch.
+        return torch.stack([torch.cat([r, empty.repeat((longest - r.shape[0]) // 77, 1)]) for r in rows])
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"{m}.{n}": p.detach().clone() for m, mod in self.trained_modules().items()
+                for n, p in mod.named_parameters() if p.requires_grad}  # fmt: skip
+
+    def state(self) -> dict:
+        return {"trainable": self.trainable_state(), "optimizer": self.opt.state_dict(), "lr": self.lr.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "step": self.step,
+                "cursors": {k: list(v) for k, v in self.cursors.items()},
+                "rng": list(self.rng.getstate()), "noise": self.noise.get_state(), "torch": torch.get_rng_state()}  # fmt: skip
+
+    @torch.no_grad()
+    def restore(self, path: Path) -> None:
+        s = checkpoint.load(path)
+        for m, mod in self.trained_modules().items():
+            for n, p in mod.named_parameters():
+                if p.requires_grad:
+                    p.copy_(s["trainable"][f"{m}.{n}"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.lr.load_state_dict(s["lr"])
+        if self.ema and s["ema"]:
+            self.ema.load_state_dict(s["ema"])
+        self.step, self.cursors = s["step"], {k: tuple(v) for k, v in s["cursors"].items()}
+        r = s["rng"]
+        self.rng.setstate((r[0], tuple(r[1]), r[2]))
+        self.noise.set_state(s["noise"])
+        torch.set_rng_state(s["torch"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        for _ in range(self.o.gradient_accumulation_steps):
+            batch = self.next_batch()
+            with self.acc.accumulate(self.model):
+                latents = self.latents(batch["items"])
+                context = self.context(batch["captions"])
+                noise, t = self._noise_and_timesteps(latents)
+                with self.acc.autocast():
+                    loss = denoiser_loss(self.model, self.scheduler, latents, context, self.o.min_snr_gamma,
+                                         noise=noise, t=t, sample_weights=batch.get("weights"))  # fmt: skip
+                self.acc.backward(loss)
+                if self.acc.sync_gradients:
+                    self.acc.clip_grad_norm_(self.params, 1.0)
+                self.opt.step()  # the prepared optimizer skips these while gradients accumulate
+                self.opt.zero_grad(set_to_none=True)
+                if self.acc.sync_gradients:
+                    self.lr.step()
+            self.images_seen += len(batch["items"]) * self.acc.num_processes
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.step}; stopping (last good checkpoint kept)"
+            )
+        if self.ema:
+            self.ema.update(self.params)
+        self.step += 1
+        return loss.item()
+
+    def _noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drawn for the global batch and sliced: every process keeps the same generator state (so the main
+        process's checkpoint fits all) while each gets different noise."""
+        from gen.diffusion.training import sample_noise
+
+        world, rank, b = self.acc.num_processes, self.acc.process_index, latents.shape[0]
+        full = latents.new_empty((b * world, *latents.shape[1:]))
+        noise = sample_noise(full, self.o.noise_offset, self.noise)[rank * b : (rank + 1) * b]
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b * world,), device=latents.device, generator=self.noise)
+        return noise, t[rank * b : (rank + 1) * b]
+
+    def run(self) -> Path:
+        o, main = self.o, self.acc.is_main_process
+        logger.info("process %d of %d on %s", self.acc.process_index, self.acc.num_processes, self.acc.device)
+        if o.report_to:
+            self.acc.init_trackers("gen-train", config=dataclasses.asdict(o))
+        if main:
+            checkpoint.clean_stale(self.out)
+        resume = checkpoint.resolve(self.out, o.resume)
+        if resume:
+            self.restore(resume)
+        started, first = time.perf_counter(), self.step
+        while self.step < o.max_steps:
+            loss = self.train_step()
+            if self.step % 10 == 0 or self.step == o.max_steps:
+                logger.info("step %d loss %.4f lr %.2e", self.step, loss, self.lr.get_last_lr()[0])
+            if o.report_to:
+                self.acc.log({"loss": loss, "lr": self.lr.get_last_lr()[0]}, step=self.step)
+            if o.checkpointing_steps and self.step % o.checkpointing_steps == 0 and main:
+                checkpoint.save(self.out, self.step, self.state(), o.checkpoints_total_limit or None)
+            self.every_step()
+            if o.validation_steps and o.validation_prompt and self.step % o.validation_steps == 0 and main:
+                self.validate()
+        seconds = time.perf_counter() - started
+        if self.step > first:
+            logger.info("%d steps, %d images in %.1f s: %.1f images/s", self.step - first, self.images_seen,
+                        seconds, self.images_seen / seconds)  # fmt: skip
+        self.acc.wait_for_everyone()
+        if self.acc.num_processes > 1:  # every replica must hold the same weights (DDP keeps them in step)
+            digest = sum(float(p.detach().double().sum()) for p in self.params)
+            logger.info("process %d weight checksum %.12e", self.acc.process_index, digest)
+        result = self.save() if main else self.out
+        self.acc.end_training()
+        return result
+
+    def every_step(self) -> None:
+        """Called after each step (text_to_image writes --save-every folders here)."""
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the live ones for the duration (saving, validation)."""
+        if not self.ema:
+            yield
+            return
+        backup = [p.detach().clone() for p in self.params]
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+    def save_pipeline(self, dest: Path) -> Path:
+        from gen.train.common import atomic_folder
+
+        with self.ema_weights():
+            return atomic_folder(dest, lambda tmp: self.pipe.save_pretrained(tmp), overwrite=True)
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        import numpy as np
+
+        from gen.run import contact_sheet
+
+        self.pipe.denoiser.eval()
+        with self.ema_weights():
+            gens = [torch.Generator().manual_seed(k) for k in range(4)]
+            images = self.pipe([self.o.validation_prompt] * 4, generator=gens, num_inference_steps=20).images
+        self.pipe.denoiser.train()
+        grid = contact_sheet(images)
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        grid.save(self.out / "samples" / f"step-{self.step:06d}.png")
+        if self.o.report_to == "tensorboard":
+            writer = self.acc.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")

@@ -10,7 +10,11 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def run(pipe):
     return pipe(
-        "a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=5.0,  # gen's default; StableDiffusionPipeline's is 7.5
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).images
 
 
@@ -93,3 +97,54 @@ def test_cli_lora_flag_and_wrong_lora(tokenizer, tmp_path, capsys):
     assert main([*base, "-o", str(tmp_path / "bad.png"), "--lora", str(tmp_path / "unet.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "is a LoRA for unet" in err and err.count("\n") == 1 and not (tmp_path / "bad.png").exists()
+
+
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def adapted_both(tokenizer, denoiser, seed):
+    pipe = adapted(tokenizer, denoiser, seed)
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=2, lora_alpha=4, target_modules=TEXT_TARGETS, init_lora_weights=False)
+    )
+    return pipe
+
+
+@pytest.mark.parametrize("denoiser", ["transformer", "unet"])
+def test_text_encoder_lora_round_trip(tokenizer, tmp_path, denoiser):
+    """A LoRA on denoiser and text encoder (rank 2, alpha 4: the scale must survive the file) saves, loads,
+    switches and fuses as one adapter."""
+    src = adapted_both(tokenizer, denoiser, 4)
+    src.save_lora_weights(tmp_path / "both.safetensors")
+    want = run(src)
+    pipe = components.pipeline(tokenizer, denoiser)
+    base = run(pipe)
+    pipe.load_lora_weights(tmp_path / "both.safetensors", adapter_name="both")
+    assert pipe.text_encoder.peft_config["both"].lora_alpha == 4
+    assert abs(run(pipe) - want).max() < 1e-5
+    pipe.set_adapters(["both"], [0.0])
+    assert abs(run(pipe) - base).max() < 1e-5
+    pipe.set_adapters(["both"], [1.0])
+    pipe.fuse_lora()
+    assert abs(run(pipe) - want).max() < 1e-4
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert abs(run(pipe) - base).max() < 1e-4
+    assert not getattr(pipe.text_encoder, "peft_config", None)
+
+
+def test_diffusers_reads_our_lora_file(tokenizer, tmp_path):
+    """The file format is diffusers': StableDiffusionPipeline.load_lora_weights gives the same images."""
+    from diffusers import StableDiffusionPipeline
+
+    ours = components.pipeline(tokenizer, "unet")
+    sd = StableDiffusionPipeline(**{k: ours.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    base = run(sd)
+    src = adapted_both(tokenizer, "unet", 5)
+    src.scheduler = sd.scheduler  # StableDiffusionPipeline rewrites an old scheduler config (steps_offset=1)
+    src.save_lora_weights(tmp_path / "both.safetensors")
+    want = run(src)
+    sd.load_lora_weights(str(tmp_path), weight_name="both.safetensors", adapter_name="x")
+    assert sd.text_encoder.peft_config["x"].lora_alpha == 4
+    assert abs(run(sd) - want).max() < 1e-5 and abs(base - want).max() > 1e-3

@@ -1,0 +1,112 @@
+"""gen.train.dreambooth on tiny components, in-process: LoRA (denoiser and text encoder) with prior preservation,
+full fine-tuning of a UNet, resume, and the one-line errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import gen
+from gen.train import checkpoint
+from gen.train.dreambooth import LORA_FILE, main
+from tests import components
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dreambooth")
+    for kind in ("transformer", "unet"):
+        components.pipeline(tokenizer, kind).save_pretrained(d / kind)
+    data = d / "instances"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    return d
+
+
+def args(models, out, *extra, model="transformer"):
+    return ["--model", str(models / model), "--instance-dir", str(models / "instances"), "--output-dir", str(out),
+            "--instance-prompt", "a sks shape", "--resolution", "32", "--batch-size", "2", "--seed", "1",
+            "--max-steps", "2", *extra]  # fmt: skip
+
+
+def images(pipe):
+    return pipe(
+        "a sks shape", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
+
+
+def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path):
+    out = tmp_path / "run"
+    lora = main(args(models, out, "--with-prior-preservation", "--class-prompt", "a shape", "--num-class-images",
+                     "3", "--sample-batch-size", "2", "--lora", "--rank", "2", "--train-text-encoder",
+                     "--ema-decay", "0.9", "--min-snr-gamma", "5", "--caption-dropout", "0.3",
+                     "--checkpointing-steps", "2"))  # fmt: skip
+    assert lora == out / LORA_FILE
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == [
+        f"class-{n:05d}.png" for n in range(3)
+    ]
+    keys = load_file(str(lora))
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}
+    assert all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert keys["transformer.blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 2  # the rank
+    state = checkpoint.load(out / "checkpoint-2")  # only the adapters train, so only they are checkpointed
+    assert state["trainable"] and all("lora_" in k for k in state["trainable"])
+    pipe = gen.load_pipeline(models / "transformer")
+    pipe.set_progress_bar_config(disable=True)
+    base = images(pipe)
+    pipe.load_lora_weights(lora, adapter_name="sks")
+    assert "sks" in pipe.text_encoder.peft_config
+    assert np.abs(images(pipe) - base).max() > 1e-4
+    # The base model's own weights are untouched: turning the adapter off gives the base images back.
+    pipe.set_adapters(["sks"], [0.0])
+    assert np.abs(images(pipe) - base).max() < 1e-5
+
+
+def test_class_images_are_only_topped_up(models, tmp_path):
+    out, classes = tmp_path / "run", tmp_path / "classes"
+    classes.mkdir()
+    Image.new("RGB", (32, 32), "red").save(classes / "mine.png")
+    main(args(models, out, "--with-prior-preservation", "--class-prompt", "a shape", "--class-dir", str(classes),
+              "--num-class-images", "2", "--lora", "--max-steps", "1"))  # fmt: skip
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "mine.png"]
+
+
+def test_full_fine_tune_of_a_unet(models, tmp_path):
+    folder = main(args(models, tmp_path / "run", model="unet"))
+    before = gen.load_pipeline(models / "unet").unet.state_dict()
+    after = gen.load_pipeline(folder).unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
+    extra = ["--lora", "--rank", "2", "--with-prior-preservation", "--class-prompt", "a shape", "--class-dir",
+             str(tmp_path / "classes"), "--num-class-images", "2", "--checkpointing-steps", "2"]  # fmt: skip
+    straight = load_file(str(main(args(models, tmp_path / "a", *extra, "--max-steps", "4"))))
+    main(args(models, tmp_path / "b", *extra, "--max-steps", "2"))
+    resumed = load_file(
+        str(main(args(models, tmp_path / "b", *extra, "--max-steps", "4", "--resume", "latest")))
+    )
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--instance-prompt", ""], "--instance-dir and --instance-prompt are required"),
+        (["--with-prior-preservation"], "--with-prior-preservation needs --class-prompt"),
+        (["--lora", "--rank", "0"], "--rank 0: must be at least 1"),
+    ],
+)
+def test_bad_options_are_one_line_errors(models, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(args(models, tmp_path / "run", *extra))
+
+
+def test_refuses_to_overwrite_a_finished_lora(models, tmp_path):
+    out = tmp_path / "run"
+    main(args(models, out, "--lora", "--max-steps", "1"))
+    with pytest.raises(SystemExit, match=f"{LORA_FILE} exists; pass --overwrite"):
+        main(args(models, out, "--lora", "--max-steps", "1"))

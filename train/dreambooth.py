@@ -1,0 +1,165 @@
+"""DreamBooth: teach a pipeline a subject from a handful of pictures (Ruiz et al., "DreamBooth", CVPR 2023).
+
+    python -m gen.train.dreambooth --instance-dir my-dog/ --instance-prompt "a photo of sks dog" \\
+        --class-prompt "a photo of a dog" --with-prior-preservation --lora --rank 8 --output-dir runs/dog
+    accelerate launch -m gen.train.dreambooth ...   # the same, on every GPU accelerate is configured for
+
+Every batch pairs instance images (captioned with the instance prompt) with as many class images (captioned with
+the class prompt); the class loss, weighted by --prior-loss-weight, keeps what the model drew for the class before.
+Class images the class folder lacks are generated first with the base model. With --lora only peft adapters
+train (on the denoiser's attention, and on the text encoder's with --train-text-encoder); the result is
+OUTPUT/pytorch_lora_weights.safetensors, read by `pipe.load_lora_weights` here and in diffusers. Without --lora
+the whole denoiser (and text encoder) trains and OUTPUT/model is a pipeline folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gen.train.common import parse_options, save_options
+from gen.train.data import ImageCaptionFolder
+from gen.train.trainer import Trainer, TrainOptions
+
+logger = logging.getLogger("gen.train.dreambooth")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, so `load_lora_weights(OUTPUT)` finds it
+
+
+@dataclass
+class Options(TrainOptions):
+    output_dir: str = "runs/dreambooth"
+    max_steps: int = 400
+    caption_dropout: float = field(default=0.0, metadata={"help": "share of captions replaced by ''"})
+    instance_dir: str = field(default="", metadata={"help": "the subject's pictures (a few are enough)"})
+    instance_prompt: str = field(default="", metadata={"help": "e.g. 'a photo of sks dog'"})
+    class_prompt: str = field(default="", metadata={"help": "e.g. 'a photo of a dog'"})
+    class_dir: str = field(default="", metadata={"help": "class images (default: OUTPUT/class_images)"})
+    num_class_images: int = 100
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = field(default=16, metadata={"help": "batch for generating class images"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of the whole model"})
+    rank: int = 8
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA scale numerator (default: the rank)"})
+    lora_targets: str = field(
+        default="to_q,to_k,to_v,to_out.0", metadata={"help": "denoiser modules to adapt"}
+    )
+    text_encoder_lora_targets: str = "q_proj,k_proj,v_proj,out_proj"
+
+
+class DreamBoothTrainer(Trainer):
+    def __init__(self, o: Options):
+        self.instances = ImageCaptionFolder(o.instance_dir, o.resolution, caption=o.instance_prompt)
+        super().__init__(o)
+
+    def prepare_models(self) -> None:
+        o = self.o
+        if o.with_prior_preservation:
+            self.classes = self._class_images()  # with the base model, before anything trains
+        if not o.lora:
+            return super().prepare_models()
+        from peft import LoraConfig
+
+        def config(targets: str) -> LoraConfig:
+            return LoraConfig(r=o.rank, lora_alpha=o.lora_alpha or o.rank, init_lora_weights="gaussian",
+                              target_modules=[t.strip() for t in targets.split(",") if t.strip()])  # fmt: skip
+
+        self.pipe.denoiser.requires_grad_(False).add_adapter(config(o.lora_targets))
+        self.pipe.denoiser.train()
+        if o.train_text_encoder:
+            self.pipe.text_encoder.add_adapter(config(o.text_encoder_lora_targets))
+            self.pipe.text_encoder.train()
+        if o.gradient_checkpointing:
+            self.pipe.denoiser.enable_gradient_checkpointing()
+
+    def _class_images(self) -> ImageCaptionFolder:
+        o = self.o
+        folder = Path(o.class_dir) if o.class_dir else self.out / "class_images"
+        if self.acc.is_main_process:
+            generate_class_images(
+                self.pipe, o.class_prompt, folder, o.num_class_images, o.sample_batch_size, o.seed
+            )
+        self.acc.wait_for_everyone()
+        return ImageCaptionFolder(folder, o.resolution, caption=o.class_prompt)
+
+    def next_batch(self) -> dict:
+        o, b = self.o, self.o.batch_size
+        items = self.items(self.instances, self.take("instance", self.instances, b))
+        captions = [o.instance_prompt] * b
+        weights = None
+        if o.with_prior_preservation:
+            items += self.items(self.classes, self.take("class", self.classes, b))
+            captions += [o.class_prompt] * b
+            # loss = mean over instance images + prior_loss_weight * mean over class images
+            weights = torch.tensor([2.0] * b + [2.0 * o.prior_loss_weight] * b, device=self.acc.device)
+        return {"items": items, "captions": self.dropped(captions), "weights": weights}
+
+    def save(self) -> Path:
+        if not self.o.lora:
+            return super().save()
+        with self.ema_weights():
+            return self.pipe.save_lora_weights(self.out / LORA_FILE)
+
+
+@torch.no_grad()
+def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_size: int, seed: int) -> None:
+    """Fill `folder` up to `count` images of `prompt` from the base model, one seed per image, each written
+    atomically (an interrupted run keeps the finished ones and generates only the rest next time)."""
+    from tqdm.auto import tqdm
+
+    from gen.train.data import IMAGE_SUFFIXES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = list(range(have, count))
+    if not missing:
+        return
+    logger.info("generating %d class images of %r into %s", len(missing), prompt, folder)
+    progress = tqdm(total=len(missing), desc="class images", unit="image")
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch
+    for start in range(0, len(missing), batch_size):
+        numbers = missing[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 100_003 + n) for n in numbers]
+        images = pipe([prompt] * len(numbers), generator=gens).images
+        for n, image in zip(numbers, images, strict=True):
+            path = folder / f"class-{n:05d}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        progress.update(len(numbers))
+    progress.close()
+    pipe.set_progress_bar_config(disable=False)
+
+
+def check(o: Options) -> None:
+    """One-line errors for options that cannot work, before anything loads."""
+    if not o.instance_dir or not o.instance_prompt:
+        raise SystemExit(
+            "--instance-dir and --instance-prompt are required (the subject's pictures and their prompt)"
+        )
+    if o.with_prior_preservation and not o.class_prompt:
+        raise SystemExit("--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog')")
+    if o.class_prompt and not o.with_prior_preservation:
+        logger.warning("--class-prompt is only used with --with-prior-preservation")
+    if o.rank < 1:
+        raise SystemExit(f"--rank {o.rank}: must be at least 1")
+    out = Path(o.output_dir)
+    result = out / (LORA_FILE if o.lora else "model")
+    if result.exists() and not (o.overwrite or o.resume):
+        raise SystemExit(f"{result} exists; pass --overwrite, or --resume latest to continue")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    o = parse_options(Options, argv, __doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check(o)
+    save_options(o, Path(o.output_dir))
+    return DreamBoothTrainer(o).run()
+
+
+if __name__ == "__main__":
+    main()

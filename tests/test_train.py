@@ -185,3 +185,37 @@ def test_two_processes_agree_and_only_the_main_one_writes(setup, tmp_path):
         "train_config.json",
     ]
     assert gen.load_pipeline(tmp_path / "run" / "model").transformer is not None
+
+
+def test_caching_latents_and_text_gives_the_same_weights(setup, tmp_path):
+    plain = weights(main(args(setup, tmp_path / "a", "--max-steps", "4", "--flip")))
+    cached = weights(main(args(setup, tmp_path / "b", "--max-steps", "4", "--flip", "--cache-latents", "--cache-text")))
+    assert all(torch.allclose(plain[k], cached[k], atol=1e-5) for k in plain)
+
+
+def test_zero_terminal_snr_needs_v_prediction_and_is_saved(setup, tmp_path):
+    with pytest.raises(SystemExit, match="--zero-terminal-snr needs v-prediction; this model predicts 'epsilon'"):
+        main(args(setup, tmp_path / "a", "--zero-terminal-snr"))
+    folder = main(args(setup, tmp_path / "b", "--max-steps", "2", "--zero-terminal-snr", "--prediction-type",
+                       "v_prediction", "--min-snr-gamma", "5"))  # fmt: skip
+    config = gen.load_pipeline(folder).scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.timestep_spacing == "trailing"
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_one_line_error(setup, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as when it is not installed
+    with pytest.raises(SystemExit, match=r"--use-8bit-adam needs bitsandbytes, which is not installed"):
+        main(args(setup, tmp_path / "a", "--use-8bit-adam"))
+
+
+def test_tensorboard_logs_loss_lr_and_validation_grids(setup, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    main(args(setup, out, "--max-steps", "2", "--report-to", "tensorboard", "--validation-steps", "2",
+              "--validation-prompt", "a red circle"))  # fmt: skip
+    assert (out / "samples" / "step-000002.png").is_file()
+    acc = EventAccumulator(str(out / "logs" / "gen-train")).Reload()  # (its subfolder holds the hparams)
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(acc.Scalars("lr")) == 2
+    assert acc.Tags()["images"] == ["validation"]

@@ -88,7 +88,21 @@ class LoraMixin:
             raise ValueError(
                 f"{path} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"
             ) from None
+        self._load_identifier(path.with_name(path.stem + "_emb.safetensors"))
         return name
+
+    def _load_identifier(self, path: Path) -> None:
+        """A DreamBooth LoRA trained with --train-identifier has the identifier's token embedding beside it (a
+        textual-inversion file); it is loaded with the LoRA, as a token that takes the word's place."""
+        if not path.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            tokens = [t for t in f.keys() if t not in self.tokenizer.get_vocab()]
+        if tokens:
+            self.load_textual_inversion(str(path))
+            self._lora_tokens = [*getattr(self, "_lora_tokens", []), *tokens]
 
     def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""
@@ -143,6 +157,9 @@ class LoraMixin:
         from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
         self.denoiser.unload_lora()
+        for token in getattr(self, "_lora_tokens", []):
+            self.unload_textual_inversion(token)
+        self._lora_tokens = []
         if self._text_encoder_adapters():
             recurse_remove_peft_layers(self.text_encoder)
             del self.text_encoder.peft_config

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import gen
 from gen.train import checkpoint
-from gen.train.dreambooth import LORA_FILE, main
+from gen.train.dreambooth import EMBEDDINGS_FILE, LORA_FILE, main
 from tests import components
 
 
@@ -63,6 +63,35 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
     # The base model's own weights are untouched: turning the adapter off gives the base images back.
     pipe.set_adapters(["sks"], [0.0])
     assert np.abs(images(pipe) - base).max() < 1e-5
+
+
+def test_identifier_embedding_learns_alone_and_loads_with_the_lora(models, tmp_path):
+    out = tmp_path / "run"
+    lora = main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "sks", "--learning-rate", "1e-2",
+                     "--ema-decay", "0.5", "--checkpointing-steps", "2"))  # fmt: skip
+    pipe = gen.load_pipeline(models / "transformer")
+    pipe.set_progress_bar_config(disable=True)
+    (row,) = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    learned = load_file(str(out / EMBEDDINGS_FILE))["sks"]  # (1, D)
+    assert learned.shape == (1, table.shape[1]) and not torch.allclose(learned[0], table[row])
+    # Every other row of the table stayed put, AdamW's weight decay notwithstanding.
+    trained = checkpoint.load(out / "checkpoint-2")["trainable"][
+        "text_encoder.embeddings.token_embedding.weight"
+    ]
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[row] = False
+    assert torch.equal(trained[others], table[others]) and not torch.equal(trained[row], table[row])
+    base = images(pipe)
+    pipe.load_lora_weights(lora)
+    assert pipe.tokenizer.tokenize("a sks shape") == ["a</w>", "sks", "shape</w>"]  # the learned token
+    assert np.abs(images(pipe) - base).max() > 1e-4
+    pipe.unload_lora_weights()
+    assert np.abs(images(pipe) - base).max() < 1e-5
+    with pytest.raises(
+        SystemExit, match="--train-identifier 'zwx' is not a word of --instance-prompt 'a sks shape'"
+    ):
+        main(args(models, tmp_path / "bad", "--lora", "--train-identifier", "zwx"))
 
 
 def test_class_images_are_only_topped_up(models, tmp_path):

@@ -189,12 +189,16 @@ def test_two_processes_agree_and_only_the_main_one_writes(setup, tmp_path):
 
 def test_caching_latents_and_text_gives_the_same_weights(setup, tmp_path):
     plain = weights(main(args(setup, tmp_path / "a", "--max-steps", "4", "--flip")))
-    cached = weights(main(args(setup, tmp_path / "b", "--max-steps", "4", "--flip", "--cache-latents", "--cache-text")))
+    cached = weights(
+        main(args(setup, tmp_path / "b", "--max-steps", "4", "--flip", "--cache-latents", "--cache-text"))
+    )
     assert all(torch.allclose(plain[k], cached[k], atol=1e-5) for k in plain)
 
 
 def test_zero_terminal_snr_needs_v_prediction_and_is_saved(setup, tmp_path):
-    with pytest.raises(SystemExit, match="--zero-terminal-snr needs v-prediction; this model predicts 'epsilon'"):
+    with pytest.raises(
+        SystemExit, match="--zero-terminal-snr needs v-prediction; this model predicts 'epsilon'"
+    ):
         main(args(setup, tmp_path / "a", "--zero-terminal-snr"))
     folder = main(args(setup, tmp_path / "b", "--max-steps", "2", "--zero-terminal-snr", "--prediction-type",
                        "v_prediction", "--min-snr-gamma", "5"))  # fmt: skip

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from gen.train.common import parse_options, save_options
 from gen.train.data import ImageCaptionFolder
@@ -27,6 +28,7 @@ from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.dreambooth")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, so `load_lora_weights(OUTPUT)` finds it
+EMBEDDINGS_FILE = "pytorch_lora_weights_emb.safetensors"  # the identifier's embedding, next to the LoRA
 
 
 @dataclass
@@ -49,6 +51,12 @@ class Options(TrainOptions):
         default="to_q,to_k,to_v,to_out.0", metadata={"help": "denoiser modules to adapt"}
     )
     text_encoder_lora_targets: str = "q_proj,k_proj,v_proj,out_proj"
+    train_identifier: str = field(
+        default="",
+        metadata={
+            "help": "a word of the instance prompt (e.g. sks) whose token embedding also learns (pivotal tuning)"
+        },
+    )
 
 
 class DreamBoothTrainer(Trainer):
@@ -60,6 +68,8 @@ class DreamBoothTrainer(Trainer):
         o = self.o
         if o.with_prior_preservation:
             self.classes = self._class_images()  # with the base model, before anything trains
+        if o.train_identifier:
+            self._learn_identifier()
         if not o.lora:
             return super().prepare_models()
         from peft import LoraConfig
@@ -75,6 +85,26 @@ class DreamBoothTrainer(Trainer):
             self.pipe.text_encoder.train()
         if o.gradient_checkpointing:
             self.pipe.denoiser.enable_gradient_checkpointing()
+
+    def text_encoder_trains(self) -> bool:
+        return self.o.train_text_encoder or bool(self.o.train_identifier)
+
+    def _learn_identifier(self) -> None:
+        """Only the identifier's rows of the token-embedding table learn; prompts without it encode as before, so
+        the base model's behaviour on them is untouched by this part."""
+        self.identifier_ids = self.pipe.tokenizer(self.o.train_identifier, add_special_tokens=False).input_ids
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        self.frozen_rows = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+        self.frozen_rows[self.identifier_ids] = False
+        self.frozen_table = table.detach().clone()
+        self.pipe.text_encoder.train()
+
+    def after_optimizer_step(self) -> None:
+        if self.o.train_identifier:  # AdamW's weight decay would move every row; put the others back
+            table = self.pipe.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[self.frozen_rows] = self.frozen_table[self.frozen_rows]
 
     def _class_images(self) -> ImageCaptionFolder:
         o = self.o
@@ -102,6 +132,11 @@ class DreamBoothTrainer(Trainer):
         if not self.o.lora:
             return super().save()
         with self.ema_weights():
+            if self.o.train_identifier:  # a textual-inversion file: `pipe.load_textual_inversion` reads it
+                rows = self.pipe.text_encoder.get_input_embeddings().weight[self.identifier_ids]  # (n, D)
+                tmp = self.out / f".{EMBEDDINGS_FILE}.tmp"
+                save_file({self.o.train_identifier: rows.detach().contiguous()}, str(tmp))
+                os.replace(tmp, self.out / EMBEDDINGS_FILE)
             return self.pipe.save_lora_weights(self.out / LORA_FILE)
 
 
@@ -145,6 +180,10 @@ def check(o: Options) -> None:
         raise SystemExit("--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog')")
     if o.class_prompt and not o.with_prior_preservation:
         logger.warning("--class-prompt is only used with --with-prior-preservation")
+    if o.train_identifier and o.train_identifier not in o.instance_prompt.split():
+        raise SystemExit(
+            f"--train-identifier {o.train_identifier!r} is not a word of --instance-prompt {o.instance_prompt!r}"
+        )
     if o.rank < 1:
         raise SystemExit(f"--rank {o.rank}: must be at least 1")
     out = Path(o.output_dir)

@@ -86,8 +86,10 @@ class Trainer:
         from gen.weights import load_pipeline
 
         self.o, self.out = o, Path(o.output_dir)
-        if o.cache_text and o.train_text_encoder:
-            raise SystemExit("--cache-text needs a frozen text encoder; drop it or --train-text-encoder")
+        if o.cache_text and self.text_encoder_trains():
+            raise SystemExit(
+                "--cache-text needs a frozen text encoder; drop it or what trains the text encoder"
+            )
         torch.manual_seed(
             o.seed
         )  # fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism
@@ -112,9 +114,8 @@ class Trainer:
         self.text_cache: dict | None = {} if o.cache_text else None
         self.model = self.acc.prepare(self.pipe.denoiser)
         # A trained text encoder is prepared too, so its gradients are averaged across processes like the model's.
-        self.text_model = (
-            self.acc.prepare(self.pipe.text_encoder) if o.train_text_encoder else self.pipe.text_encoder
-        )
+        te = self.pipe.text_encoder
+        self.text_model = self.acc.prepare(te) if self.text_encoder_trains() else te
         self.opt = self.acc.prepare(self.opt)
 
     # -- what a script changes ----------------------------------------------------------------------------------------
@@ -126,9 +127,12 @@ class Trainer:
         if self.o.gradient_checkpointing:
             self.pipe.denoiser.enable_gradient_checkpointing()
 
+    def text_encoder_trains(self) -> bool:
+        return self.o.train_text_encoder
+
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         mods = {"denoiser": self.pipe.denoiser}
-        if self.o.train_text_encoder:
+        if self.text_encoder_trains():
             mods["text_encoder"] = self.pipe.text_encoder
         return mods
 
@@ -180,7 +184,7 @@ class Trainer:
 
         dev = self.acc.device
         if self.text_cache is None:
-            with torch.set_grad_enabled(self.o.train_text_encoder):
+            with torch.set_grad_enabled(self.text_encoder_trains()):
                 return encode(self.pipe.tokenizer, self.text_model, captions, dev)
         with torch.no_grad():
             for c in {*captions, ""} - set(self.text_cache):
@@ -235,6 +239,7 @@ class Trainer:
                     self.acc.clip_grad_norm_(self.params, 1.0)
                 self.opt.step()  # the prepared optimizer skips these while gradients accumulate
                 self.opt.zero_grad(set_to_none=True)
+                self.after_optimizer_step()
                 if self.acc.sync_gradients:
                     self.lr.step()
             self.images_seen += len(batch["items"]) * self.acc.num_processes
@@ -292,6 +297,9 @@ class Trainer:
         result = self.save() if main else self.out
         self.acc.end_training()
         return result
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (DreamBooth puts back the token embeddings that must not move)."""
 
     def every_step(self) -> None:
         """Called after each step (text_to_image writes --save-every folders here)."""

@@ -67,7 +67,7 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
 
 def test_identifier_embedding_learns_alone_and_loads_with_the_lora(models, tmp_path):
     out = tmp_path / "run"
-    lora = main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "sks", "--learning-rate", "1e-2",
+    lora = main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "sks", "--identifier-learning-rate", "1e-2",
                      "--ema-decay", "0.5", "--checkpointing-steps", "2"))  # fmt: skip
     pipe = gen.load_pipeline(models / "transformer")
     pipe.set_progress_bar_config(disable=True)

@@ -144,9 +144,7 @@ def _params(params) -> list[torch.nn.Parameter]:
 
 
 # -- optimizer and noise schedule --------------------------------------------------------------------------------
-def make_optimizer(
-    params: list[torch.nn.Parameter], lr: float, use_8bit: bool = False, weight_decay: float = 1e-2
-):
+def make_optimizer(params: list, lr: float, use_8bit: bool = False, weight_decay: float = 1e-2):
     """AdamW; with use_8bit, bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75 % less of its memory)."""
     if not use_8bit:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -57,6 +57,9 @@ class Options(TrainOptions):
             "help": "a word of the instance prompt (e.g. sks) whose token embedding also learns (pivotal tuning)"
         },
     )
+    identifier_learning_rate: float = field(
+        default=0.0, metadata={"help": "its own rate (default: --learning-rate)"}
+    )
 
 
 class DreamBoothTrainer(Trainer):
@@ -99,6 +102,13 @@ class DreamBoothTrainer(Trainer):
         self.frozen_rows[self.identifier_ids] = False
         self.frozen_table = table.detach().clone()
         self.pipe.text_encoder.train()
+
+    def param_groups(self) -> list[dict]:
+        if not (self.o.train_identifier and self.o.identifier_learning_rate):
+            return super().param_groups()
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        rest = [p for p in self.params if p is not table]
+        return [{"params": rest}, {"params": [table], "lr": self.o.identifier_learning_rate}]
 
     def after_optimizer_step(self) -> None:
         if self.o.train_identifier:  # AdamW's weight decay would move every row; put the others back

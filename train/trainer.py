@@ -103,7 +103,7 @@ class Trainer:
         self.pipe.text_encoder.requires_grad_(False)
         self.prepare_models()
         self.params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, o.learning_rate, o.use_8bit_adam)
+        self.opt = make_optimizer(self.param_groups(), o.learning_rate, o.use_8bit_adam)
         self.lr = get_scheduler(o.lr_scheduler, self.opt, num_warmup_steps=o.lr_warmup_steps,
                                 num_training_steps=o.max_steps)  # fmt: skip
         self.ema = EMA(self.params, o.ema_decay) if o.ema_decay else None
@@ -135,6 +135,10 @@ class Trainer:
         if self.text_encoder_trains():
             mods["text_encoder"] = self.pipe.text_encoder
         return mods
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (a script may give some parameters their own learning rate)."""
+        return [{"params": self.params}]
 
     def next_batch(self) -> dict:
         """{"items": [(dataset, index, flip)], "captions": [...], "weights": (B,) or None} for this process."""

@@ -29,9 +29,9 @@ from gen.weights import DEFAULT_MODEL, load_pipeline
 
 INSTANCE = "a sks shape on a white background"
 CLASS = "a shape on a white background"
-RECIPE = ["--lora", "--rank", "8", "--train-identifier", "sks", "--learning-rate", "1e-3", "--batch-size", "4",
-          "--lora-targets", "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,mlp.0,mlp.2",
-          "--min-snr-gamma", "5", "--num-class-images", "100"]  # fmt: skip
+RECIPE = ["--lora", "--rank", "4", "--lora-targets", "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,mlp.0,mlp.2",
+          "--train-identifier", "sks", "--identifier-learning-rate", "1e-2", "--learning-rate", "1e-3",
+          "--batch-size", "4", "--min-snr-gamma", "5", "--num-class-images", "100"]  # fmt: skip
 
 
 def instance_images(folder: Path, shape: str, colour: str, count: int, seed: int) -> None:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", default="heart", choices=S.EXTRA_SHAPES)
     parser.add_argument("--colour", default="red", choices=list(S.COLOURS))
     parser.add_argument("--instances", type=int, default=5)
-    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=8, help="images per background colour")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="for the base-adherence evaluation")
     o = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)

@@ -126,6 +126,10 @@ def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
         (["--instance-prompt", ""], "--instance-dir and --instance-prompt are required"),
         (["--with-prior-preservation"], "--with-prior-preservation needs --class-prompt"),
         (["--lora", "--rank", "0"], "--rank 0: must be at least 1"),
+        (
+            ["--train-identifier", "sks", "--train-text-encoder"],
+            "--train-identifier is part of --train-text-encoder",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(models, tmp_path, extra, message):
@@ -138,3 +142,26 @@ def test_refuses_to_overwrite_a_finished_lora(models, tmp_path):
     main(args(models, out, "--lora", "--max-steps", "1"))
     with pytest.raises(SystemExit, match=f"{LORA_FILE} exists; pass --overwrite"):
         main(args(models, out, "--lora", "--max-steps", "1"))
+
+
+@pytest.mark.slow
+def test_two_processes_lora_with_identifier(models, tmp_path):
+    """accelerate's multi-process launcher (gloo on CPU): class images made once, replicas agree, one writer."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen.train.dreambooth",
+           *args(models, tmp_path / "run", "--lora", "--rank", "2", "--train-identifier", "sks", "--with-prior-preservation",
+                 "--class-prompt", "a shape", "--num-class-images", "3", "--max-steps", "3")]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sums = re.findall(r"process (\d) weight checksum (\S+)", done.stderr)
+    assert len(sums) == 2 and sums[0][1] == sums[1][1]
+    assert len(list((tmp_path / "run" / "class_images").iterdir())) == 3
+    assert (tmp_path / "run" / LORA_FILE).is_file() and (tmp_path / "run" / EMBEDDINGS_FILE).is_file()

@@ -194,6 +194,10 @@ def check(o: Options) -> None:
         raise SystemExit(
             f"--train-identifier {o.train_identifier!r} is not a word of --instance-prompt {o.instance_prompt!r}"
         )
+    if o.train_identifier and o.train_text_encoder and not o.lora:
+        raise SystemExit(
+            "--train-identifier is part of --train-text-encoder without --lora (the whole text encoder trains)"
+        )
     if o.rank < 1:
         raise SystemExit(f"--rank {o.rank}: must be at least 1")
     out = Path(o.output_dir)

@@ -37,8 +37,9 @@ RECIPE = ["--lora", "--rank", "4", "--lora-targets", "attn1.to_q,attn1.to_k,attn
 def instance_images(folder: Path, shape: str, colour: str, count: int, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    for i in range(count):
-        scene = S.Scene(colour, shape, "white", rng.choice(S.SIZES), rng.choice(S.POSITIONS))
+    for i in range(count):  # both sizes, large first (a subject's pictures show it well), anywhere
+        size = ("large", "small")[i % 2]
+        scene = S.Scene(colour, shape, "white", size, rng.choice(S.POSITIONS))
         S.render(scene, 64, jitter=rng).save(folder / f"{i}.png")
 
 

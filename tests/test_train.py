@@ -213,6 +213,11 @@ def test_8bit_adam_without_bitsandbytes_is_a_one_line_error(setup, tmp_path, mon
         main(args(setup, tmp_path / "a", "--use-8bit-adam"))
 
 
+def test_unknown_tracker_is_a_one_line_error(setup, tmp_path):
+    with pytest.raises(SystemExit, match="--report-to 'wandb': only 'tensorboard' is supported"):
+        main(args(setup, tmp_path / "a", "--report-to", "wandb"))
+
+
 def test_tensorboard_logs_loss_lr_and_validation_grids(setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

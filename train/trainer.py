@@ -81,18 +81,28 @@ class TrainOptions:
     overwrite: bool = False
 
 
+def _check_report_to(report_to: str) -> None:
+    if report_to not in ("", "tensorboard"):
+        raise SystemExit(f"--report-to {report_to!r}: only 'tensorboard' is supported")
+    if report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "--report-to tensorboard needs tensorboard, which is not installed (pip install 'gen[train]')"
+            ) from None
+
+
 class Trainer:
     def __init__(self, o: TrainOptions):
         from gen.weights import load_pipeline
 
         self.o, self.out = o, Path(o.output_dir)
         if o.cache_text and self.text_encoder_trains():
-            raise SystemExit(
-                "--cache-text needs a frozen text encoder; drop it or what trains the text encoder"
-            )
-        torch.manual_seed(
-            o.seed
-        )  # fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism
+            raise SystemExit("--cache-text needs a frozen text encoder, and this run trains it")
+        _check_report_to(o.report_to)
+        # Fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism.
+        torch.manual_seed(o.seed)
         self.acc = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.gradient_accumulation_steps,
                                cpu=not torch.cuda.is_available(), log_with=o.report_to or None,
                                project_dir=self.out / "logs")  # fmt: skip

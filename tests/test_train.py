@@ -200,6 +200,8 @@ def test_zero_terminal_snr_needs_v_prediction_and_is_saved(setup, tmp_path):
         SystemExit, match="--zero-terminal-snr needs v-prediction; this model predicts 'epsilon'"
     ):
         main(args(setup, tmp_path / "a", "--zero-terminal-snr"))
+    with pytest.raises(SystemExit, match="--prediction-type 'v': choose epsilon, v_prediction or sample"):
+        main(args(setup, tmp_path / "a", "--prediction-type", "v"))
     folder = main(args(setup, tmp_path / "b", "--max-steps", "2", "--zero-terminal-snr", "--prediction-type",
                        "v_prediction", "--min-snr-gamma", "5"))  # fmt: skip
     config = gen.load_pipeline(folder).scheduler.config

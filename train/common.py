@@ -1,5 +1,5 @@
 """Pieces every training script shares: options as a dataclass turned into flags, the diffusion loss step,
-caption dropout, EMA, and writing folders atomically."""
+caption dropout, EMA, the optimizer and noise schedule, and writing folders atomically."""
 
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ def noise_scheduler(config, prediction_type: str = "", zero_terminal_snr: bool =
     """
     from diffusers import DDPMScheduler
 
+    if prediction_type not in ("", "epsilon", "v_prediction", "sample"):
+        raise SystemExit(f"--prediction-type {prediction_type!r}: choose epsilon, v_prediction or sample")
     changes = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
         kind = prediction_type or config.get("prediction_type", "epsilon")

@@ -309,8 +309,17 @@ class Trainer:
             digest = sum(float(p.detach().double().sum()) for p in self.params)
             logger.info("process %d weight checksum %.12e", self.acc.process_index, digest)
         result = self.save() if main else self.out
-        self.acc.end_training()
+        self.release()
         return result
+
+    def release(self) -> None:
+        """Tear down in step: every process waits for the main one to finish writing, then drops its
+        distributed wrappers while the process group still lives (a DDP wrapper freed after the group was
+        destroyed can hang at exit), then ends the trackers and the group."""
+        self.acc.wait_for_everyone()
+        self.model, self.text_model = self.pipe.denoiser, self.pipe.text_encoder
+        self.acc.free_memory()
+        self.acc.end_training()
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (DreamBooth puts back the token embeddings that must not move)."""

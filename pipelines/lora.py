@@ -34,7 +34,11 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
     check_weight_file(path)
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
-    return load_file(str(path)), json.loads(raw) if raw else None
+    try:
+        metadata = json.loads(raw) if raw else None
+    except ValueError:
+        raise ValueError(f"{path}: its {METADATA_KEY} header is not valid JSON") from None
+    return load_file(str(path)), metadata
 
 
 def _tuner_layers(module: torch.nn.Module):
@@ -83,7 +87,7 @@ class LoraMixin:
                     text, network_alphas=None, text_encoder=self.text_encoder, prefix=TEXT_ENCODER,
                     adapter_name=name, _pipeline=self, metadata=metadata,
                 )  # fmt: skip
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             detail = str(e).strip().splitlines()[-1][:300]
             raise ValueError(
                 f"{path} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"

@@ -148,3 +148,23 @@ def test_diffusers_reads_our_lora_file(tokenizer, tmp_path):
     sd.load_lora_weights(str(tmp_path), weight_name="both.safetensors", adapter_name="x")
     assert sd.text_encoder.peft_config["x"].lora_alpha == 4
     assert abs(run(sd) - want).max() < 1e-5 and abs(base - want).max() > 1e-3
+
+
+def test_lora_with_a_broken_metadata_header_is_refused(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapted(tokenizer, "transformer", 1).save_lora_weights(tmp_path / "a.safetensors")
+    weights = load_file(str(tmp_path / "a.safetensors"))
+    save_file(weights, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
+    save_file(
+        weights,
+        str(tmp_path / "odd.safetensors"),
+        metadata={"lora_adapter_metadata": '{"transformer.nonsense": 1}'},
+    )
+    pipe = components.pipeline(tokenizer, "transformer")
+    with pytest.raises(
+        ValueError, match="bad.safetensors: its lora_adapter_metadata header is not valid JSON"
+    ):
+        pipe.load_lora_weights(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"odd.safetensors does not fit this DiT"):
+        pipe.load_lora_weights(tmp_path / "odd.safetensors")

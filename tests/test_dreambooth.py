@@ -97,9 +97,11 @@ def test_class_images_are_only_topped_up(models, tmp_path):
     out, classes = tmp_path / "run", tmp_path / "classes"
     classes.mkdir()
     Image.new("RGB", (32, 32), "red").save(classes / "mine.png")
+    Image.new("RGB", (32, 32), "blue").save(classes / "class-00000.png")  # a user's file with our name
     main(args(models, out, "--with-prior-preservation", "--class-prompt", "a shape", "--class-dir", str(classes),
-              "--num-class-images", "2", "--lora", "--max-steps", "1"))  # fmt: skip
-    assert sorted(p.name for p in classes.iterdir()) == ["class-00001.png", "mine.png"]
+              "--num-class-images", "3", "--lora", "--max-steps", "1"))  # fmt: skip
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "class-00001.png", "mine.png"]
+    assert Image.open(classes / "class-00000.png").getpixel((0, 0)) == (0, 0, 255)  # left alone
 
 
 def test_full_fine_tune_of_a_unet(models, tmp_path):

@@ -160,9 +160,14 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
 
     folder.mkdir(parents=True, exist_ok=True)
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    missing = list(range(have, count))
-    if not missing:
+    if have >= count:
         return
+    # The first free numbers: an image already in the folder is never overwritten.
+    missing, n = [], 0
+    while len(missing) < count - have:
+        if not (folder / f"class-{n:05d}.png").exists():
+            missing.append(n)
+        n += 1
     logger.info("generating %d class images of %r into %s", len(missing), prompt, folder)
     progress = tqdm(total=len(missing), desc="class images", unit="image")
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch

@@ -15,14 +15,13 @@ the whole denoiser (and text encoder) trains and OUTPUT/model is a pipeline fold
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from gen.train.common import parse_options, save_options
+from gen.train.common import atomic_file, parse_options, save_options
 from gen.train.data import ImageCaptionFolder
 from gen.train.trainer import Trainer, TrainOptions
 
@@ -144,9 +143,8 @@ class DreamBoothTrainer(Trainer):
         with self.ema_weights():
             if self.o.train_identifier:  # a textual-inversion file: `pipe.load_textual_inversion` reads it
                 rows = self.pipe.text_encoder.get_input_embeddings().weight[self.identifier_ids]  # (n, D)
-                tmp = self.out / f".{EMBEDDINGS_FILE}.tmp"
-                save_file({self.o.train_identifier: rows.detach().contiguous()}, str(tmp))
-                os.replace(tmp, self.out / EMBEDDINGS_FILE)
+                state = {self.o.train_identifier: rows.detach().contiguous()}
+                atomic_file(self.out / EMBEDDINGS_FILE, lambda tmp: save_file(state, str(tmp)))
             return self.pipe.save_lora_weights(self.out / LORA_FILE)
 
 
@@ -176,10 +174,7 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
         gens = [torch.Generator().manual_seed(seed * 100_003 + n) for n in numbers]
         images = pipe([prompt] * len(numbers), generator=gens).images
         for n, image in zip(numbers, images, strict=True):
-            path = folder / f"class-{n:05d}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            atomic_file(folder / f"class-{n:05d}.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
         progress.update(len(numbers))
     progress.close()
     pipe.set_progress_bar_config(disable=False)

@@ -25,6 +25,7 @@ from gen.train import checkpoint
 from gen.train.common import (
     EMA,
     denoiser_loss,
+    drop_captions,
     inference_scheduler,
     make_optimizer,
     noise_scheduler,
@@ -175,7 +176,7 @@ class Trainer:
         return [(dataset, i, self.o.flip and self.rng.random() < 0.5) for i in indices]
 
     def dropped(self, captions: list[str]) -> list[str]:
-        return ["" if self.rng.random() < self.o.caption_dropout else c for c in captions]
+        return drop_captions(captions, self.o.caption_dropout, self.rng)
 
     @torch.no_grad()
     def latents(self, items: list[tuple]) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 Syntax (as A1111 documents it): `(text)` multiplies attention by 1.1, `((text))` by 1.21, `[text]` divides by 1.1,
 `(text:1.3)` sets the factor, `\\(` `\\)` `\\[` `\\]` are literal brackets, a bracket left open applies to the
-rest of the prompt, and `BREAK` starts a new 75-token chunk. Adjacent pieces of equal weight are merged.
+rest of the prompt, and `BREAK` starts a new chunk. Adjacent pieces of equal weight are merged.
+
+A chunk is the text encoder's whole context window: BOS, up to `window - 2` tokens, EOS, padding. The window is
+the tokenizer's `model_max_length` (77 for SD's CLIP: 75-token chunks; 248 for Long-CLIP; 32 for diffusers'
+tiny test encoders), never a literal, so any CLIP checkpoint chunks the way its own pipeline pads.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import re
 from dataclasses import dataclass
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-CHUNK = 75  # tokens per chunk between BOS and EOS: CLIP's 77-token window
+# transformers gives tokenizers saved without a length this sentinel (int(1e30)); no CLIP context is that long.
+_UNSET = 1_000_000
 
 # One alternative per kind of piece; order matters (escapes first, the weight closer before a plain ")").
 _TOKEN = re.compile(
@@ -68,9 +73,23 @@ def _merge(pieces: list[list]) -> list[tuple[str, float]]:
     return [(t, w) for t, w in out if t or w == -1.0]
 
 
+def window(tokenizer, positions: int | None = None) -> int:
+    """Ids per chunk, BOS and EOS included: the tokenizer's model_max_length, capped by the text encoder's
+    position table (`positions`, its config's max_position_embeddings) when that is shorter."""
+    length = tokenizer.model_max_length
+    if positions:
+        length = min(length, positions)
+    if length >= _UNSET or length < 3:
+        raise ValueError(
+            f"the tokenizer's model_max_length is {length!r}; set it to the text encoder's context length"
+            " (77 for SD's CLIP), at least 3"
+        )
+    return int(length)
+
+
 @dataclass
 class Chunks:
-    """Token ids and weights per chunk, each chunk BOS + up to 75 tokens + EOS, padded to 77."""
+    """Token ids and weights per chunk, each chunk BOS + up to window - 2 tokens + EOS, padded to the window."""
 
     ids: list[list[int]]
     weights: list[list[float]]
@@ -78,8 +97,13 @@ class Chunks:
     lengths: list[int]  # BOS + tokens + EOS per chunk, before padding
 
 
-def tokenize_weighted(tokenizer, prompt: str, truncate: bool = False, weighting: bool = True) -> Chunks:
-    """Prompt -> chunks of 77 ids with per-token weights (A1111's layout: BOS, tokens, EOS, padding)."""
+def tokenize_weighted(
+    tokenizer, prompt: str, truncate: bool = False, weighting: bool = True, length: int | None = None
+) -> Chunks:
+    """Prompt -> chunks of `length` ids (default: window(tokenizer)) with per-token weights (A1111's layout:
+    BOS, tokens, EOS, padding)."""
+    length = length or window(tokenizer)
+    per_chunk = length - 2
     pieces = parse(prompt) if weighting else [(prompt, 1.0)]
     groups: list[list[tuple[int, float]]] = [[]]
     for text, weight in pieces:
@@ -94,7 +118,7 @@ def tokenize_weighted(tokenizer, prompt: str, truncate: bool = False, weighting:
         groups[-1].extend((i, weight) for i in ids)
     chunks: list[list[tuple[int, float]]] = []
     for group in groups:
-        chunks += [group[i : i + CHUNK] for i in range(0, len(group), CHUNK)] or [[]]
+        chunks += [group[i : i + per_chunk] for i in range(0, len(group), per_chunk)] or [[]]
     cut: list[int] = []
     if truncate and len(chunks) > 1:
         cut = [i for chunk in chunks[1:] for i, _ in chunk]
@@ -104,8 +128,8 @@ def tokenize_weighted(tokenizer, prompt: str, truncate: bool = False, weighting:
     for chunk in chunks:
         row = [bos] + [i for i, _ in chunk] + [eos]
         w = [1.0] + [x for _, x in chunk] + [1.0]
-        ids.append(row + [pad] * (CHUNK + 2 - len(row)))
-        weights.append(w + [1.0] * (CHUNK + 2 - len(w)))
+        ids.append(row + [pad] * (length - len(row)))
+        weights.append(w + [1.0] * (length - len(w)))
         lengths.append(len(row))
     return Chunks(ids, weights, cut, lengths)
 
@@ -113,6 +137,7 @@ def tokenize_weighted(tokenizer, prompt: str, truncate: bool = False, weighting:
 def explain(tokenizer, prompt: str, truncate: bool = False, weighting: bool = True) -> str:
     """The tokenizer made visible: each chunk's tokens with their weights, and whatever would be cut."""
     chunks = tokenize_weighted(tokenizer, prompt, truncate, weighting)
+    per_chunk = window(tokenizer) - 2
     lines = []
     if weighting:
         pieces = parse(prompt)
@@ -123,7 +148,7 @@ def explain(tokenizer, prompt: str, truncate: bool = False, weighting: bool = Tr
         for i, w in zip(ids[1 : length - 1], weights[1 : length - 1], strict=True):
             token = tokenizer.convert_ids_to_tokens(i).replace("</w>", "_")
             words.append(token if w == 1 else f"{token}({w:.3g})")
-        lines.append(f"chunk {k + 1}: {used}/{CHUNK} tokens: " + " ".join(words))
+        lines.append(f"chunk {k + 1}: {used}/{per_chunk} tokens: " + " ".join(words))
     if chunks.cut:
         lines.append(f"cut ({len(chunks.cut)} tokens): {tokenizer.decode(chunks.cut)!r}")
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def _vae_key(key: str, n_blocks: int) -> str:
 
 def to_original(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder weights under the original SD checkpoint's names."""
-    if pipe.unet is None:
+    if pipe.denoiser_name != "unet":
         raise ValueError("single-file export needs a UNet pipeline (the original layout has no DiT)")
     out = {}
     for key, value in pipe.unet.state_dict().items():

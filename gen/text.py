@@ -2,9 +2,13 @@
 
 The tokenizer and text encoder are transformers' CLIP classes; this module owns how they are called, so the
 pipeline, the training code and the CLI all turn text into embeddings the same way. Prompts use A1111's syntax
-(gen.prompts): emphasis weights, BREAK, and any length — long prompts are split into 75-token chunks, each
-encoded with its own BOS/EOS, and the chunks concatenated along the sequence axis (cross-attention takes any
-length). A prompt of at most 75 tokens with no weights gives exactly what plain CLIP tokenization gives.
+(gen.prompts): emphasis weights, BREAK, and any length — long prompts are split into chunks of the encoder's
+window (L = 77 for SD: 75 tokens + BOS/EOS), each encoded on its own, and the chunks concatenated along the
+sequence axis (cross-attention takes any length). A prompt that fits one window with no weights gives exactly
+what plain CLIP tokenization gives.
+
+Prompts of one batch are padded to a common number of chunks K with the embedding of an empty chunk, the one
+rule for that (`pad_chunks`), used by the pipeline and the trainer.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 
 import torch
 
-from gen.prompts import Chunks, tokenize_weighted
+from gen.prompts import Chunks, tokenize_weighted, window
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +30,14 @@ def final_layer_norm(text_encoder) -> torch.nn.Module:
 
 def _run(text_encoder, ids: torch.Tensor, mask: torch.Tensor | None, clip_skip: int | None) -> torch.Tensor:
     if clip_skip is None:
-        return text_encoder(ids, attention_mask=mask)[0]  # (K, 77, D)
+        return text_encoder(ids, attention_mask=mask)[0]  # (K, L, D)
     out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-    return final_layer_norm(text_encoder)(out.hidden_states[-(clip_skip + 1)])  # (K, 77, D)
+    return final_layer_norm(text_encoder)(out.hidden_states[-(clip_skip + 1)])  # (K, L, D)
 
 
 def _weighted(z: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
     """A1111's emphasis: scale each token's embedding by its weight, then restore the chunk's mean."""
-    w = torch.tensor(weights, device=z.device, dtype=z.dtype)  # (K, 77)
+    w = torch.tensor(weights, device=z.device, dtype=z.dtype)  # (K, L)
     if not bool((w != 1).any()):
         return z
     mean = z.mean(dim=(1, 2), keepdim=True)  # (K, 1, 1)
@@ -41,31 +45,71 @@ def _weighted(z: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
     return z * (mean / z.mean(dim=(1, 2), keepdim=True))
 
 
+def chunk_length(tokenizer, text_encoder=None) -> int:
+    """L: ids per chunk, from the tokenizer's model_max_length and the encoder's position table."""
+    config = getattr(getattr(text_encoder, "module", text_encoder), "config", None)
+    return window(tokenizer, getattr(config, "max_position_embeddings", None))
+
+
 def embed_chunks(
     text_encoder, chunked: list[Chunks], device, clip_skip: int | None = None
 ) -> list[torch.Tensor]:
-    """Every chunk of every prompt through the text encoder in one call; per prompt (K_i*77, D), weighted."""
-    ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, 77)
+    """Every chunk of every prompt through the text encoder in one call; per prompt (K_i*L, D), weighted."""
+    ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, L)
     mask = None
-    config = getattr(
-        text_encoder, "module", text_encoder
-    ).config  # `module`: wrapped for distributed training
+    # `module`: wrapped for distributed training
+    config = getattr(text_encoder, "module", text_encoder).config
     if getattr(config, "use_attention_mask", False):
         # Models trained with masks (a config flag) must be called with them; CLIP's own are not.
         lengths = torch.tensor([n for c in chunked for n in c.lengths], device=device)
         mask = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
-    z = _run(text_encoder, ids, mask, clip_skip)  # (sum K, 77, D)
+    z = _run(text_encoder, ids, mask, clip_skip)  # (sum K, L, D)
     out, at = [], 0
     for c in chunked:
         k = len(c.ids)
-        out.append(_weighted(z[at : at + k], c.weights).reshape(-1, z.shape[-1]))  # (K*77, D)
+        out.append(_weighted(z[at : at + k], c.weights).reshape(-1, z.shape[-1]))  # (K*L, D)
         at += k
     return out
 
 
 def encode_chunks(text_encoder, chunks: Chunks, device, clip_skip: int | None = None) -> torch.Tensor:
-    """One prompt's chunks -> (K*77, D)."""
+    """One prompt's chunks -> (K*L, D)."""
     return embed_chunks(text_encoder, [chunks], device, clip_skip)[0]
+
+
+def embed(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    device: torch.device | str,
+    clip_skip: int | None = None,
+    truncate: bool = False,
+    weighting: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each prompt's own chunks, unpadded, (K_i*L, D), and the empty chunk's embedding (L, D) to pad with;
+    one text-encoder call for all of them."""
+    length = chunk_length(tokenizer, text_encoder)
+    chunked = [tokenize_weighted(tokenizer, p, truncate, weighting, length) for p in prompts]
+    for c in chunked:
+        if c.cut:
+            text = tokenizer.decode(c.cut)
+            logger.warning(
+                "The prompt is longer than the text encoder's %d-token window; this part was cut: %r",
+                length - 2,
+                text,
+            )
+    empty = tokenize_weighted(tokenizer, "", truncate=False, weighting=False, length=length)
+    rows = embed_chunks(text_encoder, [*chunked, empty], device, clip_skip)  # one call: the empty chunk too
+    return rows[:-1], rows[-1]
+
+
+def pad_chunks(rows: list[torch.Tensor], chunks: int, empty: torch.Tensor) -> torch.Tensor:
+    """Stack prompts of K_i*L tokens as (B, chunks*L, D), appending the empty chunk's embedding, as A1111 pads
+    the negative prompt to the prompt's length."""
+    length = empty.shape[0]
+    return torch.stack(
+        [torch.cat([r.to(empty), empty.repeat(chunks - r.shape[0] // length, 1)]) for r in rows]
+    )
 
 
 def encode(
@@ -78,18 +122,8 @@ def encode(
     truncate: bool = False,
     weighting: bool = True,
 ) -> torch.Tensor:
-    """Embed prompts: (B, 77*K, D), K the most chunks any prompt needs (at least `min_chunks`); shorter prompts
-    are padded with the embedding of an empty chunk, as A1111 pads the negative prompt."""
-    chunked = [tokenize_weighted(tokenizer, p, truncate, weighting) for p in prompts]
-    for c in chunked:
-        if c.cut:
-            text = tokenizer.decode(c.cut)
-            logger.warning("The prompt is longer than CLIP's 75-token window; this part was cut: %r", text)
-    k = max([min_chunks] + [len(c.ids) for c in chunked])
-    pad = any(len(c.ids) < k for c in chunked)
-    extra = [tokenize_weighted(tokenizer, "", weighting=False)] if pad else []
-    rows = embed_chunks(text_encoder, chunked + extra, device, clip_skip)
-    if pad:
-        empty = rows.pop()
-        rows = [torch.cat([r, empty.repeat(k - r.shape[0] // 77, 1)]) for r in rows]
-    return torch.stack(rows)  # (B, 77*K, D)
+    """Embed prompts: (B, L*K, D), K the most chunks any prompt needs (at least `min_chunks`), shorter prompts
+    padded with the empty chunk (pad_chunks)."""
+    rows, empty = embed(tokenizer, text_encoder, prompts, device, clip_skip, truncate, weighting)
+    k = max([min_chunks] + [r.shape[0] // empty.shape[0] for r in rows])
+    return pad_chunks(rows, k, empty)  # (B, L*K, D)

@@ -49,7 +49,7 @@ def _tuner_layers(module: torch.nn.Module):
 
 class LoraMixin:
     def _lora_prefix(self) -> str:
-        return "transformer" if self.transformer is not None else "unet"
+        return self.denoiser_name
 
     def _adapted(self) -> dict[str, torch.nn.Module]:
         """Components that may carry adapters, by their prefix in LoRA files."""

@@ -5,16 +5,19 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -23,7 +26,7 @@ from gen.models.attention import set_attention  # noqa: F401  (re-exported: pipe
 from gen.models.dit import DiT
 from gen.pipelines.checks import check_call
 from gen.pipelines.lora import LoraMixin
-from gen.text import encode
+from gen.text import embed, pad_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,48 @@ def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool
     if interval is None:
         return True
     return interval[0] <= step / total < interval[1]
+
+
+@dataclass
+class TextContext:
+    """The text side of one call: (B, L*K, D) embeddings, and each prompt's own chunk count where some prompt
+    needs fewer than K (None when every prompt uses all K)."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    chunks: list[int] | None = None
+
+    def repeat(self, n: int) -> TextContext:
+        """Each prompt's entries n times in a row (num_images_per_prompt)."""
+        neg = self.negative_prompt_embeds
+        return TextContext(
+            self.prompt_embeds.repeat_interleave(n, 0),
+            None if neg is None else neg.repeat_interleave(n, 0),
+            None if self.chunks is None else [c for c in self.chunks for _ in range(n)],
+        )
+
+
+def modernize_scheduler(scheduler) -> None:
+    """Rewrite outdated SD scheduler configs (steps_offset != 1, clip_sample=True) as diffusers'
+    StableDiffusionPipeline does when it is built, with its deprecation warning, so an old SD folder gives the
+    same images in gen as in diffusers."""
+    fixes = {}
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+        message = (
+            f"The configuration file of this scheduler: {scheduler} is outdated. `steps_offset` should be set"
+            f" to 1 instead of {scheduler.config.steps_offset}; gen uses 1, as StableDiffusionPipeline does."
+        )
+        deprecate("steps_offset!=1", "1.0.0", message, standard_warn=False)
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+        message = (
+            f"The configuration file of this scheduler: {scheduler} has not set the configuration `clip_sample`."
+            " `clip_sample` should be set to False; gen uses False, as StableDiffusionPipeline does."
+        )
+        deprecate("clip_sample not set", "1.0.0", message, standard_warn=False)
+    if fixes:
+        scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
 
 
 class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
@@ -58,25 +103,44 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         unet: UNet2DConditionModel | None = None,
     ):
         super().__init__()
-        if (transformer is None) == (unet is None):
-            got = "both" if transformer is not None else "neither"
+        # Neither is allowed (a text-only pipeline can still encode_prompt, as diffusers' pipelines can); a call
+        # that needs a denoiser says so (see `denoiser`).
+        if transformer is not None and unet is not None:
             raise ValueError(
-                f"TextToImagePipeline needs exactly one denoiser, transformer= or unet=; got {got}"
+                "TextToImagePipeline needs exactly one denoiser, transformer= or unet=; got both"
             )
+        if scheduler is not None:
+            modernize_scheduler(scheduler)
+        # Only the denoiser given is registered: `components` are then the init components, and a UNet pipeline
+        # has no `transformer` attribute, as diffusers' SD pipelines have none. Either may be missing from a
+        # folder (the class's _optional_components), but a built pipeline's denoiser is required, so this
+        # instance lists none: save_pretrained keeps it, and callers never drop it.
+        nets = {name: net for name, net in (("transformer", transformer), ("unet", unet)) if net is not None}
         self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            transformer=transformer,
-            unet=unet,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, **nets
         )
+        self._optional_components = []
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
+    def denoiser_name(self) -> str | None:
+        """ "transformer" (gen's DiT) or "unet": the component that denoises; None in a text-only pipeline."""
+        for name in ("transformer", "unet"):
+            if getattr(self, name, None) is not None:
+                return name
+        return None
+
+    @property
     def denoiser(self) -> torch.nn.Module:
-        return self.transformer if self.transformer is not None else self.unet
+        if self.denoiser_name is None:
+            raise ValueError("this pipeline has no denoiser: give transformer= (gen's DiT) or unet=")
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components this pipeline was built with (diffusers' property expects every optional one)."""
+        return {k: getattr(self, k) for k in self.config if not k.startswith("_")}
 
     @property
     def latent_stride(self) -> int:
@@ -86,7 +150,9 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
 
     @property
     def default_size(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        """Pixels per side when height/width are not given: the denoiser's sample size (512 for SD 1.x)."""
+        size = self.denoiser.config.sample_size if self.denoiser_name else 64
+        return size * self.vae_scale_factor
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
@@ -188,60 +254,73 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, 77*K, D).
+        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L*K, D).
 
-        Prompts use A1111's syntax (weights, BREAK) and may be longer than 77 tokens: both are chunked to the same
-        number of 75-token chunks K (see gen.text).
+        Prompts use A1111's syntax (weights, BREAK) and may be longer than the encoder's window of L tokens
+        (77 for SD): every prompt is chunked, and all are padded to the same number of chunks K (see gen.text).
         """
-        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
-        opts = dict(clip_skip=clip_skip, truncate=truncate_long_prompts, weighting=prompt_weighting)
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if do_classifier_free_guidance and negative_prompt_embeds is None:
-                # Prompts and negatives in one text-encoder call, padded to a common number of chunks.
-                negatives = (
-                    negative_prompt
-                    if isinstance(negative_prompt, list)
-                    else [negative_prompt or ""] * len(prompts)
-                )
-                both = self._encode_unique(prompts + negatives, device, **opts)  # (2B, L, D)
-                prompt_embeds, negative_prompt_embeds = both[: len(prompts)], both[len(prompts) :]
-            else:
-                prompt_embeds = self._encode_unique(prompts, device, **opts)
-        batch = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
+        text = self._encode_text(
+            prompt,
+            device,
+            cfg=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+            truncate=truncate_long_prompts,
+            weighting=prompt_weighting,
+        )
+        text = text.repeat(num_images_per_prompt)
+        # Named returns: diffusers' test mixins read these names to pass the results back into __call__.
+        prompt_embeds, negative_prompt_embeds = text.prompt_embeds, text.negative_prompt_embeds
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_text(
+        self, prompt, device, cfg: bool, negative_prompt, prompt_embeds, negative_prompt_embeds, **opts
+    ) -> TextContext:
+        """Prompts and negatives in one text-encoder call, each pair padded to its own chunk count (as A1111 pads
+        the negative), then all to the batch's longest; records each prompt's own count (see _denoise)."""
+        prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        negatives = None
+        if cfg and negative_prompt_embeds is None:
             negatives = (
                 negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
             )
-            negative_prompt_embeds = self._encode_unique(
-                negatives, device, **opts, min_chunks=prompt_embeds.shape[1] // 77
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
+        if prompts is None and negatives is None:  # embeddings given for everything
+            negative = negative_prompt_embeds.to(device=device, dtype=dtype) if cfg else None
+            return TextContext(prompt_embeds.to(device=device, dtype=dtype), negative)
+        rows, empty = self._embed_unique([*(prompts or []), *(negatives or [])], device, **opts)
+        length = empty.shape[0]
+        given = [e for e in (prompt_embeds, negative_prompt_embeds if cfg else None) if e is not None]
+        if any(e.shape[1] % length for e in given):
+            raise ValueError(
+                f"prompt_embeds of {given[0].shape[1]} tokens cannot be padded to whole {length}-token chunks;"
+                " give negative_prompt_embeds too, of the same shape"
             )
-            if (
-                negative_prompt_embeds.shape[1] > prompt_embeds.shape[1]
-            ):  # a longer negative: pad the prompt too
-                pad = self._encode_unique([""], device, **opts)[:1].expand(batch, -1, -1)
-                chunks = (negative_prompt_embeds.shape[1] - prompt_embeds.shape[1]) // pad.shape[1]
-                prompt_embeds = torch.cat([prompt_embeds.to(pad)] + [pad] * chunks, dim=1)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
-            num_images_per_prompt, 0
+        pos = list(prompt_embeds) if prompts is None else rows[:batch]  # (K_i*L, D) each
+        neg = (list(negative_prompt_embeds) if negatives is None else rows[-batch:]) if cfg else []
+        own = [max(r.shape[0] for r in pair) // length for pair in zip(pos, neg or pos, strict=True)]
+        k = max(own)
+        return TextContext(
+            pad_chunks(pos, k, empty).to(device=device, dtype=dtype),
+            pad_chunks(neg, k, empty).to(device=device, dtype=dtype) if cfg else None,
+            own if min(own) < k else None,
         )
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
 
-    def _encode_unique(
-        self, prompts: list[str], device: torch.device, min_chunks: int = 1, **opts
-    ) -> torch.Tensor:
+    def _embed_unique(self, prompts: list[str], device: torch.device, **opts) -> tuple[list, torch.Tensor]:
         # Repeated prompts (the empty negative above all) are encoded once per call.
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "this pipeline has no text_encoder/tokenizer: give prompt_embeds (and negatives)"
+            )
         converted = [
             self.maybe_convert_prompt(p, self.tokenizer) for p in prompts
         ]  # textual-inversion tokens
         unique = list(dict.fromkeys(converted))
-        embeds = encode(
-            self.tokenizer, self.text_encoder, unique, device, min_chunks=min_chunks, **opts
-        )  # (U, L, D)
-        return embeds[[unique.index(p) for p in converted]]  # (B, L, D)
+        rows, empty = embed(self.tokenizer, self.text_encoder, unique, device, **opts)  # (K_u*L, D) each
+        return [rows[unique.index(p)] for p in converted], empty
 
     def prepare_latents(
         self,
@@ -277,9 +356,24 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
             kwargs["generator"] = generator
         return kwargs
 
-    def _denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Both denoisers share UNet2DConditionModel's calling convention.
-        return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def _denoise(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, chunks: list[int] | None = None
+    ) -> torch.Tensor:
+        """One denoiser call (both denoisers share UNet2DConditionModel's calling convention).
+
+        With `chunks` (each row's own number of text chunks), rows of equal count run together with the
+        batch's padding chunks cut off: attention would otherwise attend to them, and a prompt's image would
+        depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
+        computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
+        if chunks is None:
+            return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        length = context.shape[1] // max(chunks)
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        for k in sorted(set(chunks)):
+            rows = [i for i, c in enumerate(chunks) if c == k]
+            for i, pred in zip(rows, self._denoise(x[rows], t, context[rows, : k * length]), strict=True):
+                out[i] = pred
+        return torch.stack(out)  # (rows, C, h, w)
 
     def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
@@ -348,10 +442,22 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         self._interrupt = False
         device = self._execution_device
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip, truncate_long_prompts, prompt_weighting,
-        )  # fmt: skip
+        text = self._encode_text(
+            prompt,
+            device,
+            cfg=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+            truncate=truncate_long_prompts,
+            weighting=prompt_weighting,
+        ).repeat(num_images_per_prompt)
+        prompt_embeds, negative_prompt_embeds, chunks = (
+            text.prompt_embeds,
+            text.negative_prompt_embeds,
+            text.chunks,
+        )
         steps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
@@ -361,7 +467,7 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         )
         step_kwargs = self._step_kwargs(generator, eta)
         cfg = self.do_classifier_free_guidance
-        both = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else None  # (2B, L, D)
+        both = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else None  # (2B, L*K, D)
 
         with self.progress_bar(total=len(steps)) as progress:
             for i, t in enumerate(steps):
@@ -371,7 +477,8 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
                 guided = cfg and _inside(i, len(steps), guidance_interval)
                 x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
                 x_in = self.scheduler.scale_model_input(x_in, t)
-                pred = self._denoise(x_in, t, both if guided else prompt_embeds)
+                rows = chunks * 2 if guided and chunks else chunks
+                pred = self._denoise(x_in, t, both if guided else prompt_embeds, rows)
                 if guided:
                     pred_uncond, pred_text = pred.chunk(2)
                     pred = guidance(pred_uncond, pred_text, guidance_scale, guidance_rescale)
@@ -388,6 +495,7 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
                         prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
                         both = torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else None
+                        chunks = None  # the callback's embeddings: every token is attended to
                 progress.update()
 
         if output_type == "latent":

@@ -20,7 +20,7 @@ WORDS = (
 ).split()
 
 
-def write_tokenizer(folder: Path) -> CLIPTokenizer:
+def write_tokenizer(folder: Path, length: int = 77) -> CLIPTokenizer:
     """A CLIPTokenizer whose BPE knows WORDS as single tokens; everything else falls back to characters."""
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
@@ -36,10 +36,10 @@ def write_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=length)
 
 
-def text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextModel:
+def text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32, positions: int = 77) -> CLIPTextModel:
     torch.manual_seed(0)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -47,7 +47,7 @@ def text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextModel:
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=3,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -100,6 +100,7 @@ def dit(cross_dim: int = 32, randomize: bool = True) -> DiT:
 
 
 def pipeline(tokenizer: CLIPTokenizer, denoiser: str = "transformer", scheduler=None) -> TextToImagePipeline:
+    """A tiny pipeline; the text encoder's context is the tokenizer's model_max_length."""
     scheduler = scheduler or DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -110,7 +111,7 @@ def pipeline(tokenizer: CLIPTokenizer, denoiser: str = "transformer", scheduler=
     net = dit() if denoiser == "transformer" else unet()
     pipe = TextToImagePipeline(
         vae=vae(),
-        text_encoder=text_encoder(tokenizer),
+        text_encoder=text_encoder(tokenizer, positions=tokenizer.model_max_length),
         tokenizer=tokenizer,
         scheduler=scheduler,
         **{denoiser: net},

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from gen.cli import main
-from gen.prompts import CHUNK, parse, tokenize_weighted
+from gen.prompts import parse, tokenize_weighted
 from gen.text import encode, encode_chunks
 
 # AUTOMATIC1111's own documented examples (modules/prompt_parser.py), and a few more.
@@ -39,7 +39,7 @@ def test_plain_prompt_chunks_like_clip_tokenization(tokenizer):
 def test_long_prompt_and_break_chunks(tokenizer):
     long = tokenize_weighted(tokenizer, "red " * 200)
     assert len(long.ids) == 3 and all(len(r) == 77 for r in long.ids)
-    assert long.ids[1][0] == tokenizer.bos_token_id and long.ids[1][CHUNK + 1] == tokenizer.eos_token_id
+    assert long.ids[1][0] == tokenizer.bos_token_id and long.ids[1][76] == tokenizer.eos_token_id
     assert long.lengths == [77, 77, 52]
     broken = tokenize_weighted(tokenizer, "a cat BREAK a dog")
     assert len(broken.ids) == 2 and broken.lengths == [4, 4]

@@ -194,20 +194,20 @@ class Trainer:
         return posterior.sample(self.noise) * vae.config.scaling_factor
 
     def context(self, captions: list[str]) -> torch.Tensor:
-        """Caption embeddings (B, L, D); with --cache-text each caption is embedded once."""
-        from gen.text import encode
+        """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""
+        from gen.text import embed, encode, pad_chunks
 
-        dev = self.acc.device
+        dev, tokenizer = self.acc.device, self.pipe.tokenizer
         if self.text_cache is None:
             with torch.set_grad_enabled(self.text_encoder_trains()):
-                return encode(self.pipe.tokenizer, self.text_model, captions, dev)
+                return encode(tokenizer, self.text_model, captions, dev)
         with torch.no_grad():
-            for c in {*captions, ""} - set(self.text_cache):
-                self.text_cache[c] = encode(self.pipe.tokenizer, self.text_model, [c], dev)[0]  # (77*K, D)
-        rows = [self.text_cache[c] for c in captions]
-        longest, empty = max(r.shape[0] for r in rows), self.text_cache[""]
-        # Pad shorter prompts with the empty chunk's embedding, as encode() does within a batch.
-        return torch.stack([torch.cat([r, empty.repeat((longest - r.shape[0]) // 77, 1)]) for r in rows])
+            missing = sorted({*captions, ""} - set(self.text_cache))
+            if missing:
+                rows, self.text_cache[""] = embed(tokenizer, self.text_model, missing, dev)
+                self.text_cache.update(zip(missing, rows, strict=True))
+        rows, empty = [self.text_cache[c] for c in captions], self.text_cache[""]
+        return pad_chunks(rows, max(r.shape[0] for r in rows) // empty.shape[0], empty)
 
     # -- state ------------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -359,10 +359,12 @@ def cmd_reproduce(argv: list[str]) -> int:
     p.add_argument(
         "--verify", action="store_true", help="exit 1 if the re-made image differs beyond --tolerance"
     )
+    from gen.metadata import PIXEL_TOLERANCE
+
     p.add_argument(
         "--tolerance",
         type=int,
-        default=1,
+        default=PIXEL_TOLERANCE,
         help="largest allowed pixel difference, 0-255 (default: %(default)s)",
     )
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")

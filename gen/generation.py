@@ -1,7 +1,10 @@
 """Generation as the CLI and `gen.generate` do it: one generator per image, batched, reproducible.
 
 Image k of a run with seed S gets its own generator seeded S + k, so it is the same image whatever the batch
-size or the number of processes (the DiT and per-image VAE decoding are batch-invariant; see gen.models.dit).
+size, its batch-mates or the number of processes: the DiT and per-image VAE decoding are batch-invariant (see
+gen.models.dit), prompts are denoised with their own chunk count (see the pipeline's _denoise), and where the
+CPU's matrix kernels depend on the batch shape or thread count the image stays within
+gen.metadata.PIXEL_TOLERANCE.
 """
 
 from __future__ import annotations

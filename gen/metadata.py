@@ -12,6 +12,10 @@ from PIL import Image, PngImagePlugin
 
 JSON_KEY = "gen"
 A1111_KEY = "parameters"
+# How far an image made again (another batch size, batch-mates, process count, `gen reproduce`) may differ, in
+# 0-255 levels per channel: none where the CPU's matrix kernels do not depend on the batch shape or the thread
+# count (AVX2 machines measured so), one level on a few pixels where they do (seen on an AVX-512 machine).
+PIXEL_TOLERANCE = 1
 _CHUNK = 1 << 20
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import CLIPTokenizer
 
 import gen
+from gen.data import captions as C
 from gen.data import shapes as S
 from gen.data.clip_tokenizer import build
 from gen.weights import DEFAULT_MODEL
@@ -34,9 +35,29 @@ def test_held_out_keeps_every_colour_and_shape_in_training():
 def test_captions_name_the_scene():
     scene = S.Scene("red", "star", "blue", "small", "top left")
     assert S.caption(scene) == "a small red star in the top left on a blue background"
-    for _ in range(20):
-        text = S.caption(scene, random.Random(_))
-        assert "red star" in text and "blue" in text
+    drawn = [S.caption(scene, random.Random(k)) for k in range(600)]
+    wrong = {w for c in drawn for w in c.replace(",", "").split()} - C.vocabulary()
+    assert not wrong
+    false = ({*S.COLOURS, *S.SHAPES} - {"red", "star", "blue"}) | {"large", "big", "right", "bottom", "centre",
+                                                                   "center", "middle"}  # fmt: skip
+    assert not [c for c in drawn if set(c.replace(",", "").split()) & false]  # nothing untrue is named
+    assert {"a red star on a blue background", "a red star", "red star, blue background"} <= set(drawn)
+    assert sum("blue" not in c for c in drawn) > 60 and sum("star" not in c for c in drawn) > 10
+    for word in ("little", "upper", "corner", "at the top left", "in red"):
+        assert any(word in c for c in drawn), word
+
+
+def test_paraphrase_prompts_are_held_out_of_training_captions():
+    scene = S.Scene("green", "cross", "white", "large", "centre")
+    trained = C.training_captions(scene)
+    assert len(trained) > 300 and "a green cross on a white background" in trained
+    for template in C.PARAPHRASES:
+        text = template.format(colour="green", shape="cross", background="white")
+        assert text not in trained, text
+    assert C.prompt(scene, "minimal", random.Random(0)) in trained  # the plain styles are trained phrasings
+    with pytest.raises(ValueError, match="prompt style 'poem' must be one of"):
+        C.prompt(scene, "poem", random.Random(0))
+
     item = S.ShapesDataset(4, seed=0)[2]
     assert (
         item["pixel_values"].shape == (3, 64, 64)
@@ -124,7 +145,8 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, capl
     monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
     argv = ["--out", str(tmp_path / "run"), "--dataset-size", "200", "--clip-steps", "2", "--clip-batch", "16",
             "--vae-steps", "2", "--vae-batch", "4", "--dit-steps", "3", "--dit-batch", "4", "--dit-preset", "tiny",
-            "--judge-steps", "2", "--eval-images-per-prompt", "1", "--checkpoint-minutes", "0"]  # fmt: skip
+            "--judge-steps", "2", "--eval-images-per-prompt", "1", "--dit-checkpoint-steps", "1",
+            "--dit-precision", "no"]  # fmt: skip
     shapes.main(argv)
     model = tmp_path / "run" / "model"
     report = json.loads((model / "training_report.json").read_text())
@@ -135,13 +157,13 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, capl
     assert (tmp_path / "run" / "eval.json").exists() and (tmp_path / "run" / "grid.png").exists()
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         shapes.main(argv)
-    # The DiT stage checkpointed every step (--checkpoint-minutes 0); drop its result and it resumes.
+    # The DiT stage checkpointed every step; drop its result and it resumes.
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "stages" / "dit")
     import logging
 
-    with caplog.at_level(logging.INFO, logger="gen.train.shapes"):
+    with caplog.at_level(logging.INFO, logger="gen.train"):
         shapes.main([*argv, "--overwrite", "--dit-steps", "4"])
-    assert "resuming the DiT from step 3" in caplog.text
+    assert "checkpoint-3 at step 3" in caplog.text
     assert json.loads((model / "training_report.json").read_text())["dit"]["steps"] == 4

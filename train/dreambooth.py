@@ -92,15 +92,8 @@ class DreamBoothTrainer(Trainer):
         return self.o.train_text_encoder or bool(self.o.train_identifier)
 
     def _learn_identifier(self) -> None:
-        """Only the identifier's rows of the token-embedding table learn; prompts without it encode as before, so
-        the base model's behaviour on them is untouched by this part."""
         self.identifier_ids = self.pipe.tokenizer(self.o.train_identifier, add_special_tokens=False).input_ids
-        table = self.pipe.text_encoder.get_input_embeddings().weight
-        table.requires_grad_(True)
-        self.frozen_rows = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
-        self.frozen_rows[self.identifier_ids] = False
-        self.frozen_table = table.detach().clone()
-        self.pipe.text_encoder.train()
+        self.learn_tokens(self.identifier_ids)
 
     def param_groups(self) -> list[dict]:
         if not (self.o.train_identifier and self.o.identifier_learning_rate):
@@ -108,12 +101,6 @@ class DreamBoothTrainer(Trainer):
         table = self.pipe.text_encoder.get_input_embeddings().weight
         rest = [p for p in self.params if p is not table]
         return [{"params": rest}, {"params": [table], "lr": self.o.identifier_learning_rate}]
-
-    def after_optimizer_step(self) -> None:
-        if self.o.train_identifier:  # AdamW's weight decay would move every row; put the others back
-            table = self.pipe.text_encoder.get_input_embeddings().weight
-            with torch.no_grad():
-                table[self.frozen_rows] = self.frozen_table[self.frozen_rows]
 
     def _class_images(self) -> ImageCaptionFolder:
         o = self.o

@@ -2,8 +2,8 @@
 
 Stages, each saved when done so a rerun with the same --out skips it: render the shapes data; train a tiny CLIP
 (its text tower becomes the pipeline's text encoder, its vision tower part of the evaluator); train the VAE;
-train the DiT on VAE latents with the frozen text encoder (caption dropout, min-SNR, EMA; checkpointed every
-few minutes and resumable); train and verify the judge; evaluate; write the pipeline folder DIR/model.
+train the DiT on VAE latents with captions as people write them (gen.data.captions) on gen.train.trainer's loop
+(caption dropout, min-SNR, EMA, bf16; checkpointed and resumable); train and verify the judge; evaluate; write the pipeline folder DIR/model.
 Every stage runs for a time budget (and a step cap), so the whole run has a known length on any machine.
 """
 
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -27,17 +25,10 @@ from gen import eval as gen_eval
 from gen.eval import Judge
 from gen.models import DiT, dit_from_preset
 from gen.pipelines import TextToImagePipeline
-from gen.train import checkpoint
 from gen.train import shapes_parts as P
-from gen.train.common import (
-    EMA,
-    atomic_folder,
-    atomic_write_text,
-    denoiser_loss,
-    parse_options,
-    save_options,
-    seed_everything,
-)
+from gen.train.common import atomic_folder, atomic_write_text, parse_options, save_options, seed_everything
+from gen.train.shapes_dit import RenderedShapes, ShapesDiTTrainer
+from gen.train.trainer import TrainOptions
 from gen.weights import DEFAULT_MODEL
 
 logger = logging.getLogger("gen.train.shapes")
@@ -68,7 +59,14 @@ class ShapesOptions:
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    checkpoint_minutes: float = 10.0
+    dit_warmup: int = 500
+    token_lr: float = field(
+        default=5e-3, metadata={"help": "learning rate of caption words new to the text encoder"}
+    )
+    dit_precision: str = field(
+        default="bf16", metadata={"help": "no or bf16 (autocast; ~2x faster on CPUs too)"}
+    )
+    dit_checkpoint_steps: int = 500
     judge_minutes: float = 4.0
     judge_steps: int = 3000
     eval_images_per_prompt: int = 4
@@ -140,77 +138,39 @@ def train_scheduler() -> DDPMScheduler:
                          clip_sample=False, timestep_spacing="trailing")  # fmt: skip
 
 
-@torch.no_grad()
-def encode_latents(vae, data: P.Data, device, batch: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(data.images), batch):
-        x = data.images[i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
-    return torch.cat(out)  # (N, 4, h, w)
-
-
-def stage_dit(o: ShapesOptions, text_encoder, vae, data: P.Data, device) -> Path:
+def stage_dit(o: ShapesOptions, text_encoder, vae, tokenizer, data: P.Data) -> Path:
+    """The DiT on gen.train.trainer's loop (see gen.train.shapes_dit), then its EMA weights as a stage."""
     folder = o.out / "stages" / "dit"
     if (folder / "report.json").exists():
         return folder
-    latents = encode_latents(vae, data, device)
-    scheduler = train_scheduler()
+    latent = o.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     if o.init_from:
-        dit = DiT.from_pretrained(Path(o.init_from) / "transformer").float().to(device)
+        dit = DiT.from_pretrained(Path(o.init_from) / "transformer").float()
     else:
-        dit = dit_from_preset(o.dit_preset, sample_size=latents.shape[-1], in_channels=latents.shape[1],
-                              cross_attention_dim=text_encoder.config.hidden_size).to(device)  # fmt: skip
-    opt = torch.optim.AdamW(dit.parameters(), lr=o.dit_lr, weight_decay=0.0)
-    ema = EMA(dit, o.ema_decay)
-    ckpt_dir = o.out / "stages" / "dit-checkpoints"
-    start, g = 0, torch.Generator().manual_seed(o.seed)
-    resume = checkpoint.resolve(ckpt_dir, "latest")
-    if resume:  # weights, EMA, optimiser, step and the data RNG
-        state = checkpoint.load(resume, device)
-        dit.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        start = state["step"]
-        g.set_state(state["rng"].cpu())
-        logger.info("resuming the DiT from step %d", start)
-    # accelerate does device placement, bf16 autocast on GPUs and, under `accelerate launch`, data parallelism.
-    acc = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
-    model, opt = acc.prepare(dit, opt)
-    rng, last_save, losses = random.Random(o.seed + start), time.monotonic(), []
-    text_encoder.to(device).requires_grad_(False)
-    dit.train()
-    step = start
-    for step in P.timed_steps(o.dit_minutes, o.dit_steps - start, "dit"):
-        step += start
-        P.warmup_lr(opt, step, o.dit_lr, 500)
-        idx = torch.randint(0, len(latents), (o.dit_batch,), generator=g)
-        ids = data.ids[idx]
-        drop = torch.tensor([rng.random() < o.caption_dropout for _ in range(len(idx))])
-        ids[drop] = data.empty_ids
-        with acc.autocast():
-            with torch.no_grad():
-                context = text_encoder(ids.to(device))[0]  # (B, 77, D_text)
-            loss = denoiser_loss(model, scheduler, latents[idx.to(latents.device)], context, o.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(dit)
-        losses.append(loss.item())
-        if step % 500 == 0:
-            logger.info("dit step %d loss %.4f", step, sum(losses[-500:]) / len(losses[-500:]))
-        if time.monotonic() - last_save > o.checkpoint_minutes * 60:
-            state = {"model": dit.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                     "step": step + 1, "rng": g.get_state()}  # fmt: skip
-            checkpoint.save(ckpt_dir, step + 1, state, total_limit=1)
-            last_save = time.monotonic()
-    ema.copy_to(dit)
-    report = {"steps": step + 1, "final_loss": sum(losses[-200:]) / max(len(losses[-200:]), 1),
-              "parameters": sum(p.numel() for p in dit.parameters())}  # fmt: skip
+        dit = dit_from_preset(o.dit_preset, sample_size=latent, in_channels=vae.config.latent_channels,
+                              cross_attention_dim=text_encoder.config.hidden_size)  # fmt: skip
+    pipe = TextToImagePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=train_scheduler(),
+                               transformer=dit)  # fmt: skip
+    run = o.out / "stages" / "dit-run"
+    options = TrainOptions(
+        output_dir=str(run), resolution=o.resolution, batch_size=o.dit_batch, max_steps=o.dit_steps,
+        learning_rate=o.dit_lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=o.dit_warmup,
+        mixed_precision=o.dit_precision, caption_dropout=o.caption_dropout, min_snr_gamma=o.min_snr_gamma,
+        ema_decay=o.ema_decay, cache_latents=True, seed=o.seed, max_minutes=o.dit_minutes,
+        checkpointing_steps=o.dit_checkpoint_steps, checkpoints_total_limit=1, resume="latest",
+    )  # fmt: skip
+    trainer = ShapesDiTTrainer(options, pipe, RenderedShapes(data.images, data.scenes), o.token_lr)
+    started = time.monotonic()
+    trainer.run()
+    minutes = (time.monotonic() - started) / 60
+    losses = trainer.losses[-200:]
+    report = {"steps": trainer.step, "final_loss": sum(losses) / max(len(losses), 1), "minutes": round(minutes, 1),
+              "images_per_second": round(trainer.images_seen / max(minutes * 60, 1e-9), 1),
+              "parameters": sum(p.numel() for p in dit.parameters()), "precision": o.dit_precision}  # fmt: skip
 
     def write(tmp: Path) -> None:
-        dit.eval().save_pretrained(tmp / "transformer")
-        scheduler.save_pretrained(tmp / "scheduler")
+        for name in ("transformer", "text_encoder", "scheduler"):
+            shutil.copytree(run / name, tmp / name)
         _write_json(tmp / "report.json", report)
 
     return atomic_folder(folder, write, overwrite=True)
@@ -235,7 +195,8 @@ def stage_judge(o: ShapesOptions, device) -> Path:
 
 def assemble(o: ShapesOptions, tokenizer: CLIPTokenizer, stages: dict[str, Path], device) -> Path:
     """The shipped folder: the pipeline (fp16 weights, loaded as fp32), the CLIP vision tower and the judge."""
-    text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder")
+    # The DiT stage's text encoder: the CLIP's, with the embeddings of words it learned alongside the DiT.
+    text_encoder = CLIPTextModel.from_pretrained(stages["dit"] / "text_encoder")
     pipe = TextToImagePipeline(
         vae=_load_vae(stages["vae"]),
         text_encoder=text_encoder, tokenizer=tokenizer,
@@ -325,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"clip": stage_clip(o, tokenizer, data, device), "vae": stage_vae(o, data, device)}
     text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder").float().to(device).eval()
     vae = _load_vae(stages["vae"]).float().to(device).eval()
-    stages["dit"] = stage_dit(o, text_encoder, vae, data, device)
+    stages["dit"] = stage_dit(o, text_encoder, vae, tokenizer, data)
     stages["judge"] = stage_judge(o, device)
     model = assemble(o, tokenizer, stages, device)
     print(f"model: {model} ({sum(f.stat().st_size for f in model.rglob('*') if f.is_file()) / 1e6:.1f} MB)")

@@ -167,9 +167,9 @@ def split_clip(clip: CLIPModel) -> tuple[CLIPTextModel, CLIPVisionModelWithProje
 
 def used_token_ids(tokenizer) -> torch.Tensor:
     """Every token id the caption grammar can produce (plus specials), to keep when pruning the embedding."""
-    words = set(" ".join(S.caption(S.Scene(c, s, b, z, p), None) for c in S.COLOURS for s in S.SHAPES + S.EXTRA_SHAPES
-                         for b in ("red",) for z in S.SIZES for p in S.POSITIONS).replace(",", " , ").split())  # fmt: skip
-    words |= {"on", "background", "with", "in", "the", "middle", ",", "sks", "shape", "a"}
+    from gen.data.captions import vocabulary
+
+    words = vocabulary()
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     for w in words:
         ids.update(tokenizer(w, add_special_tokens=False).input_ids)

@@ -73,6 +73,9 @@ class TrainOptions:
         default=False, metadata={"help": "embed each caption once (frozen text encoder)"}
     )
     seed: int = 0
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "stop (checkpoint and save) after this long; 0: no limit"}
+    )
     checkpointing_steps: int = 0
     checkpoints_total_limit: int = 0
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
@@ -96,9 +99,8 @@ def _check_report_to(report_to: str) -> None:
 
 class Trainer:
     def __init__(self, o: TrainOptions):
-        from gen.weights import load_pipeline
-
         self.o, self.out = o, Path(o.output_dir)
+        self.frozen_rows: torch.Tensor | None = None  # token-embedding rows put back after each step
         if o.cache_text and self.text_encoder_trains():
             raise SystemExit("--cache-text needs a frozen text encoder, and this run trains it")
         _check_report_to(o.report_to)
@@ -107,7 +109,7 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.gradient_accumulation_steps,
                                cpu=not torch.cuda.is_available(), log_with=o.report_to or None,
                                project_dir=self.out / "logs")  # fmt: skip
-        self.pipe = load_pipeline(o.model or None)
+        self.pipe = self.load()
         self.scheduler = noise_scheduler(self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr)
         self.pipe.scheduler = inference_scheduler(self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr)
         self.pipe.vae.requires_grad_(False)
@@ -130,6 +132,12 @@ class Trainer:
         self.opt = self.acc.prepare(self.opt)
 
     # -- what a script changes ----------------------------------------------------------------------------------------
+    def load(self):
+        """The pipeline to train (default: --model, or the embedded model)."""
+        from gen.weights import load_pipeline
+
+        return load_pipeline(self.o.model or None)
+
     def prepare_models(self) -> None:
         """Make the parameters that train require grad (default: the whole denoiser, and the text encoder if asked)."""
         self.pipe.denoiser.requires_grad_(True).train()
@@ -291,6 +299,11 @@ class Trainer:
             self.restore(resume)
         started, first = time.perf_counter(), self.step
         while self.step < o.max_steps:
+            if o.max_minutes and time.perf_counter() - started > o.max_minutes * 60:
+                logger.info("time budget of %.1f min reached at step %d", o.max_minutes, self.step)
+                if main and o.checkpointing_steps:  # a later run with more time continues from here
+                    checkpoint.save(self.out, self.step, self.state(), o.checkpoints_total_limit or None)
+                break
             loss = self.train_step()
             if self.step % 10 == 0 or self.step == o.max_steps:
                 logger.info("step %d loss %.4f lr %.2e", self.step, loss, self.lr.get_last_lr()[0])
@@ -322,8 +335,22 @@ class Trainer:
         self.acc.free_memory()
         self.acc.end_training()
 
+    def learn_tokens(self, ids: list[int]) -> None:
+        """Only these rows of the token-embedding table learn (pivotal tuning, new words); prompts without them
+        encode as before. The other rows are put back after every step (AdamW's weight decay moves every row)."""
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        self.frozen_rows = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+        self.frozen_rows[ids] = False
+        self.frozen_table = table.detach().clone()
+        self.pipe.text_encoder.train()
+
     def after_optimizer_step(self) -> None:
-        """Called after each optimizer step (DreamBooth puts back the token embeddings that must not move)."""
+        """Called after each optimizer step: puts back the token embeddings that must not move."""
+        if self.frozen_rows is not None:
+            table = self.pipe.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                table[self.frozen_rows] = self.frozen_table[self.frozen_rows]
 
     def every_step(self) -> None:
         """Called after each step (text_to_image writes --save-every folders here)."""

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gen.data.captions import caption  # noqa: F401  (re-exported: the data's captions)
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),
@@ -83,32 +85,6 @@ def sample_scene(rng: random.Random, split: str = "train", shapes: tuple[str, ..
         scene = Scene(colour, shape, background, rng.choice(SIZES), rng.choice(POSITIONS))
         if split != "train" or not is_held_out(scene):
             return scene
-
-
-def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """One of a few phrasings; rng=None gives the canonical one used in evaluation prompts.
-
-    With an rng, size and position are each left out now and then, so short prompts ("a red circle on a blue
-    background") are in the training distribution too: an unnamed attribute may then be anything.
-    """
-    where = "in the centre" if scene.position == "centre" else f"in the {scene.position}"
-    size = scene.size
-    if rng is not None:
-        size = "" if rng.random() < 0.25 else size
-        where = "" if rng.random() < 0.25 else where
-    thing = " ".join(w for w in (size, scene.colour, scene.shape) if w)
-    spot = f" {where}" if where else ""
-    forms = [
-        f"a {thing}{spot} on a {scene.background} background",
-        f"a {thing}{spot} on {scene.background}",
-        f"a {scene.background} background with a {thing}{spot}",
-        f"{where}, a {thing} on a {scene.background} background"
-        if where
-        else f"a {thing} on a {scene.background} background",
-    ]
-    if rng is None:
-        return forms[0]
-    return rng.choice(forms)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

@@ -257,6 +257,7 @@ def cmd_eval(argv: list[str]) -> int:
         "--guidance-interval", type=_interval, default=None, help="START,END: CFG only in this part"
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance_scale=1 comparison")
+    p.add_argument("--no-styles", action="store_true", help="skip the prompt-style table and the probes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.images_per_prompt < 1 or args.steps < 1:
@@ -265,7 +266,8 @@ def cmd_eval(argv: list[str]) -> int:
 
     _quiet_libraries()
     report = gen_eval.run(args.model, args.images_per_prompt, args.guidance, args.steps, args.seed, args.grid,
-                          dtype=args.dtype, guidance_interval=args.guidance_interval, no_cfg=not args.no_baseline)  # fmt: skip
+                          dtype=args.dtype, guidance_interval=args.guidance_interval, no_cfg=not args.no_baseline,
+                          styles=not args.no_styles)  # fmt: skip
     print(json.dumps(report, indent=2) if args.json else gen_eval.format_report(report))
     return 0
 

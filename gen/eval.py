@@ -116,20 +116,75 @@ def score(judge: Judge, images: torch.Tensor, scenes: list[S.Scene]) -> dict[str
     return out
 
 
+def generate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float, batch_size: int = 32,
+             **kwargs) -> torch.Tensor:  # fmt: skip
+    """Images (N, 3, H, W) in [-1, 1], one per (prompt, seed)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + batch_size]]
+        images = pipe(prompts[i : i + batch_size], guidance_scale=guidance_scale, generator=gens,
+                      output_type="pt", **kwargs).images  # fmt: skip
+        out.append(images * 2 - 1)
+    return torch.cat(out)
+
+
 def generate_for(pipe, scenes: list[S.Scene], images_per_prompt: int, guidance_scale: float, seed: int,
                  batch_size: int = 32, **kwargs) -> tuple[torch.Tensor, list[S.Scene]]:  # fmt: skip
     """Images (N, 3, H, W) in [-1, 1] for each scene's canonical caption, one fixed seed per image."""
     jobs = [(s, seed + k) for s in scenes for k in range(images_per_prompt)]
-    out = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i : i + batch_size]
-        gens = [torch.Generator().manual_seed(sd) for _, sd in chunk]
-        prompts = [S.caption(s) for s, _ in chunk]
-        images = pipe(
-            prompts, guidance_scale=guidance_scale, generator=gens, output_type="pt", **kwargs
-        ).images
-        out.append(images * 2 - 1)
-    return torch.cat(out), [s for s, _ in jobs]
+    prompts, seeds = [S.caption(s) for s, _ in jobs], [sd for _, sd in jobs]
+    return generate(pipe, prompts, seeds, guidance_scale, batch_size, **kwargs), [s for s, _ in jobs]
+
+
+def score_named(judge: Judge, images: torch.Tensor, scenes: list[S.Scene], named: tuple[str, ...]) -> dict:
+    """Accuracy of the attributes a prompt named, "clean" (one confidently recognised shape whose colour differs
+    from the background's: not a blob, not a half-drawn or colour-swapped picture), and "all" (both)."""
+    with torch.no_grad():
+        logits = judge(images.to(judge.device, judge.dtype))
+    pred = {a: v.argmax(-1).cpu() for a, v in logits.items()}
+    right = {a: pred[a] == torch.tensor([s.labels()[a] for s in scenes]) for a in named}
+    clean = (logits["shape"].float().softmax(-1).amax(-1).cpu() >= 0.9) & (
+        pred["colour"] != pred["background"]
+    )
+    out = {a: r.float().mean().item() for a, r in right.items()}
+    out["clean"] = clean.float().mean().item()
+    out["all"] = (torch.stack(list(right.values())).all(0) & clean).float().mean().item()
+    return out
+
+
+def evaluate_styles(pipe, judge: Judge, images_per_prompt: int = 2, guidance_scale: float = 5.0, seed: int = 0,
+                    per_split: int = 20, **kwargs) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Accuracy per prompt style (gen.data.captions.STYLES) and split, judging only what each style names."""
+    from gen.data import captions as C
+
+    result: dict = {}
+    for style in C.STYLES:
+        rng = random.Random(f"{seed}/{style}")
+        for split, scenes in eval_scenes(per_split).items():
+            jobs = [(s, seed + k) for s in scenes for k in range(images_per_prompt)]
+            prompts = [C.prompt(s, style, rng) for s, _ in jobs]
+            images = generate(pipe, prompts, [sd for _, sd in jobs], guidance_scale, **kwargs)
+            result.setdefault(style, {})[split] = score_named(
+                judge, images, [s for s, _ in jobs], C.NAMED[style]
+            )
+    return result
+
+
+def probe(pipe, judge: Judge, seeds: int = 16, guidance_scale: float = 5.0, **kwargs) -> dict:
+    """The README's first prompt over many seeds, and how varied the backgrounds of under-specified prompts are."""
+    target = S.Scene("red", "circle", "blue", "large", "centre")
+    images = generate(
+        pipe, ["a red circle on a blue background"] * seeds, list(range(seeds)), guidance_scale, **kwargs
+    )
+    first = score_named(judge, images, [target] * seeds, ("colour", "shape", "background"))
+    out = {"a red circle on a blue background": f"{round(first['all'] * seeds)}/{seeds}"}
+    for text in ("a circle", "a shape on a white background", "a red circle"):
+        images = generate(pipe, [text] * seeds, list(range(seeds)), guidance_scale, **kwargs)
+        with torch.no_grad():
+            pred = judge.predict(images.to(judge.device))
+        names = {a: [CLASSES[a][i] for i in pred[a].tolist()] for a in ("background", "colour", "shape")}
+        out[text] = {a: len(set(v)) for a, v in names.items()}  # distinct values judged over the seeds
+    return out
 
 
 def evaluate(pipe, judge: Judge, images_per_prompt: int = 4, guidance_scale: float = 5.0, seed: int = 0,
@@ -186,8 +241,9 @@ def save_grid(
 def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_scale: float = 5.0,
         num_inference_steps: int = 20, seed: int = 0, grid: str | Path | None = None, device: str = "cpu",
         batch_size: int = 32, dtype: str = "fp32", guidance_interval: tuple[float, float] | None = None,
-        no_cfg: bool = True) -> dict:  # fmt: skip
-    """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, grid."""
+        no_cfg: bool = True, styles: bool = True) -> dict:  # fmt: skip
+    """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, prompt
+    styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid."""
     import time
 
     from gen.generation import DTYPES
@@ -218,6 +274,9 @@ def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_sc
         seconds = time.perf_counter() - start
         report[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images,
                         "s_per_image": seconds / r.images}  # fmt: skip
+    if styles:
+        report["styles"] = evaluate_styles(pipe, judge, images_per_prompt, guidance_scale, seed, **common)
+        report["probe"] = probe(pipe, judge, 16, guidance_scale, **common)
     if grid is not None:
         scenes = eval_scenes(8)
         save_grid(pipe, Path(grid), scenes["seen"][:4] + scenes["held-out"][:4], [seed + k for k in range(4)],
@@ -244,6 +303,21 @@ def format_report(report: dict) -> str:
             row = "".join(f"{100 * acc[c]:11.1f}" for c in cols)
             per_image = f"{block['s_per_image']:9.3f}" if "s_per_image" in block else ""
             lines.append(f"{name:<10}{split:<10}{row}{'' if clip is None else f'{clip:8.1f}'}{per_image}")
+    if "styles" in report:
+        lines += _format_styles(report["styles"], report["probe"])
     if "grid" in report:
         lines.append(f"grid: {report['grid']}")
     return "\n".join(lines)
+
+
+def _format_styles(styles: dict, probes: dict) -> list[str]:
+    cols = ["background", "colour", "shape", "size", "position", "clean", "all"]
+    lines = ["prompt styles (% right of what each names; 'all' = every named attribute and a clean shape):",
+             f"{'style':<13}{'split':<10}" + "".join(f"{c:>11}" for c in cols)]  # fmt: skip
+    for style, splits in styles.items():
+        for split, acc in splits.items():
+            row = "".join(f"{100 * acc[c]:11.1f}" if c in acc else f"{'-':>11}" for c in cols)
+            lines.append(f"{style:<13}{split:<10}{row}")
+    for text, value in probes.items():
+        lines.append(f"{text!r}: {value}")
+    return lines

@@ -16,6 +16,7 @@ another model. Files hold peft keys prefixed with the component name ("transform
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -217,6 +218,36 @@ class LoraMixin:
         if tokens:
             self.load_textual_inversion(str(path))
             self._lora_tokens = [*getattr(self, "_lora_tokens", []), *tokens]
+
+    def _scale_text_encoder_lora(self, cross_attention_kwargs: dict | None) -> None:
+        """What StableDiffusionPipeline.encode_prompt does with `lora_scale`: the text encoder's LoRA layers
+        scaled by cross_attention_kwargs["scale"] while the prompt is encoded (the denoiser scales its own in
+        forward). `_unscale_text_encoder_lora` undoes it after encoding."""
+        self._unscale_text_encoder_lora()  # left scaled by a call that raised while encoding
+        if cross_attention_kwargs is None:
+            return
+        if not isinstance(cross_attention_kwargs, dict):
+            raise ValueError(
+                f"cross_attention_kwargs must be a dict such as {{'scale': 0.5}}, got {cross_attention_kwargs!r}"
+            )
+        scale = cross_attention_kwargs.get("scale")
+        if scale is None:
+            return
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(
+                f"cross_attention_kwargs['scale'] {scale!r} must be a finite number (LoRA weight)"
+            )
+        from diffusers.utils.peft_utils import scale_lora_layers
+
+        scale_lora_layers(self.text_encoder, scale)
+        self._text_encoder_lora_scale = scale
+
+    def _unscale_text_encoder_lora(self) -> None:
+        from diffusers.utils.peft_utils import unscale_lora_layers
+
+        scale, self._text_encoder_lora_scale = getattr(self, "_text_encoder_lora_scale", None), None
+        if scale is not None:
+            unscale_lora_layers(self.text_encoder, scale)
 
     def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""

@@ -170,6 +170,10 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return getattr(self, "_cross_attention_kwargs", None)
+
     # -- inputs ------------------------------------------------------------------------------------------------
     def check_inputs(self, *args, **kwargs) -> None:
         """Refuse bad input before any work, naming the value and the rule (see gen.pipelines.checks)."""
@@ -279,7 +283,10 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # Both denoisers share UNet2DConditionModel's calling convention.
-        return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        kw = self.cross_attention_kwargs  # {"scale": s} scales the LoRA, as in StableDiffusionPipeline
+        return self.denoiser(
+            x, t, encoder_hidden_states=context, cross_attention_kwargs=kw, return_dict=False
+        )[0]
 
     def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
@@ -330,6 +337,8 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        # {"scale": s}: the LoRA weight on the denoiser and the text encoder, as in StableDiffusionPipeline
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         clip_skip: int | None = None,
@@ -345,13 +354,16 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
             guidance_interval,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
+        self._scale_text_encoder_lora(cross_attention_kwargs)  # as SD's encode_prompt(lora_scale=)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip, truncate_long_prompts, prompt_weighting,
         )  # fmt: skip
+        self._unscale_text_encoder_lora()
         steps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )

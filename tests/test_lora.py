@@ -348,6 +348,53 @@ def test_cli_lora_takes_a_folder(tokenizer, tmp_path):
     assert abs(run(pipe) - want).max() < 1e-5
 
 
+def test_cross_attention_scale_equals_stable_diffusion_pipeline(tokenizer, tmp_path):
+    import inspect
+
+    from gen.pipelines import TextToImagePipeline
+
+    assert "cross_attention_kwargs" in inspect.signature(TextToImagePipeline.__call__).parameters
+    ours, sd = sd_twin(tokenizer)
+    file = kohya_file(tmp_path / "style.safetensors", tokenizer)  # denoiser and text encoder
+    ours.load_lora_weights(file)
+    sd.load_lora_weights(str(file))
+    full = run(sd)
+    half = run(sd, cross_attention_kwargs={"scale": 0.5})
+    diff = abs(run(ours, cross_attention_kwargs={"scale": 0.5}) - half).max()
+    assert diff < 1e-5, diff  # measured 5.4e-7
+    assert abs(half - full).max() > 1e-3
+    assert abs(run(ours) - full).max() < 1e-5  # the scale lasts one call
+
+
+def scaled(pipe, scale):
+    return run(pipe, cross_attention_kwargs={"scale": scale})
+
+
+def test_cross_attention_scale_on_the_dit(tokenizer, tmp_path):
+    src = adapted_both(tokenizer, "transformer", 9)
+    src.save_lora_weights(tmp_path / "both.safetensors")
+    pipe = components.pipeline(tokenizer, "transformer")
+    base = run(pipe)
+    pipe.load_lora_weights(tmp_path / "both.safetensors")
+    lora = run(pipe)
+    assert abs(lora - base).max() > 1e-3
+    assert abs(scaled(pipe, 0.0) - base).max() < 1e-5  # both the DiT's and the text encoder's LoRA off
+    assert abs(scaled(pipe, 1.0) - lora).max() < 1e-5
+    half = scaled(pipe, 0.5)
+    assert abs(half - base).max() > 1e-4 and abs(half - lora).max() > 1e-4
+    assert abs(run(pipe) - lora).max() < 1e-5  # the scale lasts one call
+    # ... and the text encoder is unscaled as soon as the prompt is encoded, as in StableDiffusionPipeline.
+    with torch.no_grad():
+        emb = pipe.encode_prompt("a red circle", "cpu", do_classifier_free_guidance=False)[0]
+        scaled(pipe, 0.5)
+        assert torch.allclose(
+            pipe.encode_prompt("a red circle", "cpu", do_classifier_free_guidance=False)[0], emb
+        )
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs\['scale'\] 'x' must be a finite number"):
+        scaled(pipe, "x")
+    assert abs(run(pipe) - lora).max() < 1e-5
+
+
 def test_lora_sources_are_refused_with_one_line_errors(tokenizer, tmp_path):
     from safetensors.torch import save_file
 

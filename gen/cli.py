@@ -146,7 +146,7 @@ def generate_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
-        help="apply a LoRA file (repeatable; weight 1 by default)",
+        help="apply a LoRA file or folder, diffusers' or kohya's format (repeatable; weight 1 by default)",
     )
     a(
         "--allow-pickle",

@@ -47,7 +47,7 @@ class Options:
     compile: bool = False
     guidance_interval: tuple[float, float] | None = None
     allow_pickle: bool = False
-    lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT
+    lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT, PATH a LoRA file or folder
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -86,7 +86,8 @@ def check_options(o: Options) -> None:
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """PATH or PATH:WEIGHT (the weight after the last colon, if it is a number)."""
+    """PATH or PATH:WEIGHT (the weight after the last colon, if it is a number). PATH is a LoRA file (diffusers' or
+    kohya's format) or a folder holding pytorch_lora_weights.safetensors."""
     path, _, weight = spec.rpartition(":")
     if path:
         try:

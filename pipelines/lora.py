@@ -6,11 +6,18 @@ UNet2DConditionModel carry, and adds what gen promises: safetensors only, and a 
 another model. Files hold peft keys prefixed with the component name ("transformer." / "unet.", and
 "text_encoder." when the text encoder was adapted too) and the adapters' LoraConfig under the
 "lora_adapter_metadata" header key, as diffusers' `load_lora_weights` reads and writes them.
+
+`load_lora_weights` takes what StableDiffusionPipeline's takes, from local paths only: a file, a folder (with
+`weight_name=`, default pytorch_lora_weights.safetensors) or a state dict. On a UNet pipeline, kohya / A1111 files
+(`lora_unet_…` / `lora_te_…` keys with `.alpha`) and older diffusers files go through diffusers' own converter
+(`StableDiffusionLoraLoaderMixin.lora_state_dict`), so they give the images StableDiffusionPipeline gives.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +25,39 @@ from safetensors.torch import load_file, save_file
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the adapters' LoraConfig in the file header
 TEXT_ENCODER = "text_encoder"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name in a LoRA folder
+PICKLE_LORA_FILE = "pytorch_lora_weights.bin"  # its pickle twin, read only with allow_pickle
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya-ss / A1111 key names
+# diffusers' download options: no-ops for the local paths gen loads, accepted so diffusers code runs unchanged.
+HUB_OPTIONS = {"cache_dir", "force_download", "proxies", "local_files_only", "token", "revision"}
+
+
+def _lora_file(
+    source: Path, weight_name: str | None, subfolder: str | None, use_safetensors: bool | None
+) -> Path:
+    """The file a path names: itself, or in a folder `weight_name` (default pytorch_lora_weights.safetensors, then
+    its .bin twin, as diffusers looks). Nothing is downloaded."""
+    path = source / subfolder if subfolder else source
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"LoRA {str(path)!r} does not exist; give a local file, a folder holding {LORA_FILE}, or a state dict"
+            " (nothing is downloaded)"
+        )
+    names = [weight_name] if weight_name else [LORA_FILE, PICKLE_LORA_FILE]
+    if use_safetensors is False and not weight_name:
+        names.reverse()
+    elif use_safetensors and not weight_name:
+        names = names[:1]
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith("_emb.safetensors"))
+    raise FileNotFoundError(
+        f"{path / names[0]} does not exist; pass weight_name= the LoRA file in that folder"
+        f" ({', '.join(found) if found else 'it has no .safetensors files'})"
+    )
 
 
 def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
@@ -59,41 +99,112 @@ class LoraMixin:
         return set(getattr(self.text_encoder, "peft_config", None) or {})
 
     def load_lora_weights(
-        self, path: str | Path, adapter_name: str | None = None, allow_pickle: bool = False
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        allow_pickle: bool = False,
+        **kwargs,
     ) -> str:
-        """Load a LoRA file (denoiser, and text encoder if it has one) as a named adapter; returns the name."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
-        state, metadata = _read(path, allow_pickle)
+        """Load a LoRA (denoiser, and text encoder if it has one) as a named adapter; returns the name.
+
+        As StableDiffusionPipeline.load_lora_weights: a file, a folder (`weight_name=`, default
+        pytorch_lora_weights.safetensors; `subfolder=`) or a state dict (dict of tensors); kohya / A1111 files on
+        a UNet. Local paths only, safetensors only unless allow_pickle=True (pickle can run code). A DreamBooth
+        identifier embedding `<stem>_emb.safetensors` beside the file is loaded with it.
+        """
+        weight_name = kwargs.pop("weight_name", None)
+        subfolder = kwargs.pop("subfolder", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        unknown = sorted(set(kwargs) - HUB_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"load_lora_weights() got unexpected keyword arguments {unknown}; it takes adapter_name,"
+                " weight_name, subfolder, use_safetensors, allow_pickle (and diffusers' download options, unused)"
+            )
+        source = pretrained_model_name_or_path_or_dict
+        path = None
+        if isinstance(source, dict):
+            bad = next((k for k, v in source.items() if not isinstance(v, torch.Tensor)), None)
+            if bad is not None:
+                raise ValueError(
+                    f"the LoRA state dict's {bad!r} is not a tensor ({type(source[bad]).__name__}); give names -> tensors"
+                )
+            state, metadata, label = dict(source), None, "the LoRA state dict"
+        elif isinstance(source, (str, os.PathLike)):
+            path = _lora_file(Path(source), weight_name, subfolder, use_safetensors)
+            state, metadata = _read(path, allow_pickle)
+            label = str(path)
+        else:
+            raise TypeError(
+                f"load_lora_weights() takes a file, a folder or a state dict, got {type(source).__name__}"
+            )
+        state, network_alphas = self._convert_lora(state, label)
+        if network_alphas:
+            metadata = None  # kohya's alphas give the scales (diffusers takes one or the other)
         prefix = self._lora_prefix()
         mine = {k: v for k, v in state.items() if k.startswith(prefix + ".")}
         text = {k: v for k, v in state.items() if k.startswith(TEXT_ENCODER + ".")}
+        found = sorted({k.split(".")[0] for k in state})
         if not mine:
-            found = sorted({k.split(".")[0] for k in state})
             raise ValueError(
-                f"{path} is a LoRA for {', '.join(found) or 'nothing'}; this pipeline's denoiser is `{prefix}`"
+                f"{label} is a LoRA for {', '.join(found) or 'nothing'}; this pipeline's denoiser is `{prefix}`"
+            )
+        other = [f for f in found if f not in (prefix, TEXT_ENCODER)]
+        if other:
+            raise ValueError(
+                f"{label} also has weights for {', '.join(other)}, which this pipeline lacks (a LoRA for another"
+                f" model, e.g. SDXL?); it has `{prefix}` and `{TEXT_ENCODER}`"
             )
         name = (
             adapter_name
             or f"adapter_{len(self.denoiser.peft_config) if getattr(self.denoiser, 'peft_config', None) else 0}"
         )
         try:
-            self.denoiser.load_lora_adapter(mine, prefix=prefix, adapter_name=name, metadata=metadata)
+            self.denoiser.load_lora_adapter(
+                mine, prefix=prefix, adapter_name=name, metadata=metadata, network_alphas=network_alphas
+            )
             if text:
                 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
                 StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                    text, network_alphas=None, text_encoder=self.text_encoder, prefix=TEXT_ENCODER,
+                    text, network_alphas=network_alphas, text_encoder=self.text_encoder, prefix=TEXT_ENCODER,
                     adapter_name=name, _pipeline=self, metadata=metadata,
                 )  # fmt: skip
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             detail = str(e).strip().splitlines()[-1][:300]
             raise ValueError(
-                f"{path} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"
+                f"{label} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"
             ) from None
-        self._load_identifier(path.with_name(path.stem + "_emb.safetensors"))
+        if path is not None:
+            self._load_identifier(path.with_name(path.stem + "_emb.safetensors"))
         return name
+
+    def _convert_lora(self, state: dict, label: str) -> tuple[dict, dict | None]:
+        """kohya / A1111 and older diffusers key names -> diffusers' (`unet.…`, `text_encoder.…`), with kohya's
+        per-module alphas, by diffusers' own StableDiffusionLoraLoaderMixin.lora_state_dict (UNet pipelines)."""
+        alphas = None
+        if self.denoiser_name == "transformer" and any(k.startswith(KOHYA_PREFIXES) for k in state):
+            raise ValueError(
+                f"{label} is a kohya / A1111 LoRA (lora_unet_… / lora_te_… keys): those are for Stable Diffusion"
+                " UNets, not this pipeline's DiT"
+            )
+        if self.denoiser_name == "unet":
+            from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+            try:
+                state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as e:  # kohya keys it cannot map
+                detail = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
+                raise ValueError(f"{label}: diffusers cannot convert this kohya LoRA: {detail}") from None
+        odd = next((k for k in state if "lora" not in k), None)
+        if odd is not None:
+            raise ValueError(f"{label} is not a LoRA: its key {odd!r} names no LoRA weight")
+        mixed = next((k for k in state if k.startswith(KOHYA_PREFIXES)), None)
+        if mixed is not None:
+            raise ValueError(
+                f"{label} mixes kohya keys ({mixed!r}) with other keys; diffusers converts only all-kohya files"
+            )
+        return state, alphas
 
     def _load_identifier(self, path: Path) -> None:
         """A DreamBooth LoRA trained with --train-identifier has the identifier's token embedding beside it (a
@@ -107,6 +218,36 @@ class LoraMixin:
         if tokens:
             self.load_textual_inversion(str(path))
             self._lora_tokens = [*getattr(self, "_lora_tokens", []), *tokens]
+
+    def _scale_text_encoder_lora(self, cross_attention_kwargs: dict | None) -> None:
+        """What StableDiffusionPipeline.encode_prompt does with `lora_scale`: the text encoder's LoRA layers
+        scaled by cross_attention_kwargs["scale"] while the prompt is encoded (the denoiser scales its own in
+        forward). `_unscale_text_encoder_lora` undoes it after encoding."""
+        self._unscale_text_encoder_lora()  # left scaled by a call that raised while encoding
+        if cross_attention_kwargs is None:
+            return
+        if not isinstance(cross_attention_kwargs, dict):
+            raise ValueError(
+                f"cross_attention_kwargs must be a dict such as {{'scale': 0.5}}, got {cross_attention_kwargs!r}"
+            )
+        scale = cross_attention_kwargs.get("scale")
+        if scale is None:
+            return
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(
+                f"cross_attention_kwargs['scale'] {scale!r} must be a finite number (LoRA weight)"
+            )
+        from diffusers.utils.peft_utils import scale_lora_layers
+
+        scale_lora_layers(self.text_encoder, scale)
+        self._text_encoder_lora_scale = scale
+
+    def _unscale_text_encoder_lora(self) -> None:
+        from diffusers.utils.peft_utils import unscale_lora_layers
+
+        scale, self._text_encoder_lora_scale = getattr(self, "_text_encoder_lora_scale", None), None
+        if scale is not None:
+            unscale_lora_layers(self.text_encoder, scale)
 
     def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""

@@ -236,6 +236,10 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return getattr(self, "_cross_attention_kwargs", None)
+
     # -- inputs ------------------------------------------------------------------------------------------------
     def check_inputs(self, *args, **kwargs) -> None:
         """Refuse bad input before any work, naming the value and the rule (see gen.pipelines.checks)."""
@@ -366,7 +370,10 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
         computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
         if chunks is None:
-            return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False)[0]
+            kw = self.cross_attention_kwargs  # {"scale": s} scales the LoRA, as in StableDiffusionPipeline
+            return self.denoiser(
+                x, t, encoder_hidden_states=context, cross_attention_kwargs=kw, return_dict=False
+            )[0]
         length = context.shape[1] // max(chunks)
         out: list[torch.Tensor | None] = [None] * len(chunks)
         for k in sorted(set(chunks)):
@@ -424,6 +431,8 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        # {"scale": s}: the LoRA weight on the denoiser and the text encoder, as in StableDiffusionPipeline
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         clip_skip: int | None = None,
@@ -439,9 +448,11 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
             guidance_interval,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
+        self._scale_text_encoder_lora(cross_attention_kwargs)  # as SD's encode_prompt(lora_scale=)
         text = self._encode_text(
             prompt,
             device,
@@ -458,6 +469,7 @@ class TextToImagePipeline(DiffusionPipeline, LoraMixin, TextualInversionLoaderMi
             text.negative_prompt_embeds,
             text.chunks,
         )
+        self._unscale_text_encoder_lora()
         steps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )

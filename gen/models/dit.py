@@ -20,6 +20,7 @@ from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, SlicedAttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils import apply_lora_scale
 from torch import nn
 
 # Standard sizes. "S/B/L/XL" follow the DiT paper's widths and depths; the shapes preset is the embedded model.
@@ -80,13 +81,15 @@ class DiTBlock(nn.Module):
         mod: torch.Tensor,  # (B, 6, D) shared modulation from the timestep
         context: torch.Tensor,  # (B, L, D_text) text tokens
         context_mask: torch.Tensor | None,  # (B, 1, L) additive bias or None
+        attention_kwargs: dict | None = None,  # for the attention processors, as in diffusers' UNet blocks
     ) -> torch.Tensor:
+        kw = attention_kwargs or {}
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + mod).unbind(
             1
         )  # (B, D)
         h = self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]
-        x = x + gate1[:, None] * self.attn1(h)
-        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_mask)
+        x = x + gate1[:, None] * self.attn1(h, **kw)
+        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_mask, **kw)
         h = self.norm3(x) * (1 + scale2[:, None]) + shift2[:, None]
         return x + gate2[:, None] * self.mlp(h)
 
@@ -182,6 +185,8 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"slice_size must be 'auto', 'max' or a positive int, got {slice_size!r}")
         self.set_attn_processor(SlicedAttnProcessor(size))
 
+    # cross_attention_kwargs={"scale": s} weighs the LoRA layers for this call, as in diffusers' models.
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,  # (B, C, H, W) noisy latents
@@ -189,6 +194,7 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor,  # (B, L, D_text)
         encoder_attention_mask: torch.Tensor | None = None,  # (B, L), 1 = keep
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,  # {"scale": s} for LoRA; the rest goes to the processors
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         b, _, height, width = sample.shape
         p = self.config.patch_size
@@ -217,9 +223,9 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, mod, context, mask)
+                x = self._gradient_checkpointing_func(block, x, mod, context, mask, cross_attention_kwargs)
             else:
-                x = block(x, mod, context, mask)
+                x = block(x, mod, context, mask, cross_attention_kwargs)
 
         shift, scale = (self.out_shift_scale[None] + temb[:, None]).unbind(1)  # (B, D)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]

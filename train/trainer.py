@@ -69,6 +69,10 @@ class TrainOptions:
     ema_decay: float = field(default=0.0, metadata={"help": "0 turns EMA off"})
     flip: bool = False
     cache_latents: bool = field(default=False, metadata={"help": "encode each image once (kept in memory)"})
+    latent_mode: bool = field(
+        default=False,
+        metadata={"help": "train on each posterior's mean instead of a sample (VAEs with a wide posterior)"},
+    )
     cache_text: bool = field(
         default=False, metadata={"help": "embed each caption once (frozen text encoder)"}
     )
@@ -199,7 +203,8 @@ class Trainer:
             for (k, _), m in zip(missing, moments, strict=True):
                 cache[k] = m
         posterior = DiagonalGaussianDistribution(torch.stack([cache[k] for k in keys]))
-        return posterior.sample(self.noise) * vae.config.scaling_factor
+        x = posterior.mode() if self.o.latent_mode else posterior.sample(self.noise)  # (B, C, h, w)
+        return x * vae.config.scaling_factor
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""

@@ -371,7 +371,7 @@ class Trainer:
                     p.copy_(b)
 
     def save_pipeline(self, dest: Path) -> Path:
-        from gen.train.common import atomic_folder
+        from gen.files import atomic_folder
 
         with self.ema_weights():
             return atomic_folder(dest, lambda tmp: self.pipe.save_pretrained(tmp), overwrite=True)

@@ -1,9 +1,16 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from gen import files
 from gen.files import atomic_folder, atomic_write, atomic_write_text
+from gen.images import contact_sheet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _umask() -> int:
@@ -76,3 +83,23 @@ def test_atomic_folder_replaces_only_a_complete_folder(tmp_path):
     atomic_folder(dest, lambda tmp: (tmp / "weights").write_text("v2"), overwrite=True)
     assert (dest / "weights").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_contact_sheet_rows_and_white_padding():
+    colours = ["red", "green", "blue"]
+    sheet = contact_sheet([Image.new("RGB", (4, 3), c) for c in colours], columns=2)
+    assert sheet.size == (8, 6)
+    corners = [sheet.getpixel(xy) for xy in [(0, 0), (4, 0), (0, 3), (4, 3)]]
+    assert corners == [(255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 255)]
+    assert contact_sheet([Image.new("RGB", (4, 3))] * 10).size == (8 * 4, 2 * 3)  # at most 8 columns
+
+
+def test_training_never_imports_the_command():
+    # The CLI is a front-end on the library; training shares the library, not the CLI's run loop.
+    mods = ["gen.train.trainer", "gen.train.text_to_image", "gen.train.dreambooth", "gen.train.shapes"]
+    code = f"import sys; [__import__(m) for m in {mods}]; print([m for m in ('gen.run', 'gen.cli') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["[]"]
+    for script in (ROOT / "train").glob("*.py"):  # the lazy imports inside functions too
+        text = script.read_text()
+        assert "gen.run" not in text and "gen.cli" not in text and "from gen import run" not in text, script

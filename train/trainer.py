@@ -380,7 +380,8 @@ class Trainer:
     def validate(self) -> None:
         import numpy as np
 
-        from gen.run import contact_sheet
+        from gen.files import atomic_write
+        from gen.images import contact_sheet
 
         self.pipe.denoiser.eval()
         with self.ema_weights():
@@ -389,7 +390,8 @@ class Trainer:
         self.pipe.denoiser.train()
         grid = contact_sheet(images)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        grid.save(self.out / "samples" / f"step-{self.step:06d}.png")
+        with atomic_write(self.out / "samples" / f"step-{self.step:06d}.png") as tmp:
+            grid.save(tmp, format="PNG")
         if self.o.report_to == "tensorboard":
             writer = self.acc.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")

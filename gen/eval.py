@@ -227,14 +227,15 @@ def save_grid(
     """A contact sheet: one row per prompt, one column per seed."""
     from PIL import Image
 
+    from gen.files import atomic_write
+    from gen.images import contact_sheet
+
     images, _ = generate_for(pipe, scenes, len(seeds), guidance_scale, seeds[0], **kwargs)
     pixels = (
         ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    )  # (N, H, W, 3)
-    n, h, w, _ = pixels.shape
-    rows = pixels.reshape(len(scenes), len(seeds), h, w, 3)
-    sheet = rows.transpose(0, 2, 1, 3, 4).reshape(len(scenes) * h, len(seeds) * w, 3)
-    Image.fromarray(sheet).save(path)
+    )  # (N, H, W, 3), prompt-major
+    with atomic_write(path) as tmp:
+        contact_sheet([Image.fromarray(p) for p in pixels], columns=len(seeds)).save(tmp, format="PNG")
     return path
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from gen.files import atomic_write_text
+
 JSON_KEY = "gen"
 A1111_KEY = "parameters"
 # How far an image made again (another batch size, batch-mates, process count, `gen reproduce`) may differ, in
@@ -51,9 +53,7 @@ def model_hash(folder: str | Path) -> str:
     try:  # the cache is a convenience: a read-only home must not stop generation
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache[key] = value
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
+        atomic_write_text(cache_path, json.dumps(cache))
     except OSError:
         pass
     return value

@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from gen.files import atomic_write, fsync, temporary_sibling
+
 
 def namer(output: str | Path, total: int) -> Callable[[int | None], Path]:
     """A function from image number (None: the plain name of a single-image run) to a path."""
@@ -45,19 +47,16 @@ def save(
     """Write image k atomically under its name, or the next free number if that is taken; return the path."""
     first = name(None if total == 1 else k)
     first.parent.mkdir(parents=True, exist_ok=True)
-    tmp = first.with_name(f".{first.name}.{os.getpid()}.tmp")
-    try:
+    if overwrite:
+        with atomic_write(first) as tmp:
+            image.save(tmp, format="PNG", pnginfo=pnginfo)
+        return first
+    with temporary_sibling(first) as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, first)
-            return first
+        fsync(tmp)
         for candidate in itertools.chain([first], (name(n) for n in itertools.count(max(total, 1)))):
             if _link(tmp, candidate):
                 return candidate
-    finally:
-        tmp.unlink(missing_ok=True)
     raise AssertionError("unreachable")
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from gen import generation as G
 from gen import metadata, outputs
+from gen.images import contact_sheet
 from gen.samplers import SAMPLERS, sampler_name
 
 
@@ -97,18 +98,6 @@ def _default_model() -> Path:
     from gen.weights import DEFAULT_MODEL
 
     return DEFAULT_MODEL
-
-
-def contact_sheet(images: list, columns: int | None = None):
-    from PIL import Image
-
-    columns = columns or min(len(images), 8)
-    rows = -(-len(images) // columns)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
-    return sheet
 
 
 def reproduce(args) -> int:

@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gen.files import atomic_write
+
 CONFIGS = Path(__file__).parent / "assets" / "sd_configs"
 TOKENIZER = Path(__file__).parent / "assets" / "shapes" / "tokenizer"
 
@@ -118,9 +120,9 @@ def to_original(pipe) -> dict[str, torch.Tensor]:
 
 def save_single_file(pipe, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(to_original(pipe), str(tmp), metadata={"format": "pt", "exported_by": "gen"})
-    tmp.replace(path)
+    state = to_original(pipe)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "gen"})
     return path
 
 

@@ -253,6 +253,8 @@ class LoraMixin:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""
         from peft.utils import get_peft_model_state_dict
 
+        from gen.files import atomic_write
+
         state, metadata = {}, {}
         for prefix, module in self._adapted().items():
             if adapter_name not in (getattr(module, "peft_config", None) or {}):
@@ -264,10 +266,9 @@ class LoraMixin:
         if not state:
             raise ValueError(f"this pipeline has no LoRA adapter named {adapter_name!r} to save")
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
         header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True, default=str)}
-        save_file(state, str(tmp), metadata=header)
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file(state, str(tmp), metadata=header)
         return path
 
     def set_adapters(

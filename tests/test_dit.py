@@ -17,24 +17,26 @@ def test_shapes_and_zero_init_output():
         attention_head_dim=8,
         cross_attention_dim=16,
     )
-    x = torch.randn(3, 4, 8, 8)
-    out = model(x, torch.tensor([1, 500, 999]), torch.randn(3, 7, 16)).sample
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    out = model(x, torch.tensor([1, 500, 999]), torch.randn(3, 7, 16, generator=g)).sample
     assert out.shape == (3, 4, 8, 8)
     assert torch.count_nonzero(out) == 0  # adaLN-Zero + zero output layer: an untrained DiT predicts zeros
 
 
 def test_other_resolution_and_scalar_timestep():
-    model = components.dit()
-    out = model(torch.randn(2, 4, 8, 12), 10, torch.randn(2, 5, 32), return_dict=False)[0]
+    model, g = components.dit(), torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 5, 32, generator=g)
+    out = model(x, 10, c, return_dict=False)[0]
     assert out.shape == (2, 4, 8, 12)
     with pytest.raises(ValueError, match="not divisible by patch_size=2"):
-        model(torch.randn(1, 4, 7, 8), 10, torch.randn(1, 5, 32))
+        model(torch.randn(1, 4, 7, 8, generator=g), 10, torch.randn(1, 5, 32, generator=g))
 
 
 def test_cross_attention_uses_text_and_mask():
-    model = components.dit()
-    x, t = torch.randn(1, 4, 16, 16), torch.tensor([300])
-    a, b = torch.randn(1, 6, 32), torch.randn(1, 6, 32)
+    model, g = components.dit(), torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300])
+    a, b = torch.randn(1, 6, 32, generator=g), torch.randn(1, 6, 32, generator=g)
     assert not torch.allclose(model(x, t, a).sample, model(x, t, b).sample)
     # Masked-out text tokens must not influence the output.
     mask = torch.tensor([[1, 1, 1, 0, 0, 0]])
@@ -51,13 +53,14 @@ def test_save_load_round_trip(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["_class_name"] == "DiT" and config["cross_attention_dim"] == 32
     loaded = DiT.from_pretrained(tmp_path).eval()
-    x, c = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
     torch.testing.assert_close(loaded(x, 5, c).sample, model(x, 5, c).sample, rtol=0, atol=1e-6)
 
 
 def test_attention_processors_and_slicing_agree():
-    model = components.dit()
-    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    model, g = components.dit(), torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g)
     ref = model(x, 5, c).sample
     assert all(isinstance(p, AttnProcessor2_0) for p in model.attn_processors.values())
     assert len(model.attn_processors) == 4  # self + cross per block
@@ -87,8 +90,8 @@ def test_gradient_checkpointing_same_gradients():
 def test_peft_lora_adapter():
     from peft import LoraConfig
 
-    model = components.dit()
-    x, c = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)
+    model, g = components.dit(), torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
     ref = model(x, 5, c).sample
     model.add_adapter(
         LoraConfig(

@@ -5,11 +5,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text().splitlines()
-    ci = (ROOT / ".ci" / "run").read_text()
-    test_line = next(line for line in readme[:20] if "pytest" in line)
-    assert test_line.strip() in ci
+def test_ci_runs_the_readme_commands_in_a_new_virtualenv():
+    # A fresh venv, so a dependency installed by hand on the CI machine cannot hide one pyproject.toml lacks.
+    readme = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()[:20]]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    setup, test = (line for line in readme if line.startswith("pip install torch"))
+    assert setup.endswith(" -o out.png") and test.endswith(" && pytest")
+    # The setup command verbatim, except that the image goes to the temporary folder, not into the clone.
+    run = setup.removesuffix("out.png") + '"$work/out.png" || exit'
+    venv = ['work="$(mktemp -d)"', 'python3 -m venv "$work/venv"', 'source "$work/venv/bin/activate"']
+    order = [*venv, run, test]
+    assert all(line in ci for line in order), [line for line in order if line not in ci]
+    assert [ci.index(line) for line in order] == sorted(ci.index(line) for line in order)
+    assert "set -euo pipefail" in ci
 
 
 def test_import_gen_is_light():

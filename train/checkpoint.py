@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from gen.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -22,24 +22,16 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 def save(output_dir: Path, step: int, state: dict, total_limit: int | None = None) -> Path:
     """Write `state` (tensors, numbers, nested dicts) as OUTPUT/checkpoint-<step>; keep the newest `total_limit`."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
         manifest = {"step": step, "files": ["state.pt"], "bytes": (tmp / "state.pt").stat().st_size}
-        with open(tmp / "manifest.json", "w") as f:  # last: its presence marks the checkpoint complete
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # a stale, incomplete folder of the same step from a killed run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "manifest.json").write_text(json.dumps(manifest))  # its presence marks the checkpoint complete
+
+    # Temporary folders are `.checkpoint-<step>.<random>.tmp` (clean_stale's pattern); an existing folder of
+    # the same step is a stale, incomplete one from a killed run, and is replaced.
+    final = atomic_folder(output_dir / f"checkpoint-{step}", write, overwrite=True)
     if total_limit:
         for old in complete(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

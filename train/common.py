@@ -1,5 +1,5 @@
 """Pieces every training script shares: options as a dataclass turned into flags, the diffusion loss step,
-caption dropout, EMA, the optimizer and noise schedule, and writing folders atomically."""
+caption dropout, EMA, the optimizer and noise schedule. (Atomic file and folder writes are gen.files.)"""
 
 from __future__ import annotations
 
@@ -7,18 +7,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import typing
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gen.diffusion.training import diffusion_loss, min_snr_weights, sample_noise, training_target
+from gen.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -185,61 +182,6 @@ def inference_scheduler(scheduler, prediction_type: str = "", zero_terminal_snr:
     if zero_terminal_snr:  # the paper's sampling fix: start from the last timestep
         changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
-
-
-# -- files -------------------------------------------------------------------------------------------------------
-def _default_mode(directory: bool) -> int:
-    # mkstemp/mkdtemp create 0600/0700; results should get the permissions any new file would.
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` fills a temporary sibling, synced, then one rename makes it `path`: never a half-written file."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode(directory=False))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_file(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_folder(dest: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Write a folder into a temporary sibling, then promote it with one rename: never a half-written `dest`.
-
-    An existing `dest` is kept unless overwrite=True, in which case it is replaced only after the new one is
-    complete.
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; refusing to overwrite it (pass overwrite=True)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    os.chmod(tmp, _default_mode(directory=True))
-    try:
-        write(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def seed_everything(seed: int) -> None:

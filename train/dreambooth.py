@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gen.train.common import atomic_file, parse_options, save_options
+from gen.files import atomic_write
+from gen.train.common import parse_options, save_options
 from gen.train.data import ImageCaptionFolder
 from gen.train.trainer import Trainer, TrainOptions
 
@@ -131,7 +132,8 @@ class DreamBoothTrainer(Trainer):
             if self.o.train_identifier:  # a textual-inversion file: `pipe.load_textual_inversion` reads it
                 rows = self.pipe.text_encoder.get_input_embeddings().weight[self.identifier_ids]  # (n, D)
                 state = {self.o.train_identifier: rows.detach().contiguous()}
-                atomic_file(self.out / EMBEDDINGS_FILE, lambda tmp: save_file(state, str(tmp)))
+                with atomic_write(self.out / EMBEDDINGS_FILE) as tmp:
+                    save_file(state, str(tmp))
             return self.pipe.save_lora_weights(self.out / LORA_FILE)
 
 
@@ -161,7 +163,8 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
         gens = [torch.Generator().manual_seed(seed * 100_003 + n) for n in numbers]
         images = pipe([prompt] * len(numbers), generator=gens).images
         for n, image in zip(numbers, images, strict=True):
-            atomic_file(folder / f"class-{n:05d}.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
+            with atomic_write(folder / f"class-{n:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
         progress.update(len(numbers))
     progress.close()
     pipe.set_progress_bar_config(disable=False)

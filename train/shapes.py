@@ -23,10 +23,11 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjec
 
 from gen import eval as gen_eval
 from gen.eval import Judge
+from gen.files import atomic_folder, atomic_write_text
 from gen.models import DiT, dit_from_preset
 from gen.pipelines import TextToImagePipeline
 from gen.train import shapes_parts as P
-from gen.train.common import atomic_folder, atomic_write_text, parse_options, save_options, seed_everything
+from gen.train.common import parse_options, save_options, seed_everything
 from gen.train.shapes_dit import RenderedShapes, ShapesDiTTrainer
 from gen.train.trainer import TrainOptions
 from gen.weights import DEFAULT_MODEL

@@ -376,7 +376,7 @@ class Trainer:
                     p.copy_(b)
 
     def save_pipeline(self, dest: Path) -> Path:
-        from gen.train.common import atomic_folder
+        from gen.files import atomic_folder
 
         with self.ema_weights():
             return atomic_folder(dest, lambda tmp: self.pipe.save_pretrained(tmp), overwrite=True)
@@ -385,7 +385,8 @@ class Trainer:
     def validate(self) -> None:
         import numpy as np
 
-        from gen.run import contact_sheet
+        from gen.files import atomic_write
+        from gen.images import contact_sheet
 
         self.pipe.denoiser.eval()
         with self.ema_weights():
@@ -394,7 +395,8 @@ class Trainer:
         self.pipe.denoiser.train()
         grid = contact_sheet(images)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        grid.save(self.out / "samples" / f"step-{self.step:06d}.png")
+        with atomic_write(self.out / "samples" / f"step-{self.step:06d}.png") as tmp:
+            grid.save(tmp, format="PNG")
         if self.o.report_to == "tensorboard":
             writer = self.acc.get_tracker("tensorboard", unwrap=True)
             writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")

@@ -23,15 +23,32 @@ import numpy as np
 import torch
 
 from gen.data import shapes as S
-from gen.eval import Judge, corrupt, evaluate, to_tensor
+from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
+from gen.tools.eval import evaluate
+from gen.tools.judge import Judge, corrupt, to_tensor
 from gen.train import dreambooth
-from gen.weights import DEFAULT_MODEL, load_pipeline
 
 INSTANCE = "a sks shape on a white background"
 CLASS = "a shape on a white background"
-RECIPE = ["--lora", "--rank", "4", "--lora-targets", "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,mlp.0,mlp.2",
-          "--train-identifier", "sks", "--identifier-learning-rate", "1e-2", "--learning-rate", "1e-3",
-          "--batch-size", "4", "--min-snr-gamma", "5", "--num-class-images", "100"]  # fmt: skip
+RECIPE = [
+    "--lora",
+    "--rank",
+    "4",
+    "--lora-targets",
+    "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,mlp.0,mlp.2",
+    "--train-identifier",
+    "sks",
+    "--identifier-learning-rate",
+    "1e-2",
+    "--learning-rate",
+    "1e-3",
+    "--batch-size",
+    "4",
+    "--min-snr-gamma",
+    "5",
+    "--num-class-images",
+    "100",
+]
 
 
 def instance_images(folder: Path, shape: str, colour: str, count: int, seed: int) -> None:
@@ -52,21 +69,28 @@ def judge_subject(pipe, judge: Judge, shape: str, colour: str, seeds: int) -> di
     images = pipe(prompts, generator=gens, output_type="pt").images * 2 - 1
     pred = judge.predict(images)
     right = {a: pred[a] == torch.tensor([s.labels()[a] for s in scenes]) for a in ("shape", "background")}
-    return {"fidelity": right["shape"].float().mean().item(), "background": right["background"].float().mean().item(),
-            "both": (right["shape"] & right["background"]).float().mean().item()}  # fmt: skip
+    return {
+        "fidelity": right["shape"].float().mean().item(),
+        "background": right["background"].float().mean().item(),
+        "both": (right["shape"] & right["background"]).float().mean().item(),
+    }
 
 
 def judge_on_renders(judge: Judge, shape: str, count: int = 200) -> dict[str, float]:
     """How often the judge itself recognises rendered `shape`s (clean, blurred, noisy): the ceiling of fidelity."""
     rng = random.Random(0)
     colours = [c for c in S.COLOURS if c != "white"]
-    scenes = [S.Scene(rng.choice(colours), shape, "white", rng.choice(S.SIZES), rng.choice(S.POSITIONS))
-              for _ in range(count)]  # fmt: skip
+    scenes = [
+        S.Scene(rng.choice(colours), shape, "white", rng.choice(S.SIZES), rng.choice(S.POSITIONS))
+        for _ in range(count)
+    ]
     x = to_tensor(np.stack([np.array(S.render(s, 64, jitter=rng)) for s in scenes]))
     label = scenes[0].labels()["shape"]
     g = torch.Generator().manual_seed(0)
-    return {kind: (judge.predict(corrupt(x, kind, g))["shape"] == label).float().mean().item()
-            for kind in ("clean", "blur", "noise")}  # fmt: skip
+    return {
+        kind: (judge.predict(corrupt(x, kind, g))["shape"] == label).float().mean().item()
+        for kind in ("clean", "blur", "noise")
+    }
 
 
 def base_adherence(pipe, judge: Judge, images_per_prompt: int) -> dict[str, float]:
@@ -95,13 +119,29 @@ def main(argv: list[str] | None = None) -> dict:
     instance_images(o.out / "instances", o.shape, o.colour, o.instances, seed=7)
     pipe = load_pipeline(o.model)
     pipe.set_progress_bar_config(disable=True)
-    report = {"shape": o.shape, "colour": o.colour, "instances": o.instances,
-              "judge on renders": judge_on_renders(judge, o.shape),
-              "base": {"adherence": base_adherence(pipe, judge, o.images_per_prompt)}}  # fmt: skip
+    report = {
+        "shape": o.shape,
+        "colour": o.colour,
+        "instances": o.instances,
+        "judge on renders": judge_on_renders(judge, o.shape),
+        "base": {"adherence": base_adherence(pipe, judge, o.images_per_prompt)},
+    }
     for name, prior in (("prior preservation", True), ("no prior preservation", False)):
         out = o.out / name.replace(" ", "-")
-        args = ["--model", str(o.model), "--instance-dir", str(o.out / "instances"), "--instance-prompt", INSTANCE,
-                "--output-dir", str(out), "--max-steps", str(o.max_steps), "--overwrite", *RECIPE]  # fmt: skip
+        args = [
+            "--model",
+            str(o.model),
+            "--instance-dir",
+            str(o.out / "instances"),
+            "--instance-prompt",
+            INSTANCE,
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(o.max_steps),
+            "--overwrite",
+            *RECIPE,
+        ]
         if prior:
             args += [
                 "--with-prior-preservation",
@@ -126,16 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
 def table(report: dict) -> str:
     base = report["base"]["adherence"]
     judged = ", ".join(f"{k} {100 * v:.1f}" for k, v in report["judge on renders"].items())
-    lines = [f"subject: a {report['colour']} {report['shape']} from {report['instances']} images",
-             f"judge recognises rendered {report['shape']}s (%): {judged}",
-             f"{'run':24} {'fidelity':>9} {'background':>11} {'both':>6} {'seen':>6} {'held-out':>9} {'drop':>6} {'minutes':>8}",
-             f"{'base model':24} {'':>9} {'':>11} {'':>6} {100 * base['seen']:6.1f} {100 * base['held-out']:9.1f}"]  # fmt: skip
+    lines = [
+        f"subject: a {report['colour']} {report['shape']} from {report['instances']} images",
+        f"judge recognises rendered {report['shape']}s (%): {judged}",
+        f"{'run':24} {'fidelity':>9} {'background':>11} {'both':>6} {'seen':>6} {'held-out':>9} {'drop':>6} {'minutes':>8}",
+        f"{'base model':24} {'':>9} {'':>11} {'':>6} {100 * base['seen']:6.1f} {100 * base['held-out']:9.1f}",
+    ]
     for name in ("prior preservation", "no prior preservation"):
         r = report[name]
         a = r["adherence"]
         drop = 100 * np.mean([base[s] - a[s] for s in base])
-        lines.append(f"{name:24} {100 * r['fidelity']:9.1f} {100 * r['background']:11.1f} {100 * r['both']:6.1f} "
-                     f"{100 * a['seen']:6.1f} {100 * a['held-out']:9.1f} {drop:6.1f} {r['minutes']:8.1f}")  # fmt: skip
+        lines.append(
+            f"{name:24} {100 * r['fidelity']:9.1f} {100 * r['background']:11.1f} {100 * r['both']:6.1f} "
+            f"{100 * a['seen']:6.1f} {100 * a['held-out']:9.1f} {drop:6.1f} {r['minutes']:8.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -1,5 +1,15 @@
 """gen: a small, honest latent-diffusion toolkit.
 
+The map of the house (README's Layout section has the long form):
+
+    library core     models/ (the DiT), diffusion/ (CFG, training targets, samplers), text/ (prompt ->
+                     embeddings), loading/ (weights, safely), generation/ (options -> images + metadata: the
+                     core every front-end calls), data/ (datasets), files.py, images.py
+    pipelines        gen.pipelines: diffusers-compatible pipelines on top of the core
+    front-ends       cli/ (the `gen` command); the HTTP server comes next, on the same generation core
+    tools            tools/ (the judge, `gen eval`, `gen bench`), beside the front-ends
+    training         gen.train: the one training loop and the scripts on it
+
 Importing gen does no work: heavy modules (torch, diffusers) load on first use of a name below.
 """
 
@@ -11,20 +21,20 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_pipeline": "gen.weights",
+    "load_pipeline": "gen.loading.pipeline",
     "generate": "gen.generation",
-    "make_scheduler": "gen.samplers",
+    "make_scheduler": "gen.diffusion.samplers",
     "DiT": "gen.models.dit",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
 __all__ = ["DiT", "TextToImagePipeline", "__version__", "generate", "load_pipeline", "make_scheduler"]
 
 if TYPE_CHECKING:
+    from gen.diffusion.samplers import make_scheduler
     from gen.generation import generate
+    from gen.loading.pipeline import load_pipeline
     from gen.models.dit import DiT
     from gen.pipelines.text_to_image import TextToImagePipeline
-    from gen.samplers import make_scheduler
-    from gen.weights import load_pipeline
 
 
 def __getattr__(name: str):

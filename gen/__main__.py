@@ -1,3 +1,3 @@
-from gen.cli import run
+from gen.cli import entry
 
-run()
+entry()

@@ -32,7 +32,7 @@ def fsync(path: Path) -> None:
 @contextlib.contextmanager
 def temporary_sibling(path: str | Path) -> Iterator[Path]:
     """A new, empty, uniquely named file next to `path`, with a new file's usual permissions; removed on exit
-    unless the caller has renamed it away. For callers that put it in place themselves (see gen.outputs)."""
+    unless the caller has renamed it away. For callers that put it in place themselves (see gen.cli.outputs)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

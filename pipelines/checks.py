@@ -1,4 +1,8 @@
-"""The pipeline's input checks: every bad value refused before any work, with the value and the rule."""
+"""The pipeline's input checks: every bad value refused before any work, with the value and the rule.
+
+One function per concern (sizes, step and image counts, guidance, prompts and embeddings, outputs), called in
+that order by `check_call`.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,30 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 def check_call(
     pipe,
+    *,
     prompt,
     negative_prompt,
     height: int,
     width: int,
     num_inference_steps: int,
     guidance_scale: float,
-    guidance_rescale: float,
-    prompt_embeds,
-    negative_prompt_embeds,
-    output_type: str,
-    callback_on_step_end_tensor_inputs,
-    num_images_per_prompt: int,
+    guidance_rescale: float = 0.0,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    output_type: str = "pil",
+    callback_on_step_end_tensor_inputs: list[str] | None = None,
+    num_images_per_prompt: int = 1,
     guidance_interval: tuple[float, float] | None = None,
 ) -> None:
     """Refuse bad input before any work, naming the value and the rule."""
+    check_size(pipe, height, width)
+    check_counts(num_inference_steps, num_images_per_prompt)
+    check_guidance(guidance_scale, guidance_rescale, guidance_interval)
+    check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    check_outputs(pipe, output_type, callback_on_step_end_tensor_inputs)
+
+
+def check_size(pipe, height: int, width: int) -> None:
     stride = pipe.latent_stride
     for name, size in (("height", height), ("width", width)):
         if not isinstance(size, int) or size < stride or size % stride:
@@ -32,24 +45,36 @@ def check_call(
                 f"{name}={size!r} must be a positive multiple of {stride} (VAE factor {pipe.vae_scale_factor}"
                 f" x patch size {stride // pipe.vae_scale_factor}); nearest valid: {near}"
             )
+
+
+def check_counts(num_inference_steps: int, num_images_per_prompt: int) -> None:
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0")
-    if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
-        raise ValueError(f"guidance_rescale={guidance_rescale!r} must be between 0 and 1")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
+
+
+def check_guidance(scale: float, rescale: float, interval: tuple[float, float] | None) -> None:
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"guidance_scale={scale!r} must be a finite number >= 0")
+    if not math.isfinite(rescale) or not 0 <= rescale <= 1:
+        raise ValueError(f"guidance_rescale={rescale!r} must be between 0 and 1")
+    if interval is None:
+        return
+    ok = isinstance(interval, (tuple, list)) and len(interval) == 2
+    if not ok or not 0 <= interval[0] < interval[1] <= 1:
+        raise ValueError(
+            f"guidance_interval={interval!r} must be (start, end) with 0 <= start < end <= 1, fractions of the"
+            " schedule"
+        )
+
+
+def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("give prompt or prompt_embeds, not both")
     if prompt is None and prompt_embeds is None:
         raise ValueError("give a prompt (str or list of str) or prompt_embeds")
-    if prompt is not None and not (
-        isinstance(prompt, str)
-        or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-    ):
+    if prompt is not None and not _is_prompt(prompt):
         raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
@@ -61,19 +86,23 @@ def check_call(
             f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; give one per prompt"
             " or a single string"
         )
-    if prompt_embeds is not None and negative_prompt_embeds is not None:
-        if prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(
-                f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
-                f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
-            )
-    if guidance_interval is not None:
-        ok = isinstance(guidance_interval, (tuple, list)) and len(guidance_interval) == 2
-        if not ok or not 0 <= guidance_interval[0] < guidance_interval[1] <= 1:
-            raise ValueError(
-                f"guidance_interval={guidance_interval!r} must be (start, end) with 0 <= start < end <= 1,"
-                " fractions of the schedule"
-            )
-    bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in pipe._callback_tensor_inputs]
+    both = prompt_embeds is not None and negative_prompt_embeds is not None
+    if both and prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(
+            f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
+            f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
+        )
+
+
+def _is_prompt(prompt) -> bool:
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) for p in prompt)
+    )
+
+
+def check_outputs(pipe, output_type: str, tensor_inputs: list[str] | None) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
+    bad = [k for k in tensor_inputs or [] if k not in pipe._callback_tensor_inputs]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {pipe._callback_tensor_inputs}")

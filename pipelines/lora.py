@@ -69,7 +69,7 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
         return torch.load(path, map_location="cpu", weights_only=True), None
     from safetensors import safe_open
 
-    from gen.safety import check_weight_file
+    from gen.loading.safety import check_weight_file
 
     check_weight_file(path)
     with safe_open(str(path), framework="pt") as f:
@@ -167,9 +167,14 @@ class LoraMixin:
                 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
                 StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                    text, network_alphas=network_alphas, text_encoder=self.text_encoder, prefix=TEXT_ENCODER,
-                    adapter_name=name, _pipeline=self, metadata=metadata,
-                )  # fmt: skip
+                    text,
+                    network_alphas=network_alphas,
+                    text_encoder=self.text_encoder,
+                    prefix=TEXT_ENCODER,
+                    adapter_name=name,
+                    _pipeline=self,
+                    metadata=metadata,
+                )
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             detail = str(e).strip().splitlines()[-1][:300]
             raise ValueError(

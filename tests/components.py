@@ -10,9 +10,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from gen.data.clip_tokenizer import bytes_to_unicode
 from gen.models import DiT
 from gen.pipelines import TextToImagePipeline
+from gen.train.clip_tokenizer import bytes_to_unicode
 
 WORDS = (
     "a an the of on in with and photo painting red green blue white black yellow orange purple circle square "
@@ -89,9 +89,14 @@ def dit(cross_dim: int = 32, randomize: bool = True) -> DiT:
     """A tiny DiT. randomize=True perturbs the zero-initialised layers so outputs are not trivially zero."""
     torch.manual_seed(0)
     model = DiT(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
         cross_attention_dim=cross_dim,
-    )  # fmt: skip
+    )
     if randomize:
         with torch.no_grad():
             for p in model.parameters():

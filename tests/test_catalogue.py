@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gen import generation as G
-from gen.cli import main, read_prompts
+from gen.cli.main import main, read_prompts
 
 LONG = "a red circle on a blue background, " * 290  # ~10,000 characters
 
@@ -52,8 +52,13 @@ def test_catalogue(tmp_path, capsys, name, argv, code, message):
         assert "\x01" not in Image.open(out).text["parameters"]
 
 
-@pytest.mark.parametrize("content,message", [(b"a red circle\n\xff\xfe\n", ":2: not valid UTF-8 text"),
-                                             (b"ok\nbad\x00line\n", ":2: contains control characters")])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"a red circle\n\xff\xfe\n", ":2: not valid UTF-8 text"),
+        (b"ok\nbad\x00line\n", ":2: contains control characters"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, capsys, content, message):
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(content)
@@ -114,28 +119,48 @@ FLAGS = {
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(sorted(FLAGS)), st.just(None), max_size=6).flatmap(
-    lambda keys: st.fixed_dictionaries({k: FLAGS[k] for k in keys})), st.text(max_size=30))  # fmt: skip
+@given(
+    st.dictionaries(st.sampled_from(sorted(FLAGS)), st.just(None), max_size=6).flatmap(
+        lambda keys: st.fixed_dictionaries({k: FLAGS[k] for k in keys})
+    ),
+    st.text(max_size=30),
+)
 def test_cli_never_tracebacks(tmp_path_factory, monkeypatch, flags, prompt):
-    import gen.run
+    import gen.cli.loop
 
     out = tmp_path_factory.mktemp("h")
-    monkeypatch.setattr(gen.run.Runner, "run", lambda self, jobs: 0)  # parsing and checks only: no model work
+    monkeypatch.setattr(
+        gen.cli.loop.Runner, "run", lambda self, jobs: 0
+    )  # parsing and checks only: no model work
     argv = ["--", prompt] + [x for k, v in flags.items() for x in (k, v)] + ["-o", str(out / "o.png")]
     assert main(argv) in (0, 2)
     assert not list(out.iterdir())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(height=st.integers(-64, 256), width=st.integers(-64, 256), steps=st.integers(-3, 50),
-       scale=st.floats(allow_nan=True, allow_infinity=True), rescale=st.floats(allow_nan=True),
-       images=st.integers(-2, 4), output=st.sampled_from(["pil", "np", "pt", "latent", "jpg", ""]))  # fmt: skip
+@given(
+    height=st.integers(-64, 256),
+    width=st.integers(-64, 256),
+    steps=st.integers(-3, 50),
+    scale=st.floats(allow_nan=True, allow_infinity=True),
+    rescale=st.floats(allow_nan=True),
+    images=st.integers(-2, 4),
+    output=st.sampled_from(["pil", "np", "pt", "latent", "jpg", ""]),
+)
 def test_pipeline_checks_only_raise_value_error(
     dit_pipe, height, width, steps, scale, rescale, images, output
 ):
     try:
         dit_pipe.check_inputs(
-            "x", None, height, width, steps, scale, rescale, None, None, output, ["latents"], images
+            prompt="x",
+            negative_prompt=None,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            guidance_rescale=rescale,
+            output_type=output,
+            num_images_per_prompt=images,
         )
     except ValueError as e:
         assert "\n" not in str(e)

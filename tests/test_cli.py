@@ -10,9 +10,9 @@ from PIL import Image
 
 import gen
 from gen import generation as G
-from gen import metadata
 from gen.cli import main
-from gen.samplers import SAMPLERS
+from gen.diffusion.samplers import SAMPLERS
+from gen.generation import metadata
 
 STEPS = ["--steps", "4"]
 
@@ -87,8 +87,20 @@ def test_batch_mates_with_long_prompts_do_not_change_an_image(tmp_path, capsys):
 
 def test_metadata_and_reproduce_verify(tmp_path, capsys):
     out = tmp_path / "m.png"
-    args = ["a large red circle on a blue background", "-o", str(out), "--seed", "77", "--negative", "blue",
-            "--sampler", "euler_a", "--guidance", "4", *STEPS]  # fmt: skip
+    args = [
+        "a large red circle on a blue background",
+        "-o",
+        str(out),
+        "--seed",
+        "77",
+        "--negative",
+        "blue",
+        "--sampler",
+        "euler_a",
+        "--guidance",
+        "4",
+        *STEPS,
+    ]
     assert main(args) == 0
     text = Image.open(out).text
     lines = text["parameters"].splitlines()
@@ -103,9 +115,7 @@ def test_metadata_and_reproduce_verify(tmp_path, capsys):
     assert "max pixel difference: 0" in capsys.readouterr().out
     tampered = tmp_path / "t.png"
     image = Image.open(out)
-    image.point(lambda v: 255 - v).save(
-        tampered, pnginfo=__import__("gen.metadata").metadata.png_info(record)
-    )
+    image.point(lambda v: 255 - v).save(tampered, pnginfo=metadata.png_info(record))
     assert main(["reproduce", str(tampered), "--verify"]) == 1
 
 
@@ -221,7 +231,7 @@ def test_samplers_info_and_prompt_named_like_a_subcommand(tmp_path, capsys):
 
 
 def test_eval_json(tmp_path, capsys, monkeypatch):
-    import gen.eval as ev
+    import gen.tools.eval as ev
 
     # Shrink the prompt set: the plumbing is under test here, not the model (that is the benchmark).
     small = ev.eval_scenes(3)
@@ -240,8 +250,12 @@ def test_installed_executable(tmp_path):
     exe = shutil.which("gen")
     assert exe, "the gen console script is not installed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([exe, "a red circle", "-o", str(tmp_path / "x.png"), "--seed", "4", *STEPS], capture_output=True,
-                          text=True, env=env)  # fmt: skip
+    done = subprocess.run(
+        [exe, "a red circle", "-o", str(tmp_path / "x.png"), "--seed", "4", *STEPS],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "x.png")
     bad = subprocess.run([exe, "x", "--steps", "0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip() == "gen: error: steps 0 must be an integer >= 1"
@@ -254,8 +268,25 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     prompts.write_text("a red circle on a blue background\na small white star in the top right on black\n")
     common = ["--from-file", str(prompts), "-n", "2", "--seed", "5", *STEPS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen", *common, "-o", str(tmp_path / "multi") + "/"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gen",
+        *common,
+        "-o",
+        str(tmp_path / "multi") + "/",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (
@@ -277,8 +308,10 @@ def test_speed_flags_recorded_and_bad_flags_one_line(tmp_path, capsys):
     record = json.loads(Image.open(out).text["gen"])
     assert record["options"]["guidance_interval"] == [0.0, 0.5] and record["options"]["attention"] == "math"
     capsys.readouterr()
-    for argv, message in ((["x", "--guidance-interval", "0.6,0.2"], "need 0 <= START < END <= 1"),
-                          (["x", "--steps", "abc"], "argument --steps: invalid int value: 'abc'")):  # fmt: skip
+    for argv, message in (
+        (["x", "--guidance-interval", "0.6,0.2"], "need 0 <= START < END <= 1"),
+        (["x", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "usage:" not in err, err

@@ -9,8 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from gen.pipelines import TextToImagePipeline
-from gen.prompts import explain, tokenize_weighted
-from gen.text import encode
+from gen.text.encode import encode
+from gen.text.prompts import explain, tokenize_weighted
 from tests import components
 
 LONG = " ".join(["a red circle on a blue background with a green star and a white cross"] * 12)
@@ -68,7 +68,7 @@ def test_32_token_encoder_chunks_long_prompts_in_30_token_windows(tokenizer32, d
 def test_window_is_capped_by_the_encoders_positions_and_unset_length_is_refused(
     tokenizer32, tokenizer, tmp_path
 ):
-    from gen.text import chunk_length
+    from gen.text.encode import chunk_length
 
     assert chunk_length(tokenizer, components.text_encoder(tokenizer, positions=32)) == 32
     assert chunk_length(tokenizer32, components.text_encoder(tokenizer32, positions=77)) == 32

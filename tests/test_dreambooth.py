@@ -27,9 +27,25 @@ def models(tokenizer, tmp_path_factory):
 
 
 def args(models, out, *extra, model="transformer"):
-    return ["--model", str(models / model), "--instance-dir", str(models / "instances"), "--output-dir", str(out),
-            "--instance-prompt", "a sks shape", "--resolution", "32", "--batch-size", "2", "--seed", "1",
-            "--max-steps", "2", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(models / model),
+        "--instance-dir",
+        str(models / "instances"),
+        "--output-dir",
+        str(out),
+        "--instance-prompt",
+        "a sks shape",
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--seed",
+        "1",
+        "--max-steps",
+        "2",
+        *extra,
+    ]
 
 
 def images(pipe):
@@ -40,10 +56,31 @@ def images(pipe):
 
 def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path):
     out = tmp_path / "run"
-    lora = main(args(models, out, "--with-prior-preservation", "--class-prompt", "a shape", "--num-class-images",
-                     "3", "--sample-batch-size", "2", "--lora", "--rank", "2", "--train-text-encoder",
-                     "--ema-decay", "0.9", "--min-snr-gamma", "5", "--caption-dropout", "0.3",
-                     "--checkpointing-steps", "2"))  # fmt: skip
+    lora = main(
+        args(
+            models,
+            out,
+            "--with-prior-preservation",
+            "--class-prompt",
+            "a shape",
+            "--num-class-images",
+            "3",
+            "--sample-batch-size",
+            "2",
+            "--lora",
+            "--rank",
+            "2",
+            "--train-text-encoder",
+            "--ema-decay",
+            "0.9",
+            "--min-snr-gamma",
+            "5",
+            "--caption-dropout",
+            "0.3",
+            "--checkpointing-steps",
+            "2",
+        )
+    )
     assert lora == out / LORA_FILE
     assert sorted(p.name for p in (out / "class_images").iterdir()) == [
         f"class-{n:05d}.png" for n in range(3)
@@ -67,8 +104,23 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
 
 def test_identifier_embedding_learns_alone_and_loads_with_the_lora(models, tmp_path):
     out = tmp_path / "run"
-    lora = main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "sks", "--identifier-learning-rate", "1e-2",
-                     "--ema-decay", "0.5", "--checkpointing-steps", "2"))  # fmt: skip
+    lora = main(
+        args(
+            models,
+            out,
+            "--lora",
+            "--rank",
+            "2",
+            "--train-identifier",
+            "sks",
+            "--identifier-learning-rate",
+            "1e-2",
+            "--ema-decay",
+            "0.5",
+            "--checkpointing-steps",
+            "2",
+        )
+    )
     pipe = gen.load_pipeline(models / "transformer")
     pipe.set_progress_bar_config(disable=True)
     (row,) = pipe.tokenizer("sks", add_special_tokens=False).input_ids
@@ -98,8 +150,22 @@ def test_class_images_are_only_topped_up(models, tmp_path):
     classes.mkdir()
     Image.new("RGB", (32, 32), "red").save(classes / "mine.png")
     Image.new("RGB", (32, 32), "blue").save(classes / "class-00000.png")  # a user's file with our name
-    main(args(models, out, "--with-prior-preservation", "--class-prompt", "a shape", "--class-dir", str(classes),
-              "--num-class-images", "3", "--lora", "--max-steps", "1"))  # fmt: skip
+    main(
+        args(
+            models,
+            out,
+            "--with-prior-preservation",
+            "--class-prompt",
+            "a shape",
+            "--class-dir",
+            str(classes),
+            "--num-class-images",
+            "3",
+            "--lora",
+            "--max-steps",
+            "1",
+        )
+    )
     assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "class-00001.png", "mine.png"]
     assert Image.open(classes / "class-00000.png").getpixel((0, 0)) == (0, 0, 255)  # left alone
 
@@ -112,8 +178,20 @@ def test_full_fine_tune_of_a_unet(models, tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
-    extra = ["--lora", "--rank", "2", "--with-prior-preservation", "--class-prompt", "a shape", "--class-dir",
-             str(tmp_path / "classes"), "--num-class-images", "2", "--checkpointing-steps", "2"]  # fmt: skip
+    extra = [
+        "--lora",
+        "--rank",
+        "2",
+        "--with-prior-preservation",
+        "--class-prompt",
+        "a shape",
+        "--class-dir",
+        str(tmp_path / "classes"),
+        "--num-class-images",
+        "2",
+        "--checkpointing-steps",
+        "2",
+    ]
     straight = load_file(str(main(args(models, tmp_path / "a", *extra, "--max-steps", "4"))))
     main(args(models, tmp_path / "b", *extra, "--max-steps", "2"))
     resumed = load_file(
@@ -157,10 +235,38 @@ def test_two_processes_lora_with_identifier(models, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen.train.dreambooth",
-           *args(models, tmp_path / "run", "--lora", "--rank", "2", "--train-identifier", "sks", "--with-prior-preservation",
-                 "--class-prompt", "a shape", "--num-class-images", "3", "--max-steps", "3")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gen.train.dreambooth",
+        *args(
+            models,
+            tmp_path / "run",
+            "--lora",
+            "--rank",
+            "2",
+            "--train-identifier",
+            "sks",
+            "--with-prior-preservation",
+            "--class-prompt",
+            "a shape",
+            "--num-class-images",
+            "3",
+            "--max-steps",
+            "3",
+        ),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sums = re.findall(r"process (\d) weight checksum (\S+)", done.stderr)

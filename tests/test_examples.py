@@ -34,8 +34,21 @@ def test_dreambooth_recipe_runs_end_to_end(tmp_path, capsys):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     out = tmp_path / "demo"
-    report = recipe.main(["--out", str(out), "--max-steps", "2", "--seeds", "1", "--images-per-prompt", "1",
-                          "--", "--num-class-images", "2"])  # fmt: skip
+    report = recipe.main(
+        [
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--seeds",
+            "1",
+            "--images-per-prompt",
+            "1",
+            "--",
+            "--num-class-images",
+            "2",
+        ]
+    )
     assert len(list((out / "instances").glob("*.png"))) == 5
     assert len(list((out / "class_images").glob("*.png"))) == 2
     assert json.loads((out / "report.json").read_text()) == report

@@ -41,11 +41,11 @@ def test_unet_stride_is_the_vae_factor(unet_pipe):
 
 def test_too_long_prompt_truncated_on_request_warns_with_cut_text(dit_pipe, caplog):
     prompt = "a red circle " * 30 + "on a purple background"
-    with caplog.at_level(logging.WARNING, logger="gen.text"):
+    with caplog.at_level(logging.WARNING, logger="gen.text.encode"):
         embeds, _ = dit_pipe.encode_prompt(prompt, "cpu", 1, False, truncate_long_prompts=True)
     assert embeds.shape[1] == 77
     assert "this part was cut" in caplog.text and "purple background" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gen.text"):
+    with caplog.at_level(logging.WARNING, logger="gen.text.encode"):
         embeds, _ = dit_pipe.encode_prompt(prompt, "cpu", 1, False)  # the default: chunks, nothing cut
     assert embeds.shape[1] == 2 * 77 and "cut" not in caplog.text

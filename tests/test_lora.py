@@ -139,8 +139,12 @@ def test_diffusers_reads_our_lora_file(tokenizer, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     ours = components.pipeline(tokenizer, "unet")
-    sd = StableDiffusionPipeline(**{k: ours.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    sd = StableDiffusionPipeline(
+        **{k: ours.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     base = run(sd)
     src = adapted_both(tokenizer, "unet", 5)
     src.scheduler = sd.scheduler  # StableDiffusionPipeline rewrites an old scheduler config (steps_offset=1)

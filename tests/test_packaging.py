@@ -53,9 +53,14 @@ def test_wheel_carries_the_model_and_mapped_packages(tmp_path):
     ]
     subprocess.run(cmd, check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("gen-*.whl"))).namelist()
-    for path in ("gen/assets/shapes/model_index.json", "gen/assets/shapes/transformer/diffusion_pytorch_model.safetensors",
-                 "gen/assets/shapes/tokenizer/vocab.json", "gen/assets/shapes/judge/config.json",
-                 "gen/pipelines/text_to_image.py", "gen/train/common.py"):  # fmt: skip
+    for path in (
+        "gen/assets/shapes/model_index.json",
+        "gen/assets/shapes/transformer/diffusion_pytorch_model.safetensors",
+        "gen/assets/shapes/tokenizer/vocab.json",
+        "gen/assets/shapes/judge/config.json",
+        "gen/pipelines/text_to_image.py",
+        "gen/train/common.py",
+    ):
         assert path in names, path
 
 

@@ -51,8 +51,10 @@ def test_equals_stable_diffusion_pipeline(unet_pipe, scheduler_cls, variant):
     unet_pipe.scheduler = scheduler_cls.from_config(unet_pipe.scheduler.config)
     sd = StableDiffusionPipeline(
         **{k: getattr(unet_pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     sd.set_progress_bar_config(disable=True)
     ours, theirs = run(unet_pipe, **VARIANTS[variant]), run(sd, **VARIANTS[variant])
     assert ours.shape == (1, 32, 32, 3)
@@ -118,8 +120,12 @@ def test_callback_on_step_end(dit_pipe):
         seen.append((i, int(t), sorted(tensors)))
         return {"latents": tensors["latents"] * 0} if i == 3 else {}
 
-    image = run(dit_pipe, output_type="latent", callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
+    image = run(
+        dit_pipe,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
     assert [s[0] for s in seen] == [0, 1, 2, 3]
     assert seen[0][2] == ["latents", "prompt_embeds"]
     assert torch.count_nonzero(image) == 0  # the callback's replacement latents were used
@@ -158,13 +164,18 @@ def test_save_load_same_images(tokenizer, tmp_path, denoiser):
 def test_loads_stable_diffusion_folder(unet_pipe, tmp_path):
     sd = StableDiffusionPipeline(
         **{k: getattr(unet_pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     sd.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     # Real SD folders name a safety checker and feature extractor: they are ignored, not loaded.
-    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
-                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)  # fmt: skip
+    index.update(
+        safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        requires_safety_checker=True,
+    )
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     loaded = TextToImagePipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
@@ -174,8 +185,12 @@ def test_loads_stable_diffusion_folder(unet_pipe, tmp_path):
 
 
 def test_at_most_one_denoiser_and_generation_needs_one(tokenizer):
-    parts = dict(vae=components.vae(), text_encoder=components.text_encoder(tokenizer), tokenizer=tokenizer,
-                 scheduler=DDIMScheduler())  # fmt: skip
+    parts = dict(
+        vae=components.vae(),
+        text_encoder=components.text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(),
+    )
     with pytest.raises(ValueError, match="this pipeline has no denoiser: give transformer="):
         TextToImagePipeline(**parts)("a cat", num_inference_steps=1)
     with pytest.raises(ValueError, match="exactly one denoiser.*got both"):

@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import save_file
 
 from gen.cli import main
-from gen.prompts import parse, tokenize_weighted
-from gen.text import encode, encode_chunks, final_layer_norm
+from gen.text.encode import encode, encode_chunks, final_layer_norm
+from gen.text.prompts import parse, tokenize_weighted
 
 # AUTOMATIC1111's own documented examples (modules/prompt_parser.py), and a few more.
 GOLDEN = [
@@ -13,16 +13,27 @@ GOLDEN = [
     ("(unbalanced", [("unbalanced", 1.1)]),
     ("\\(literal\\]", [("(literal]", 1.0)]),
     ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [
+            ("a ", 1.0),
+            ("house", 1.5730000000000004),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641000000000006),
+            (".", 1.1),
+        ],
+    ),
     ("((word))", [("word", 1.2100000000000002)]),
     ("[word]", [("word", 1 / 1.1)]),
     ("(word:1.3)", [("word", 1.3)]),
     ("a cat BREAK a dog", [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
     ("ratio 1:2)", [("ratio 1:2)", 1.0)]),
     ("", [("", 1.0)]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("prompt,expected", GOLDEN, ids=[g[0][:20] or "empty" for g in GOLDEN])
@@ -122,7 +133,7 @@ def test_gen_prompt_explains(capsys):
 def test_single_file_round_trip_through_the_cli(tokenizer, tmp_path, capsys):
     import numpy as np
 
-    from gen.single_file import detect_version, load_single_file
+    from gen.loading.single_file import detect_version, load_single_file
     from tests import components
 
     pipe = components.pipeline(tokenizer, "unet")
@@ -158,7 +169,7 @@ def test_shipped_sd_configs_cover_the_real_architectures(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from gen.single_file import _unet_key, _vae_key, config_folder
+    from gen.loading.single_file import _unet_key, _vae_key, config_folder
 
     for version, unet_params in (("v1", 859_520_964), ("v2", 865_910_724)):
         folder = config_folder(version, tmp_path / version)

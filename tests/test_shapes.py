@@ -9,8 +9,8 @@ from transformers import CLIPTokenizer
 import gen
 from gen.data import captions as C
 from gen.data import shapes as S
-from gen.data.clip_tokenizer import build
-from gen.weights import DEFAULT_MODEL
+from gen.loading.pipeline import DEFAULT_MODEL
+from gen.train.clip_tokenizer import build
 
 
 def test_dataset_is_deterministic_and_respects_held_out():
@@ -38,8 +38,15 @@ def test_captions_name_the_scene():
     drawn = [S.caption(scene, random.Random(k)) for k in range(600)]
     wrong = {w for c in drawn for w in c.replace(",", "").split()} - C.vocabulary()
     assert not wrong
-    false = ({*S.COLOURS, *S.SHAPES} - {"red", "star", "blue"}) | {"large", "big", "right", "bottom", "centre",
-                                                                   "center", "middle"}  # fmt: skip
+    false = ({*S.COLOURS, *S.SHAPES} - {"red", "star", "blue"}) | {
+        "large",
+        "big",
+        "right",
+        "bottom",
+        "centre",
+        "center",
+        "middle",
+    }
     assert not [c for c in drawn if set(c.replace(",", "").split()) & false]  # nothing untrue is named
     assert {"a red star on a blue background", "a red star", "red star, blue background"} <= set(drawn)
     assert sum("blue" not in c for c in drawn) > 60 and sum("star" not in c for c in drawn) > 10
@@ -102,8 +109,9 @@ def packaged():
 
 
 def test_packaged_model_loads_offline_and_generates(packaged):
-    image = packaged("a red circle on a blue background", num_inference_steps=8,
-                     generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    image = packaged(
+        "a red circle on a blue background", num_inference_steps=8, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
     assert packaged.transformer is not None and packaged.vae.config.scaling_factor != 0.18215
     report = json.loads((DEFAULT_MODEL / "training_report.json").read_text())
@@ -111,7 +119,7 @@ def test_packaged_model_loads_offline_and_generates(packaged):
 
 
 def test_judge_scores_rendered_ground_truth():
-    from gen.eval import Judge, judge_accuracy
+    from gen.tools.judge import Judge, judge_accuracy
 
     judge = Judge.from_pretrained(DEFAULT_MODEL / "judge").float()
     acc = judge_accuracy(judge, count=300, seed=5)
@@ -120,7 +128,8 @@ def test_judge_scores_rendered_ground_truth():
 
 
 def test_generated_batch_obeys_prompts(packaged):
-    from gen.eval import Judge, eval_scenes, generate_for, score
+    from gen.tools.eval import eval_scenes, generate_for, score
+    from gen.tools.judge import Judge
 
     judge = Judge.from_pretrained(DEFAULT_MODEL / "judge").float()
     scenes = eval_scenes(6)
@@ -134,7 +143,7 @@ def test_generated_batch_obeys_prompts(packaged):
 def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, caplog):
     import functools
 
-    import gen.eval as ev
+    import gen.tools.eval as ev
     from gen.train import shapes, shapes_parts
 
     # Tiny budgets and a small exam: the plumbing of every stage is under test, not the model's quality.
@@ -143,10 +152,34 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, capl
     )
     small = ev.eval_scenes(2)
     monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
-    argv = ["--out", str(tmp_path / "run"), "--dataset-size", "200", "--clip-steps", "2", "--clip-batch", "16",
-            "--vae-steps", "2", "--vae-batch", "4", "--dit-steps", "3", "--dit-batch", "4", "--dit-preset", "tiny",
-            "--judge-steps", "2", "--eval-images-per-prompt", "1", "--dit-checkpoint-steps", "1",
-            "--dit-precision", "no"]  # fmt: skip
+    argv = [
+        "--out",
+        str(tmp_path / "run"),
+        "--dataset-size",
+        "200",
+        "--clip-steps",
+        "2",
+        "--clip-batch",
+        "16",
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "4",
+        "--dit-steps",
+        "3",
+        "--dit-batch",
+        "4",
+        "--dit-preset",
+        "tiny",
+        "--judge-steps",
+        "2",
+        "--eval-images-per-prompt",
+        "1",
+        "--dit-checkpoint-steps",
+        "1",
+        "--dit-precision",
+        "no",
+    ]
     shapes.main(argv)
     model = tmp_path / "run" / "model"
     report = json.loads((model / "training_report.json").read_text())

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import gen
-from gen import bench
 from gen.cli import main
-from gen.models.attention import set_attention
+from gen.generation.attention import set_attention
+from gen.tools import bench
 
 
 def run(pipe, **kw):
@@ -55,7 +55,7 @@ def test_bf16_pipeline_keeps_vae_fp32_and_fp16_on_cpu_is_refused():
     assert pipe.vae.dtype == torch.float32
     image = run(pipe)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
-    with pytest.raises(ValueError, match="float16 is ~10x slower than float32 on a CPU"):
+    with pytest.raises(ValueError, match="dtype fp16 is ~10x slower than fp32 on a CPU"):
         gen.load_pipeline(torch_dtype=torch.float16)
 
 

@@ -35,8 +35,21 @@ def setup(tokenizer, tmp_path_factory):
 
 
 def args(setup, out, *extra):
-    return ["--data-dir", str(setup / "data"), "--model", str(setup / "model"), "--output-dir", str(out),
-            "--resolution", "32", "--batch-size", "2", "--seed", "3", *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        str(setup / "data"),
+        "--model",
+        str(setup / "model"),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def weights(folder):
@@ -44,8 +57,23 @@ def weights(folder):
 
 
 def test_smoke_fine_tune_with_ema_text_encoder_and_corrupt_image(setup, tmp_path, caplog):
-    out = main(args(setup, tmp_path / "run", "--max-steps", "2", "--ema-decay", "0.9", "--train-text-encoder",
-                    "--min-snr-gamma", "5", "--noise-offset", "0.05", "--gradient-accumulation-steps", "2"))  # fmt: skip
+    out = main(
+        args(
+            setup,
+            tmp_path / "run",
+            "--max-steps",
+            "2",
+            "--ema-decay",
+            "0.9",
+            "--train-text-encoder",
+            "--min-snr-gamma",
+            "5",
+            "--noise-offset",
+            "0.05",
+            "--gradient-accumulation-steps",
+            "2",
+        )
+    )
     assert "skipped 1 unreadable image(s)" in caplog.text and "broken.png" in caplog.text
     before, after = weights(setup / "model"), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -170,9 +198,23 @@ def test_two_processes_agree_and_only_the_main_one_writes(setup, tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # --multi_gpu is accelerate's multi-process launcher (torchrun); without CUDA the processes use gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gen.train.text_to_image",
-           *args(setup, tmp_path / "run", "--max-steps", "4", "--checkpointing-steps", "2")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "gen.train.text_to_image",
+        *args(setup, tmp_path / "run", "--max-steps", "4", "--checkpointing-steps", "2"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process 0 of 2" in done.stderr and "process 1 of 2" in done.stderr
@@ -202,8 +244,19 @@ def test_zero_terminal_snr_needs_v_prediction_and_is_saved(setup, tmp_path):
         main(args(setup, tmp_path / "a", "--zero-terminal-snr"))
     with pytest.raises(SystemExit, match="--prediction-type 'v': choose epsilon, v_prediction or sample"):
         main(args(setup, tmp_path / "a", "--prediction-type", "v"))
-    folder = main(args(setup, tmp_path / "b", "--max-steps", "2", "--zero-terminal-snr", "--prediction-type",
-                       "v_prediction", "--min-snr-gamma", "5"))  # fmt: skip
+    folder = main(
+        args(
+            setup,
+            tmp_path / "b",
+            "--max-steps",
+            "2",
+            "--zero-terminal-snr",
+            "--prediction-type",
+            "v_prediction",
+            "--min-snr-gamma",
+            "5",
+        )
+    )
     config = gen.load_pipeline(folder).scheduler.config
     assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
     assert config.timestep_spacing == "trailing"
@@ -224,8 +277,20 @@ def test_tensorboard_logs_loss_lr_and_validation_grids(setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    main(args(setup, out, "--max-steps", "2", "--report-to", "tensorboard", "--validation-steps", "2",
-              "--validation-prompt", "a red circle"))  # fmt: skip
+    main(
+        args(
+            setup,
+            out,
+            "--max-steps",
+            "2",
+            "--report-to",
+            "tensorboard",
+            "--validation-steps",
+            "2",
+            "--validation-prompt",
+            "a red circle",
+        )
+    )
     assert (out / "samples" / "step-000002.png").is_file()
     acc = EventAccumulator(str(out / "logs" / "gen-train")).Reload()  # (its subfolder holds the hparams)
     assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(acc.Scalars("lr")) == 2

@@ -11,7 +11,6 @@ import random
 import typing
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gen.diffusion.training import diffusion_loss, min_snr_weights, sample_noise, training_target
@@ -182,9 +181,3 @@ def inference_scheduler(scheduler, prediction_type: str = "", zero_terminal_snr:
     if zero_terminal_snr:  # the paper's sampling fix: start from the last timestep
         changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gen.data.folders import ImageCaptionFolder
 from gen.files import atomic_write
 from gen.train.common import parse_options, save_options
-from gen.train.data import ImageCaptionFolder
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.dreambooth")
@@ -78,8 +78,12 @@ class DreamBoothTrainer(Trainer):
         from peft import LoraConfig
 
         def config(targets: str) -> LoraConfig:
-            return LoraConfig(r=o.rank, lora_alpha=o.lora_alpha or o.rank, init_lora_weights="gaussian",
-                              target_modules=[t.strip() for t in targets.split(",") if t.strip()])  # fmt: skip
+            return LoraConfig(
+                r=o.rank,
+                lora_alpha=o.lora_alpha or o.rank,
+                init_lora_weights="gaussian",
+                target_modules=[t.strip() for t in targets.split(",") if t.strip()],
+            )
 
         self.pipe.denoiser.requires_grad_(False).add_adapter(config(o.lora_targets))
         self.pipe.denoiser.train()
@@ -108,7 +112,12 @@ class DreamBoothTrainer(Trainer):
         folder = Path(o.class_dir) if o.class_dir else self.out / "class_images"
         if self.acc.is_main_process:
             generate_class_images(
-                self.pipe, o.class_prompt, folder, o.num_class_images, o.sample_batch_size, o.seed
+                self.pipe,
+                o.class_prompt,
+                folder=folder,
+                count=o.num_class_images,
+                batch_size=o.sample_batch_size,
+                seed=o.seed,
             )
         self.acc.wait_for_everyone()
         return ImageCaptionFolder(folder, o.resolution, caption=o.class_prompt)
@@ -143,7 +152,7 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
     atomically (an interrupted run keeps the finished ones and generates only the rest next time)."""
     from tqdm.auto import tqdm
 
-    from gen.train.data import IMAGE_SUFFIXES
+    from gen.data.folders import IMAGE_SUFFIXES
 
     folder.mkdir(parents=True, exist_ok=True)
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from gen import eval as gen_eval
-from gen.eval import Judge
 from gen.files import atomic_folder, atomic_write_text
+from gen.loading.pipeline import DEFAULT_MODEL
 from gen.models import DiT, dit_from_preset
 from gen.pipelines import TextToImagePipeline
+from gen.tools import eval as gen_eval
+from gen.tools.judge import Judge
 from gen.train import shapes_parts as P
-from gen.train.common import parse_options, save_options, seed_everything
+from gen.train.common import parse_options, save_options
 from gen.train.shapes_dit import RenderedShapes, ShapesDiTTrainer
 from gen.train.trainer import TrainOptions
-from gen.weights import DEFAULT_MODEL
 
 logger = logging.getLogger("gen.train.shapes")
 
@@ -99,7 +100,16 @@ def stage_clip(o: ShapesOptions, tokenizer, data: P.Data, device) -> Path:
     if (folder / "report.json").exists():
         return folder
     clip = P.make_clip(tokenizer, o.resolution)
-    P.train_clip(clip, data, device, o.clip_minutes, o.clip_steps, o.clip_batch, 1e-3, o.seed)
+    P.train_clip(
+        clip,
+        data,
+        device=device,
+        minutes=o.clip_minutes,
+        max_steps=o.clip_steps,
+        batch=o.clip_batch,
+        lr=0.001,
+        seed=o.seed,
+    )
     report = {"zero_shot_heldout": P.clip_zero_shot(clip, tokenizer, device)}
     logger.info("clip zero-shot on held-out renders: %s", report["zero_shot_heldout"])
     text, vision, projection = P.split_clip(clip.float().cpu())
@@ -121,7 +131,16 @@ def stage_vae(o: ShapesOptions, data: P.Data, device) -> Path:
     if (folder / "report.json").exists():
         return folder
     vae = P.make_vae(o.resolution)
-    P.train_vae(vae, data, device, o.vae_minutes, o.vae_steps, o.vae_batch, 5e-4, o.seed)
+    P.train_vae(
+        vae,
+        data,
+        device=device,
+        minutes=o.vae_minutes,
+        max_steps=o.vae_steps,
+        batch=o.vae_batch,
+        lr=0.0005,
+        seed=o.seed,
+    )
     report = P.vae_report(vae, device)
     # Latents are scaled to unit variance for the denoiser: scaling_factor = 1 / std, stored in the config.
     vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
@@ -135,8 +154,14 @@ def stage_vae(o: ShapesOptions, data: P.Data, device) -> Path:
 
 
 def train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
-                         clip_sample=False, timestep_spacing="trailing")  # fmt: skip
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
 
 
 def stage_dit(o: ShapesOptions, text_encoder, vae, tokenizer, data: P.Data) -> Path:
@@ -148,28 +173,51 @@ def stage_dit(o: ShapesOptions, text_encoder, vae, tokenizer, data: P.Data) -> P
     if o.init_from:
         dit = DiT.from_pretrained(Path(o.init_from) / "transformer").float()
     else:
-        dit = dit_from_preset(o.dit_preset, sample_size=latent, in_channels=vae.config.latent_channels,
-                              cross_attention_dim=text_encoder.config.hidden_size)  # fmt: skip
-    pipe = TextToImagePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=train_scheduler(),
-                               transformer=dit)  # fmt: skip
+        dit = dit_from_preset(
+            o.dit_preset,
+            sample_size=latent,
+            in_channels=vae.config.latent_channels,
+            cross_attention_dim=text_encoder.config.hidden_size,
+        )
+    pipe = TextToImagePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=train_scheduler(), transformer=dit
+    )
     run = o.out / "stages" / "dit-run"
     # latent_mode: the shapes VAE's posterior is wide (std 0.36 against a latent std of 0.9), and its DiT learns
     # the means, which the decoder renders crisply; samples measured 10x the loss of the shipped model's.
     options = TrainOptions(
-        output_dir=str(run), resolution=o.resolution, batch_size=o.dit_batch, max_steps=o.dit_steps,
-        learning_rate=o.dit_lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=o.dit_warmup,
-        mixed_precision=o.dit_precision, caption_dropout=o.caption_dropout, min_snr_gamma=o.min_snr_gamma,
-        ema_decay=o.ema_decay, cache_latents=True, latent_mode=True, seed=o.seed, max_minutes=o.dit_minutes,
-        checkpointing_steps=o.dit_checkpoint_steps, checkpoints_total_limit=1, resume="latest",
-    )  # fmt: skip
+        output_dir=str(run),
+        resolution=o.resolution,
+        batch_size=o.dit_batch,
+        max_steps=o.dit_steps,
+        learning_rate=o.dit_lr,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=o.dit_warmup,
+        mixed_precision=o.dit_precision,
+        caption_dropout=o.caption_dropout,
+        min_snr_gamma=o.min_snr_gamma,
+        ema_decay=o.ema_decay,
+        cache_latents=True,
+        latent_mode=True,
+        seed=o.seed,
+        max_minutes=o.dit_minutes,
+        checkpointing_steps=o.dit_checkpoint_steps,
+        checkpoints_total_limit=1,
+        resume="latest",
+    )
     trainer = ShapesDiTTrainer(options, pipe, RenderedShapes(data.images, data.scenes), o.token_lr)
     started = time.monotonic()
     trainer.run()
     minutes = (time.monotonic() - started) / 60
     losses = trainer.losses[-200:]
-    report = {"steps": trainer.step, "final_loss": sum(losses) / max(len(losses), 1), "minutes": round(minutes, 1),
-              "images_per_second": round(trainer.images_seen / max(minutes * 60, 1e-9), 1),
-              "parameters": sum(p.numel() for p in dit.parameters()), "precision": o.dit_precision}  # fmt: skip
+    report = {
+        "steps": trainer.step,
+        "final_loss": sum(losses) / max(len(losses), 1),
+        "minutes": round(minutes, 1),
+        "images_per_second": round(trainer.images_seen / max(minutes * 60, 1e-9), 1),
+        "parameters": sum(p.numel() for p in dit.parameters()),
+        "precision": o.dit_precision,
+    }
 
     def write(tmp: Path) -> None:
         for name in ("transformer", "text_encoder", "scheduler"):
@@ -184,8 +232,17 @@ def stage_judge(o: ShapesOptions, device) -> Path:
     if (folder / "report.json").exists():
         return folder
     judge = Judge()
-    P.train_judge(judge, o.resolution, device, o.judge_minutes, o.judge_steps, 256, o.seed + 1,
-                  count=min(o.dataset_size, 40_000), workers=o.workers)  # fmt: skip
+    P.train_judge(
+        judge,
+        resolution=o.resolution,
+        device=device,
+        minutes=o.judge_minutes,
+        max_steps=o.judge_steps,
+        batch=256,
+        seed=o.seed + 1,
+        count=min(o.dataset_size, 40000),
+        workers=o.workers,
+    )
     report = P.judge_report(judge)
     logger.info("judge accuracy on rendered ground truth: %s", report)
 
@@ -202,10 +259,13 @@ def assemble(o: ShapesOptions, tokenizer: CLIPTokenizer, stages: dict[str, Path]
     text_encoder = CLIPTextModel.from_pretrained(stages["dit"] / "text_encoder")
     pipe = TextToImagePipeline(
         vae=_load_vae(stages["vae"]),
-        text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=DPMSolverMultistepScheduler.from_config(DDPMScheduler.from_pretrained(stages["dit"] / "scheduler").config),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DPMSolverMultistepScheduler.from_config(
+            DDPMScheduler.from_pretrained(stages["dit"] / "scheduler").config
+        ),
         transformer=_load_dit(stages["dit"]),
-    )  # fmt: skip
+    )
 
     def write(tmp: Path) -> None:
         pipe.to(torch.float16).save_pretrained(tmp)
@@ -260,7 +320,7 @@ def _load_dit(folder: Path):
 
 
 def run_eval(o: ShapesOptions, model: Path, device) -> dict:
-    report = gen_eval.run(
+    report = gen_eval.evaluate_model(
         model, o.eval_images_per_prompt, device=str(device), grid=o.out / "grid.png", batch_size=64
     )
     _write_json(o.out / "eval.json", report)
@@ -277,19 +337,21 @@ def main(argv: list[str] | None = None) -> None:
     o.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(), logging.FileHandler(o.out / "train.log")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
-    seed_everything(o.seed)
+    set_seed(o.seed)
     device = pick_device(o.device)
     save_options(o, o.out)
     t0 = time.monotonic()
     tokenizer = CLIPTokenizer.from_pretrained(o.tokenizer)
     if o.init_from:
         seed_stages_from(o, Path(o.init_from))
-    data = P.render_data(o.dataset_size, o.seed, o.resolution, tokenizer, o.workers)
+    data = P.render_data(
+        o.dataset_size, seed=o.seed, resolution=o.resolution, tokenizer=tokenizer, workers=o.workers
+    )
     logger.info("rendered %d images in %.1fs", len(data.images), time.monotonic() - t0)
     stages = {"clip": stage_clip(o, tokenizer, data, device), "vae": stage_vae(o, data, device)}
     text_encoder = CLIPTextModel.from_pretrained(stages["clip"] / "text_encoder").float().to(device).eval()
     vae = _load_vae(stages["vae"]).float().to(device).eval()
-    stages["dit"] = stage_dit(o, text_encoder, vae, tokenizer, data)
+    stages["dit"] = stage_dit(o, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, data=data)
     stages["judge"] = stage_judge(o, device)
     model = assemble(o, tokenizer, stages, device)
     print(f"model: {model} ({sum(f.stat().st_size for f in model.rglob('*') if f.is_file()) / 1e6:.1f} MB)")

@@ -16,6 +16,7 @@ import torch
 
 from gen.data import captions as C
 from gen.data import shapes as S
+from gen.images import to_model_range
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.shapes")
@@ -32,7 +33,7 @@ class RenderedShapes:
 
     def load(self, index: int, flip: bool = False) -> dict:
         # No flips: left and right are part of the captions.
-        return {"pixel_values": self.images[index].permute(2, 0, 1).float() / 127.5 - 1}  # (3, H, W)
+        return {"pixel_values": to_model_range(self.images[index])}  # (3, H, W)
 
 
 class ShapesDiTTrainer(Trainer):

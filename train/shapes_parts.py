@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
 from gen.data import shapes as S
-from gen.eval import CLASSES, Judge, corrupt, judge_accuracy, to_tensor
+from gen.images import to_model_range
+from gen.tools.judge import CLASSES, Judge, corrupt, judge_accuracy, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,7 @@ class Data:
         self, size: int, device: torch.device, g: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (size,), generator=g)
-        x = (
-            self.images[idx].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
-        )  # (B, 3, H, W)
+        x = to_model_range(self.images[idx].to(device, non_blocking=True))  # (B, 3, H, W)
         return x, self.ids[idx].to(device), idx
 
 
@@ -83,12 +82,25 @@ def warmup_lr(optimizer: torch.optim.Optimizer, step: int, base: float, warmup: 
 
 # -- CLIP --------------------------------------------------------------------------------------------------------
 def make_clip(tokenizer, resolution: int, text_hidden: int = 64) -> CLIPModel:
-    text = dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=4 * text_hidden, num_hidden_layers=4,
-                num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    vision = dict(image_size=resolution, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                  num_attention_heads=4)  # fmt: skip
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        image_size=resolution,
+        patch_size=8,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
@@ -188,10 +200,16 @@ def prune_embeddings(text_encoder: CLIPTextModel, keep: torch.Tensor) -> None:
 # -- VAE ---------------------------------------------------------------------------------------------------------
 def make_vae(resolution: int) -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=16, sample_size=resolution,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16,
+        sample_size=resolution,
+    )
 
 
 def train_vae(
@@ -225,8 +243,17 @@ def vae_report(vae: AutoencoderKL, device, count: int = 512, seed: int = 98) -> 
 
 
 # -- judge -------------------------------------------------------------------------------------------------------
-def train_judge(judge: Judge, resolution: int, device, minutes: float, max_steps: int, batch: int, seed: int,
-                count: int, workers: int) -> None:  # fmt: skip
+def train_judge(
+    judge: Judge,
+    resolution: int,
+    device,
+    minutes: float,
+    max_steps: int,
+    batch: int,
+    seed: int,
+    count: int,
+    workers: int,
+) -> None:
     """Train on every shape (base and extra) with blur/noise augmentation, so generated images are judged fairly."""
     images, _, scenes = S.render_many(
         count, seed, "all", resolution, shapes=S.SHAPES + S.EXTRA_SHAPES, workers=workers
@@ -239,7 +266,7 @@ def train_judge(judge: Judge, resolution: int, device, minutes: float, max_steps
     kinds = ("clean", "blur", "noise")
     for step in timed_steps(minutes, max_steps, "judge"):
         idx = torch.randint(0, len(x_all), (batch,), generator=g)
-        x = x_all[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = to_model_range(x_all[idx].to(device))  # (B, 3, H, W)
         x = corrupt(x, kinds[step % 3], None)
         logits = judge(x)
         loss = sum(nn.functional.cross_entropy(logits[a], labels[a][idx].to(device)) for a in S.ATTRIBUTES)

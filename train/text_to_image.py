@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gen.data.folders import ImageCaptionFolder
 from gen.train.common import parse_options, save_options
-from gen.train.data import ImageCaptionFolder
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.text_to_image")
@@ -45,8 +45,12 @@ class TextToImageTrainer(Trainer):
         from gen.models import dit_from_preset
 
         latent = self.o.resolution // self.pipe.vae_scale_factor
-        return dit_from_preset(self.o.from_scratch, sample_size=latent, in_channels=self.pipe.vae.config.latent_channels,
-                               cross_attention_dim=self.pipe.text_encoder.config.hidden_size)  # fmt: skip
+        return dit_from_preset(
+            self.o.from_scratch,
+            sample_size=latent,
+            in_channels=self.pipe.vae.config.latent_channels,
+            cross_attention_dim=self.pipe.text_encoder.config.hidden_size,
+        )
 
     def next_batch(self) -> dict:
         items = self.items(self.data, self.take("data", self.data, self.o.batch_size))

@@ -110,9 +110,13 @@ class Trainer:
         _check_report_to(o.report_to)
         # Fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism.
         torch.manual_seed(o.seed)
-        self.acc = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.gradient_accumulation_steps,
-                               cpu=not torch.cuda.is_available(), log_with=o.report_to or None,
-                               project_dir=self.out / "logs")  # fmt: skip
+        self.acc = Accelerator(
+            mixed_precision=o.mixed_precision,
+            gradient_accumulation_steps=o.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+            log_with=o.report_to or None,
+            project_dir=self.out / "logs",
+        )
         self.pipe = self.load()
         self.scheduler = noise_scheduler(self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr)
         self.pipe.scheduler = inference_scheduler(self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr)
@@ -121,8 +125,9 @@ class Trainer:
         self.prepare_models()
         self.params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.param_groups(), o.learning_rate, o.use_8bit_adam)
-        self.lr = get_scheduler(o.lr_scheduler, self.opt, num_warmup_steps=o.lr_warmup_steps,
-                                num_training_steps=o.max_steps)  # fmt: skip
+        self.lr = get_scheduler(
+            o.lr_scheduler, self.opt, num_warmup_steps=o.lr_warmup_steps, num_training_steps=o.max_steps
+        )
         self.ema = EMA(self.params, o.ema_decay) if o.ema_decay else None
         self.rng = random.Random(o.seed)  # data order, flips, caption dropout
         self.noise = torch.Generator(self.acc.device).manual_seed(o.seed)  # noise, timesteps, VAE sampling
@@ -138,7 +143,7 @@ class Trainer:
     # -- what a script changes ----------------------------------------------------------------------------------------
     def load(self):
         """The pipeline to train (default: --model, or the embedded model)."""
-        from gen.weights import load_pipeline
+        from gen.loading.pipeline import load_pipeline
 
         return load_pipeline(self.o.model or None)
 
@@ -208,7 +213,7 @@ class Trainer:
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""
-        from gen.text import embed, encode, pad_chunks
+        from gen.text.encode import embed, encode, pad_chunks
 
         dev, tokenizer = self.acc.device, self.pipe.tokenizer
         if self.text_cache is None:
@@ -224,14 +229,25 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"{m}.{n}": p.detach().clone() for m, mod in self.trained_modules().items()
-                for n, p in mod.named_parameters() if p.requires_grad}  # fmt: skip
+        return {
+            f"{m}.{n}": p.detach().clone()
+            for m, mod in self.trained_modules().items()
+            for n, p in mod.named_parameters()
+            if p.requires_grad
+        }
 
     def state(self) -> dict:
-        return {"trainable": self.trainable_state(), "optimizer": self.opt.state_dict(), "lr": self.lr.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "step": self.step,
-                "cursors": {k: list(v) for k, v in self.cursors.items()},
-                "rng": list(self.rng.getstate()), "noise": self.noise.get_state(), "torch": torch.get_rng_state()}  # fmt: skip
+        return {
+            "trainable": self.trainable_state(),
+            "optimizer": self.opt.state_dict(),
+            "lr": self.lr.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "step": self.step,
+            "cursors": {k: list(v) for k, v in self.cursors.items()},
+            "rng": list(self.rng.getstate()),
+            "noise": self.noise.get_state(),
+            "torch": torch.get_rng_state(),
+        }
 
     @torch.no_grad()
     def restore(self, path: Path) -> None:
@@ -260,8 +276,16 @@ class Trainer:
                 context = self.context(batch["captions"])
                 noise, t = self._noise_and_timesteps(latents)
                 with self.acc.autocast():
-                    loss = denoiser_loss(self.model, self.scheduler, latents, context, self.o.min_snr_gamma,
-                                         noise=noise, t=t, sample_weights=batch.get("weights"))  # fmt: skip
+                    loss = denoiser_loss(
+                        self.model,
+                        self.scheduler,
+                        latents,
+                        context,
+                        min_snr_gamma=self.o.min_snr_gamma,
+                        noise=noise,
+                        t=t,
+                        sample_weights=batch.get("weights"),
+                    )
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.params, 1.0)
@@ -321,8 +345,13 @@ class Trainer:
                 self.validate()
         seconds = time.perf_counter() - started
         if self.step > first:
-            logger.info("%d steps, %d images in %.1f s: %.1f images/s", self.step - first, self.images_seen,
-                        seconds, self.images_seen / seconds)  # fmt: skip
+            logger.info(
+                "%d steps, %d images in %.1f s: %.1f images/s",
+                self.step - first,
+                self.images_seen,
+                seconds,
+                self.images_seen / seconds,
+            )
         self.acc.wait_for_everyone()
         if self.acc.num_processes > 1:  # every replica must hold the same weights (DDP keeps them in step)
             digest = sum(float(p.detach().double().sum()) for p in self.params)

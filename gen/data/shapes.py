@@ -33,6 +33,14 @@ EXTRA_SHAPES = ("heart", "ring")
 SIZES = ("small", "large")
 POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
+# The class names of each attribute, in label order (the judge's heads and Scene.labels).
+LABELS: dict[str, list[str]] = {
+    "background": list(COLOURS),
+    "colour": list(COLOURS),
+    "shape": list(SHAPES + EXTRA_SHAPES),
+    "size": list(SIZES),
+    "position": list(POSITIONS),
+}
 
 _RADIUS = {"small": 0.15, "large": 0.27}  # fraction of the image side
 _CORNER_MARGIN = 0.06
@@ -48,9 +56,7 @@ class Scene:
 
     def labels(self) -> dict[str, int]:
         """Class indices per attribute, for the judge."""
-        names = {"background": list(COLOURS), "colour": list(COLOURS), "shape": list(SHAPES + EXTRA_SHAPES),
-                 "size": list(SIZES), "position": list(POSITIONS)}  # fmt: skip
-        return {a: names[a].index(getattr(self, a)) for a in ATTRIBUTES}
+        return {a: LABELS[a].index(getattr(self, a)) for a in ATTRIBUTES}
 
 
 def _held_out() -> frozenset[tuple[str, str, str]]:
@@ -144,10 +150,10 @@ def render(
     _draw_shape(
         ImageDraw.Draw(image),
         scene.shape,
-        (fx + dx) * side,
-        (fy + dy) * side,
-        r * side,
-        COLOURS[scene.colour],
+        cx=(fx + dx) * side,
+        cy=(fy + dy) * side,
+        r=r * side,
+        fill=COLOURS[scene.colour],
     )
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
@@ -196,8 +202,12 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> dict:
         import torch
 
+        from gen.images import to_model_range
+
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} examples")
-        image, text, scene = example(index, self.seed, self.split, self.resolution, self.shapes)
-        pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+        image, text, scene = example(
+            index, seed=self.seed, split=self.split, resolution=self.resolution, shapes=self.shapes
+        )
+        pixels = to_model_range(torch.from_numpy(image))  # (3, H, W)
         return {"pixel_values": pixels, "caption": text, "labels": scene.labels(), "scene": asdict(scene)}

@@ -7,16 +7,7 @@ Parameterisations follow diffusers' schedulers: "epsilon" (Ho et al. 2020), "v_p
 from __future__ import annotations
 
 import torch
-
-
-def _alphas_cumprod(scheduler, t: torch.Tensor) -> torch.Tensor:
-    return scheduler.alphas_cumprod.to(device=t.device)[t].float()  # (B,)
-
-
-def snr(scheduler, t: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t: (B,)."""
-    a = _alphas_cumprod(scheduler, t)
-    return a / (1 - a)
+from diffusers.training_utils import compute_snr
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -33,7 +24,7 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights min(SNR, γ) / SNR, adjusted to the parameterisation's own loss scale: (B,)."""
-    s = snr(scheduler, t)
+    s = compute_snr(scheduler, t).float()  # alpha_bar / (1 - alpha_bar), (B,)
     clipped = torch.minimum(s, torch.full_like(s, gamma))
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

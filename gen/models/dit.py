@@ -129,7 +129,13 @@ class DiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         self.time_embed = TimestepEmbedding(256, dim)
         self.time_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, num_attention_heads, attention_head_dim, cross_attention_dim, mlp_ratio)
+            DiTBlock(
+                dim,
+                heads=num_attention_heads,
+                head_dim=attention_head_dim,
+                cross_attention_dim=cross_attention_dim,
+                mlp_ratio=mlp_ratio,
+            )
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

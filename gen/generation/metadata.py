@@ -116,5 +116,9 @@ def versions() -> dict[str, str]:
 
     import gen
 
-    return {"gen": gen.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}  # fmt: skip
+    return {
+        "gen": gen.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }

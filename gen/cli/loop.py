@@ -11,9 +11,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gen import generation as G
-from gen import metadata, outputs
+from gen.cli import outputs
+from gen.diffusion.samplers import SAMPLERS, sampler_name
+from gen.generation import metadata
 from gen.images import contact_sheet
-from gen.samplers import SAMPLERS, sampler_name
 
 
 def _distributed():
@@ -39,12 +40,22 @@ class Runner:
         sampler = sampler_name(pipe.scheduler)
         folder = Path(o.model) if o.model else _default_model()
         return {
-            "prompt": job.prompt, "seed": job.seed, "index": job.index, "options": o.to_dict(),
-            "width": image.width, "height": image.height, "sampler": sampler,
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "index": job.index,
+            "options": o.to_dict(),
+            "width": image.width,
+            "height": image.height,
+            "sampler": sampler,
             "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
-            "scheduler": dict(pipe.scheduler.config), "model_path": o.model, "model_name": folder.stem,
-            "model_hash": self.model_hash, "versions": metadata.versions(), "device": o.device, "dtype": o.dtype,
-        }  # fmt: skip
+            "scheduler": dict(pipe.scheduler.config),
+            "model_path": o.model,
+            "model_name": folder.stem,
+            "model_hash": self.model_hash,
+            "versions": metadata.versions(),
+            "device": o.device,
+            "dtype": o.dtype,
+        }
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
@@ -72,7 +83,14 @@ class Runner:
                     batch, G.render(pipe, o, batch, on_step=lambda n=step: bar.update(n)), strict=True
                 ):
                     info = metadata.png_info(self._record(pipe, job, image))
-                    path = outputs.save(image, self.name, job.index, self.total, self.args.overwrite, info)
+                    path = outputs.save(
+                        image,
+                        self.name,
+                        k=job.index,
+                        total=self.total,
+                        overwrite=self.args.overwrite,
+                        pnginfo=info,
+                    )
                     self.saved += 1
                     if self.args.grid:  # only then: a million-line prompt file must not pile up images
                         images.append(image)
@@ -84,7 +102,7 @@ class Runner:
         bar.close()
         elapsed = time.monotonic() - start
         if self.args.grid and images:
-            outputs.save(contact_sheet(images), lambda n: Path(self.args.grid), 0, 1, True)
+            outputs.save(contact_sheet(images), lambda n: Path(self.args.grid), k=0, total=1, overwrite=True)
             print(self.args.grid, flush=True)
         if not quiet:
             n = self.saved
@@ -95,7 +113,7 @@ class Runner:
 
 
 def _default_model() -> Path:
-    from gen.weights import DEFAULT_MODEL
+    from gen.loading.pipeline import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
@@ -118,10 +136,10 @@ def reproduce(args) -> int:
         out = outputs.save(
             image,
             outputs.namer(args.output, 1),
-            0,
-            1,
-            False,
-            metadata.png_info({**record, "reproduced_from": str(args.image)}),
+            k=0,
+            total=1,
+            overwrite=False,
+            pnginfo=metadata.png_info({**record, "reproduced_from": str(args.image)}),
         )
         print(out)
     with Image.open(args.image) as original:

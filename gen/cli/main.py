@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from gen.generation.options import ATTENTION, PRECISIONS, check_precision
+
 SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
@@ -66,8 +68,12 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="gen", description="Generate images from text.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = Parser(
+        prog="gen",
+        description="Generate images from text.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a = p.add_argument
     a("prompt", nargs="?", help="what to draw (or --from-file)")
     a(
@@ -119,11 +125,11 @@ def generate_parser() -> argparse.ArgumentParser:
         help="local pipeline folder, ours or a Stable Diffusion 1.x/2.x one (default: embedded)",
     )
     a("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)")
+    a("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
     a(
         "--attention",
         default="sdpa",
-        choices=["sdpa", "math", "xformers"],
+        choices=ATTENTION,
         help="attention kernels (default: %(default)s)",
     )
     a("--compile", action="store_true", help="torch.compile the denoiser (slow first call, faster after)")
@@ -179,18 +185,34 @@ def read_prompts(path: Path):
 def _options(args):
     from gen.generation import Options
 
-    return Options(prompt=args.prompt or "", negative=args.negative, model=args.model, num_images=args.num_images,
-                   batch_size=args.batch_size, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                   guidance=args.guidance, guidance_rescale=args.guidance_rescale, width=args.width,
-                   height=args.height, device=args.device, dtype=args.dtype, clip_skip=args.clip_skip,
-                   attention=args.attention, compile=args.compile, guidance_interval=args.guidance_interval,
-                   allow_pickle=args.allow_pickle, lora=args.lora)  # fmt: skip
+    return Options(
+        prompt=args.prompt or "",
+        negative=args.negative,
+        model=args.model,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        width=args.width,
+        height=args.height,
+        device=args.device,
+        dtype=args.dtype,
+        clip_skip=args.clip_skip,
+        attention=args.attention,
+        compile=args.compile,
+        guidance_interval=args.guidance_interval,
+        allow_pickle=args.allow_pickle,
+        lora=args.lora,
+    )
 
 
 def cmd_generate(argv: list[str]) -> int:
     args = generate_parser().parse_args(argv)
     from gen import generation as G
-    from gen import outputs
+    from gen.cli import outputs
 
     if (args.prompt is None) == (args.from_file is None):
         raise CliError("give a prompt or --from-file FILE (one, not both)")
@@ -206,14 +228,14 @@ def cmd_generate(argv: list[str]) -> int:
     if picked:
         o.seed = G.pick_seed()
     _quiet_libraries()
-    from gen.run import Runner
+    from gen.cli.loop import Runner
 
     return Runner(o, args, name, total, announce_seed=picked).run(G.plan(prompts(), o.num_images, o.seed))
 
 
 def cmd_samplers(argv: list[str]) -> int:
     Parser(prog="gen samplers", description="List sampler names.").parse_args(argv)
-    from gen.samplers import SAMPLERS
+    from gen.diffusion.samplers import SAMPLERS
 
     for name, s in SAMPLERS.items():
         print(f"{name:<22}{s.description}")
@@ -225,7 +247,7 @@ def cmd_info(argv: list[str]) -> int:
     p.add_argument("path", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    from gen.modelinfo import describe, format_description
+    from gen.loading.info import describe, format_description
 
     info = describe(args.path)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
@@ -262,12 +284,21 @@ def cmd_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.images_per_prompt < 1 or args.steps < 1:
         raise CliError("--images-per-prompt and --steps must be >= 1")
-    from gen import eval as gen_eval
+    from gen.tools import eval as gen_eval
 
     _quiet_libraries()
-    report = gen_eval.run(args.model, args.images_per_prompt, args.guidance, args.steps, args.seed, args.grid,
-                          dtype=args.dtype, guidance_interval=args.guidance_interval, no_cfg=not args.no_baseline,
-                          styles=not args.no_styles)  # fmt: skip
+    report = gen_eval.evaluate_model(
+        args.model,
+        images_per_prompt=args.images_per_prompt,
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        grid=args.grid,
+        dtype=args.dtype,
+        guidance_interval=args.guidance_interval,
+        no_cfg=not args.no_baseline,
+        styles=not args.no_styles,
+    )
     print(json.dumps(report, indent=2) if args.json else gen_eval.format_report(report))
     return 0
 
@@ -284,8 +315,8 @@ def cmd_prompt(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from transformers import CLIPTokenizer
 
-    from gen.prompts import explain
-    from gen.weights import DEFAULT_MODEL
+    from gen.loading.pipeline import DEFAULT_MODEL
+    from gen.text.prompts import explain
 
     folder = Path(args.model) if args.model else DEFAULT_MODEL
     if not (folder / "tokenizer").is_dir():
@@ -297,13 +328,9 @@ def cmd_prompt(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     p = Parser(prog="gen bench", description="Measure speed, against diffusers and the machine.")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: %(default)s)"
-    )
+    p.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument(
-        "--attention", default="sdpa", choices=["sdpa", "math", "xformers"], help="(default: %(default)s)"
-    )
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="(default: %(default)s)")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the denoiser; warm-up reported apart"
     )
@@ -322,13 +349,22 @@ def cmd_bench(argv: list[str]) -> int:
         raise CliError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,16") from None
     if min(batches) < 1 or args.steps < 1 or args.reps < 1 or args.pairs < 1:
         raise CliError("--batch, --steps, --reps and --pairs must be >= 1")
-    if args.dtype == "fp16" and args.device == "cpu":
-        raise CliError("dtype fp16 is ~10x slower than fp32 on a CPU; use --dtype bf16 or fp32 there")
+    check_precision(args.dtype, args.device)
     _quiet_libraries()
-    from gen import bench
+    from gen.tools import bench
 
-    report = bench.run(args.model, args.dtype, args.device, args.attention, args.compile, batches, args.steps,
-                       args.reps, args.pairs, not args.no_unet)  # fmt: skip
+    report = bench.benchmark(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attention=args.attention,
+        compile=args.compile,
+        batches=batches,
+        steps=args.steps,
+        reps=args.reps,
+        pairs=args.pairs,
+        unet=not args.no_unet,
+    )
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
 
@@ -347,8 +383,8 @@ def cmd_convert(argv: list[str]) -> int:
     if out.exists() and not args.overwrite:
         raise CliError(f"{out} exists; pass --overwrite to replace it")
     _quiet_libraries()
-    from gen.single_file import save_single_file
-    from gen.weights import load_pipeline
+    from gen.loading.pipeline import load_pipeline
+    from gen.loading.single_file import save_single_file
 
     print(save_single_file(load_pipeline(args.model), out))
     return 0
@@ -361,7 +397,7 @@ def cmd_reproduce(argv: list[str]) -> int:
     p.add_argument(
         "--verify", action="store_true", help="exit 1 if the re-made image differs beyond --tolerance"
     )
-    from gen.metadata import PIXEL_TOLERANCE
+    from gen.generation.metadata import PIXEL_TOLERANCE
 
     p.add_argument(
         "--tolerance",
@@ -372,7 +408,7 @@ def cmd_reproduce(argv: list[str]) -> int:
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
     args = p.parse_args(argv)
     _quiet_libraries()
-    from gen.run import reproduce
+    from gen.cli.loop import reproduce
 
     return reproduce(args)
 
@@ -385,9 +421,16 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
     else:
         command, rest = "generate", argv
-    commands = {"generate": cmd_generate, "samplers": cmd_samplers, "info": cmd_info, "eval": cmd_eval,
-                "reproduce": cmd_reproduce, "prompt": cmd_prompt, "convert": cmd_convert,
-                "bench": cmd_bench}  # fmt: skip
+    commands = {
+        "generate": cmd_generate,
+        "samplers": cmd_samplers,
+        "info": cmd_info,
+        "eval": cmd_eval,
+        "reproduce": cmd_reproduce,
+        "prompt": cmd_prompt,
+        "convert": cmd_convert,
+        "bench": cmd_bench,
+    }
     try:
         return commands[command](rest)
     except (CliError, ValueError, FileNotFoundError, OSError) as e:
@@ -407,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run() -> None:
+def entry() -> None:
     """Console-script entry point. Skips interpreter teardown: unloading torch and diffusers takes over a second
     on a 2-core machine, a fifth of a cold `gen` call, and every file was already written atomically and closed."""
     code = main()

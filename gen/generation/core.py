@@ -1,129 +1,31 @@
-"""Generation as the CLI and `gen.generate` do it: one generator per image, batched, reproducible.
+"""Generation as every front-end does it (the CLI, `gen.generate`, the server): options in, images out, one
+generator per image, batched, reproducible.
 
 Image k of a run with seed S gets its own generator seeded S + k, so it is the same image whatever the batch
 size, its batch-mates or the number of processes: the DiT and per-image VAE decoding are batch-invariant (see
 gen.models.dit), prompts are denoised with their own chunk count (see the pipeline's _denoise), and where the
 CPU's matrix kernels depend on the batch shape or thread count the image stays within
-gen.metadata.PIXEL_TOLERANCE.
+gen.generation.metadata.PIXEL_TOLERANCE.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 
 import torch
 
-from gen.samplers import SAMPLERS, make_scheduler, unknown_sampler
+from gen.diffusion.samplers import make_scheduler
+from gen.generation.options import Job, Options, batches, check_options, parse_lora, pick_seed, plan
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes up to 64 bits
-
-
-@dataclass
-class Options:
-    """Everything that decides the pictures (and is written into each PNG's metadata)."""
-
-    prompt: str = ""
-    negative: str = ""
-    model: str | None = None
-    num_images: int = 1
-    batch_size: int = 1
-    seed: int | None = None
-    steps: int = 20
-    sampler: str | None = None  # None: the model's own scheduler
-    guidance: float = 5.0
-    guidance_rescale: float = 0.0
-    width: int | None = None
-    height: int | None = None
-    device: str = "cpu"
-    dtype: str = "fp32"
-    clip_skip: int | None = None
-    attention: str = "sdpa"
-    compile: bool = False
-    guidance_interval: tuple[float, float] | None = None
-    allow_pickle: bool = False
-    lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT, PATH a LoRA file or folder
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Job:
-    index: int  # position in the run: the k of seed S + k
-    prompt: str
-    seed: int
-
-
-def check_options(o: Options) -> None:
-    """Refuse bad values before loading anything: ValueError naming the value and what is allowed."""
-    for name in ("num_images", "batch_size", "steps"):
-        value = getattr(o, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name.replace('_', '-')} {value!r} must be an integer >= 1")
-    if o.steps > 10_000:
-        raise ValueError(f"steps {o.steps} is more than 10000; a few dozen is typical")
-    if o.sampler is not None and o.sampler not in SAMPLERS:
-        raise unknown_sampler(o.sampler)
-    if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
-        raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
-    if o.dtype not in DTYPES:
-        raise ValueError(f"dtype {o.dtype!r} must be one of {list(DTYPES)}")
-    if o.attention not in ("sdpa", "math", "xformers"):
-        raise ValueError(f"attention {o.attention!r} must be one of ['sdpa', 'math', 'xformers']")
-    if o.dtype == "fp16" and o.device == "cpu":
-        raise ValueError("dtype fp16 is ~10x slower than fp32 on a CPU; use --dtype bf16 or fp32 there")
-    for name in ("guidance", "guidance_rescale"):
-        value = getattr(o, name)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
-
-
-def parse_lora(spec: str) -> tuple[str, float]:
-    """PATH or PATH:WEIGHT (the weight after the last colon, if it is a number). PATH is a LoRA file (diffusers' or
-    kohya's format) or a folder holding pytorch_lora_weights.safetensors."""
-    path, _, weight = spec.rpartition(":")
-    if path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
-def pick_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
-def plan(prompts: Iterable[str], num_images: int, seed: int) -> Iterator[Job]:
-    """Jobs in order: every prompt `num_images` times, image k getting seed + k (wrapping past 2**64)."""
-    k = 0
-    for prompt in prompts:
-        for _ in range(num_images):
-            yield Job(k, prompt, (seed + k) % (MAX_SEED + 1))
-            k += 1
-
-
-def batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    batch: list[Job] = []
-    for job in jobs:
-        batch.append(job)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def prepare(pipe, o: Options):
     """Set the sampler, attention backend, compilation and the batch-invariant VAE decode on a loaded pipeline."""
-    from gen.models.attention import set_attention
+    from gen.generation.attention import set_attention
 
     if o.sampler is not None:
         pipe.scheduler = make_scheduler(o.sampler, pipe.scheduler.config)
@@ -164,8 +66,15 @@ def validate(pipe, o: Options) -> None:
     any image work."""
     height = pipe.default_size if o.height is None else o.height
     width = pipe.default_size if o.width is None else o.width
-    pipe.check_inputs("x", o.negative, height, width, o.steps, o.guidance, o.guidance_rescale, None, None, "pil",
-                      ["latents"], 1)  # fmt: skip
+    pipe.check_inputs(
+        prompt="x",
+        negative_prompt=o.negative,
+        height=height,
+        width=width,
+        num_inference_steps=o.steps,
+        guidance_scale=o.guidance,
+        guidance_rescale=o.guidance_rescale,
+    )
     need = memory_estimate(pipe, o.batch_size, height, width)
     free = available_memory()
     if free and need > free:
@@ -201,7 +110,7 @@ def available_memory() -> int:
 
 
 def load(o: Options):
-    from gen.weights import load_pipeline
+    from gen.loading.pipeline import load_pipeline
 
     pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle)
     return prepare(pipe, o)

@@ -13,77 +13,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from gen.data import shapes as S
+from gen.generation.options import seed_of
+from gen.tools.judge import CLASSES, Judge, judge_accuracy
 
 logger = logging.getLogger(__name__)
-
-CLASSES = {"background": list(S.COLOURS), "colour": list(S.COLOURS), "shape": list(S.SHAPES + S.EXTRA_SHAPES),
-           "size": list(S.SIZES), "position": list(S.POSITIONS)}  # fmt: skip
-
-
-class Judge(ModelMixin, ConfigMixin):
-    """A small CNN with one classification head per attribute. Input (B, 3, H, W) in [-1, 1]."""
-
-    @register_to_config
-    def __init__(self, width: int = 32, hidden: int = 128, num_classes: dict | None = None):
-        super().__init__()
-        num_classes = num_classes or {k: len(v) for k, v in CLASSES.items()}
-        w = width
-        layers, ch = [], 3
-        for out, stride in ((w, 1), (2 * w, 2), (4 * w, 2), (4 * w, 2), (4 * w, 2)):
-            layers += [nn.Conv2d(ch, out, 3, stride, 1), nn.GroupNorm(8, out), nn.GELU()]
-            ch = out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())  # (B, 4w*16)
-        self.trunk = nn.Sequential(nn.Linear(ch * 16, hidden), nn.GELU())
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in num_classes.items()})
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.trunk(self.features(images))  # (B, hidden)
-        return {k: head(h) for k, head in self.heads.items()}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.argmax(-1) for k, v in self(images.to(self.dtype)).items()}
-
-
-def corrupt(images: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Blur or noise renders the way generated images are imperfect; images (B, 3, H, W) in [-1, 1]."""
-    if kind == "clean":
-        return images
-    if kind == "blur":
-        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
-        k = (k[:, None] * k[None]) / 256
-        k = k.to(images)[None, None].repeat(3, 1, 1, 1)  # (3, 1, 5, 5)
-        return nn.functional.conv2d(nn.functional.pad(images, (2, 2, 2, 2), mode="replicate"), k, groups=3)
-    if kind == "noise":
-        return (images + 0.15 * torch.randn(images.shape, generator=generator).to(images)).clamp(-1, 1)
-    raise ValueError(f"corruption {kind!r} must be 'clean', 'blur' or 'noise'")
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 or float in [0, 1] -> (N, 3, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(images))
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    return x.permute(0, 3, 1, 2) * 2 - 1
-
-
-def judge_accuracy(judge: Judge, count: int = 1000, seed: int = 777) -> dict[str, dict[str, float]]:
-    """The judge's own accuracy per attribute on rendered ground truth, clean / blurred / noisy."""
-    images, _, scenes = S.render_many(count, seed=seed, split="all")
-    labels = {a: torch.tensor([s.labels()[a] for s in scenes]) for a in S.ATTRIBUTES}
-    x = to_tensor(images)
-    g = torch.Generator().manual_seed(seed)
-    result = {}
-    for kind in ("clean", "blur", "noise"):
-        pred = judge.predict(corrupt(x, kind, g))
-        result[kind] = {a: (pred[a].cpu() == labels[a]).float().mean().item() for a in S.ATTRIBUTES}
-    return result
 
 
 @dataclass
@@ -116,24 +53,39 @@ def score(judge: Judge, images: torch.Tensor, scenes: list[S.Scene]) -> dict[str
     return out
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], guidance_scale: float, batch_size: int = 32,
-             **kwargs) -> torch.Tensor:  # fmt: skip
+def generate(
+    pipe, prompts: list[str], seeds: list[int], guidance_scale: float, batch_size: int = 32, **kwargs
+) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1], one per (prompt, seed)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + batch_size]]
-        images = pipe(prompts[i : i + batch_size], guidance_scale=guidance_scale, generator=gens,
-                      output_type="pt", **kwargs).images  # fmt: skip
+        images = pipe(
+            prompts[i : i + batch_size],
+            guidance_scale=guidance_scale,
+            generator=gens,
+            output_type="pt",
+            **kwargs,
+        ).images
         out.append(images * 2 - 1)
     return torch.cat(out)
 
 
-def generate_for(pipe, scenes: list[S.Scene], images_per_prompt: int, guidance_scale: float, seed: int,
-                 batch_size: int = 32, **kwargs) -> tuple[torch.Tensor, list[S.Scene]]:  # fmt: skip
+def generate_for(
+    pipe,
+    scenes: list[S.Scene],
+    images_per_prompt: int,
+    guidance_scale: float,
+    seed: int,
+    batch_size: int = 32,
+    **kwargs,
+) -> tuple[torch.Tensor, list[S.Scene]]:
     """Images (N, 3, H, W) in [-1, 1] for each scene's canonical caption, one fixed seed per image."""
-    jobs = [(s, seed + k) for s in scenes for k in range(images_per_prompt)]
+    jobs = [(s, seed_of(seed, k)) for s in scenes for k in range(images_per_prompt)]
     prompts, seeds = [S.caption(s) for s, _ in jobs], [sd for _, sd in jobs]
-    return generate(pipe, prompts, seeds, guidance_scale, batch_size, **kwargs), [s for s, _ in jobs]
+    return generate(
+        pipe, prompts, seeds=seeds, guidance_scale=guidance_scale, batch_size=batch_size, **kwargs
+    ), [s for s, _ in jobs]
 
 
 def score_named(judge: Judge, images: torch.Tensor, scenes: list[S.Scene], named: tuple[str, ...]) -> dict:
@@ -152,8 +104,15 @@ def score_named(judge: Judge, images: torch.Tensor, scenes: list[S.Scene], named
     return out
 
 
-def evaluate_styles(pipe, judge: Judge, images_per_prompt: int = 2, guidance_scale: float = 5.0, seed: int = 0,
-                    per_split: int = 20, **kwargs) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+def evaluate_styles(
+    pipe,
+    judge: Judge,
+    images_per_prompt: int = 2,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    per_split: int = 20,
+    **kwargs,
+) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy per prompt style (gen.data.captions.STYLES) and split, judging only what each style names."""
     from gen.data import captions as C
 
@@ -161,7 +120,7 @@ def evaluate_styles(pipe, judge: Judge, images_per_prompt: int = 2, guidance_sca
     for style in C.STYLES:
         rng = random.Random(f"{seed}/{style}")
         for split, scenes in eval_scenes(per_split).items():
-            jobs = [(s, seed + k) for s in scenes for k in range(images_per_prompt)]
+            jobs = [(s, seed_of(seed, k)) for s in scenes for k in range(images_per_prompt)]
             prompts = [C.prompt(s, style, rng) for s, _ in jobs]
             images = generate(pipe, prompts, [sd for _, sd in jobs], guidance_scale, **kwargs)
             result.setdefault(style, {})[split] = score_named(
@@ -187,12 +146,27 @@ def probe(pipe, judge: Judge, seeds: int = 16, guidance_scale: float = 5.0, **kw
     return out
 
 
-def evaluate(pipe, judge: Judge, images_per_prompt: int = 4, guidance_scale: float = 5.0, seed: int = 0,
-             per_split: int = 20, clip: ClipScorer | None = None, **kwargs) -> EvalResult:  # fmt: skip
+def evaluate(
+    pipe,
+    judge: Judge,
+    images_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    per_split: int = 20,
+    clip: ClipScorer | None = None,
+    **kwargs,
+) -> EvalResult:
     """Generate every prompt of the fixed set `images_per_prompt` times and score the images."""
     result = EvalResult()
     for split, scenes in eval_scenes(per_split).items():
-        images, judged = generate_for(pipe, scenes, images_per_prompt, guidance_scale, seed, **kwargs)
+        images, judged = generate_for(
+            pipe,
+            scenes,
+            images_per_prompt=images_per_prompt,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            **kwargs,
+        )
         result.accuracy[split] = score(judge, images, judged)
         if clip is not None:
             result.clip_score[split] = clip.score(images, [S.caption(s) for s in judged])
@@ -225,30 +199,38 @@ def save_grid(
     pipe, path: Path, scenes: list[S.Scene], seeds: list[int], guidance_scale: float = 5.0, **kwargs
 ) -> Path:
     """A contact sheet: one row per prompt, one column per seed."""
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
-    from gen.files import atomic_write
     from gen.images import contact_sheet
 
-    images, _ = generate_for(pipe, scenes, len(seeds), guidance_scale, seeds[0], **kwargs)
-    pixels = (
-        ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    )  # (N, H, W, 3), prompt-major
-    with atomic_write(path) as tmp:
-        contact_sheet([Image.fromarray(p) for p in pixels], columns=len(seeds)).save(tmp, format="PNG")
+    images, _ = generate_for(
+        pipe, scenes, images_per_prompt=len(seeds), guidance_scale=guidance_scale, seed=seeds[0], **kwargs
+    )  # (N, 3, H, W)
+    pil = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(images)))
+    contact_sheet(pil, columns=len(seeds)).save(path)
     return path
 
 
-def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_scale: float = 5.0,
-        num_inference_steps: int = 20, seed: int = 0, grid: str | Path | None = None, device: str = "cpu",
-        batch_size: int = 32, dtype: str = "fp32", guidance_interval: tuple[float, float] | None = None,
-        no_cfg: bool = True, styles: bool = True) -> dict:  # fmt: skip
+def evaluate_model(
+    model: str | Path | None = None,
+    images_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    grid: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    dtype: str = "fp32",
+    guidance_interval: tuple[float, float] | None = None,
+    no_cfg: bool = True,
+    styles: bool = True,
+) -> dict:
     """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, prompt
     styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid."""
     import time
 
     from gen.generation import DTYPES
-    from gen.weights import DEFAULT_MODEL, load_pipeline
+    from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
 
     folder = Path(model) if model is not None else DEFAULT_MODEL
     pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
@@ -271,17 +253,43 @@ def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_sc
         settings.append(("no cfg", 1.0, {}))
     for name, scale, extra in settings:
         start = time.perf_counter()
-        r = evaluate(pipe, judge, images_per_prompt, scale, seed, clip=clip, **common, **extra)
+        r = evaluate(
+            pipe,
+            judge,
+            images_per_prompt=images_per_prompt,
+            guidance_scale=scale,
+            seed=seed,
+            clip=clip,
+            **common,
+            **extra,
+        )
         seconds = time.perf_counter() - start
-        report[name] = {"accuracy": r.accuracy, "clip_score": r.clip_score, "images": r.images,
-                        "s_per_image": seconds / r.images}  # fmt: skip
+        report[name] = {
+            "accuracy": r.accuracy,
+            "clip_score": r.clip_score,
+            "images": r.images,
+            "s_per_image": seconds / r.images,
+        }
     if styles:
-        report["styles"] = evaluate_styles(pipe, judge, images_per_prompt, guidance_scale, seed, **common)
+        report["styles"] = evaluate_styles(
+            pipe,
+            judge,
+            images_per_prompt=images_per_prompt,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            **common,
+        )
         report["probe"] = probe(pipe, judge, 16, guidance_scale, **common)
     if grid is not None:
         scenes = eval_scenes(8)
-        save_grid(pipe, Path(grid), scenes["seen"][:4] + scenes["held-out"][:4], [seed + k for k in range(4)],
-                  guidance_scale, num_inference_steps=num_inference_steps)  # fmt: skip
+        save_grid(
+            pipe,
+            Path(grid),
+            scenes=scenes["seen"][:4] + scenes["held-out"][:4],
+            seeds=[seed_of(seed, k) for k in range(4)],
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+        )
         report["grid"] = str(grid)
     return report
 
@@ -289,8 +297,11 @@ def run(model: str | Path | None = None, images_per_prompt: int = 4, guidance_sc
 def format_report(report: dict) -> str:
     """A table people can read: judge accuracy first, then per split x setting accuracies in percent."""
     cols = list(S.ATTRIBUTES) + ["all"]
-    lines = [f"model: {report['model']}  dtype {report.get('dtype', 'fp32')}  guidance interval"
-             f" {report.get('guidance_interval') or 'all steps'}", "judge accuracy on rendered ground truth (%):"]  # fmt: skip
+    lines = [
+        f"model: {report['model']}  dtype {report.get('dtype', 'fp32')}  guidance interval"
+        f" {report.get('guidance_interval') or 'all steps'}",
+        "judge accuracy on rendered ground truth (%):",
+    ]
     for kind, acc in report["judge"].items():
         lines.append(f"  {kind:<6}" + "".join(f"{a} {100 * acc[a]:5.1f}  " for a in S.ATTRIBUTES))
     lines.append(
@@ -313,8 +324,10 @@ def format_report(report: dict) -> str:
 
 def _format_styles(styles: dict, probes: dict) -> list[str]:
     cols = ["background", "colour", "shape", "size", "position", "clean", "all"]
-    lines = ["prompt styles (% right of what each names; 'all' = every named attribute and a clean shape):",
-             f"{'style':<13}{'split':<10}" + "".join(f"{c:>11}" for c in cols)]  # fmt: skip
+    lines = [
+        "prompt styles (% right of what each names; 'all' = every named attribute and a clean shape):",
+        f"{'style':<13}{'split':<10}" + "".join(f"{c:>11}" for c in cols),
+    ]
     for style, splits in styles.items():
         for split, acc in splits.items():
             row = "".join(f"{100 * acc[c]:11.1f}" if c in acc else f"{'-':>11}" for c in cols)

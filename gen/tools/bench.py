@@ -82,8 +82,14 @@ def bench_pipeline(pipe, batch: int, steps: int, reps: int, guidance: float = 5.
         embeds, negative = pipe.encode_prompt(prompts, device, 1, guidance > 1)
         context = torch.cat([negative, embeds]) if negative is not None else embeds  # (2B, L, D)
         size = pipe.default_size // pipe.vae_scale_factor
-        x = torch.randn(context.shape[0], pipe.denoiser.config.in_channels, size, size, device=device,
-                        dtype=pipe.denoiser.dtype)  # fmt: skip
+        x = torch.randn(
+            context.shape[0],
+            pipe.denoiser.config.in_channels,
+            size,
+            size,
+            device=device,
+            dtype=pipe.denoiser.dtype,
+        )
         t = torch.tensor(500, device=device)
         step = timed(lambda: pipe.denoiser(x, t, encoder_hidden_states=context), device, reps)
         flops = count_flops(lambda: pipe.denoiser(x, t, encoder_hidden_states=context))
@@ -132,9 +138,16 @@ def compare_with_diffusers(pipe, steps: int, pairs: int, batch: int = 1) -> dict
 
     with warnings.catch_warnings():  # its complaint about steps_offset concerns SD's own hub configs
         warnings.simplefilter("ignore", FutureWarning)
-        sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                                     scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                     requires_safety_checker=False)  # fmt: skip
+        sd = StableDiffusionPipeline(
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            unet=pipe.unet,
+            scheduler=pipe.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     sd.set_progress_bar_config(disable=True)
     device = pipe._execution_device
     prompts = ["a large red circle on a blue background"] * batch
@@ -167,31 +180,56 @@ def tiny_sd_pipeline(base):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=base.default_size // base.vae_scale_factor, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 128, 128), attention_head_dim=8, norm_num_groups=32,
+        sample_size=base.default_size // base.vae_scale_factor,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 128, 128),
+        attention_head_dim=8,
+        norm_num_groups=32,
         cross_attention_dim=base.text_encoder.config.hidden_size,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).to(device=base.device, dtype=base.denoiser.dtype)  # fmt: skip
+    ).to(device=base.device, dtype=base.denoiser.dtype)
     # A scheduler of its own: StableDiffusionPipeline rewrites an old-style scheduler config it is given.
     scheduler = type(base.scheduler).from_config(base.scheduler.config)
     # diffusers' SD pipeline decodes in the UNet's dtype: both sides share one VAE copy in that dtype.
     vae = copy.deepcopy(base.vae).to(unet.dtype)
-    pipe = TextToImagePipeline(vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                               scheduler=scheduler, unet=unet.eval())  # fmt: skip
+    pipe = TextToImagePipeline(
+        vae=vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        scheduler=scheduler,
+        unet=unet.eval(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def run(model=None, dtype: str = "fp32", device: str = "cpu", attention: str = "sdpa", compile: bool = False,
-        batches=(1, 16), steps: int = 20, reps: int = 5, pairs: int = 5, unet: bool = True) -> dict:  # fmt: skip
-    from gen.models.attention import set_attention
-    from gen.weights import load_pipeline
+def benchmark(
+    model=None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    attention: str = "sdpa",
+    compile: bool = False,
+    batches=(1, 16),
+    steps: int = 20,
+    reps: int = 5,
+    pairs: int = 5,
+    unet: bool = True,
+) -> dict:
+    from gen.generation.attention import set_attention
+    from gen.loading.pipeline import load_pipeline
 
     torch_dtype = DTYPES[dtype]
     pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device)
-    report = {"device": device, "dtype": dtype, "threads": torch.get_num_threads(), "steps": steps,
-              "attention": set_attention(pipe, attention)}  # fmt: skip
+    report = {
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "attention": set_attention(pipe, attention),
+    }
     dev = torch.device(device)
     report["matmul_peak_flops"] = matmul_peak(torch_dtype, dev)
     if compile:
@@ -214,8 +252,10 @@ def run(model=None, dtype: str = "fp32", device: str = "cpu", attention: str = "
 
 
 def format_report(r: dict) -> str:
-    lines = [f"device {r['device']}, {r['dtype']}, {r['threads']} threads, attention {r['attention']}, {r['steps']} steps",
-             f"measured {r['dtype']} matmul peak: {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s"]  # fmt: skip
+    lines = [
+        f"device {r['device']}, {r['dtype']}, {r['threads']} threads, attention {r['attention']}, {r['steps']} steps",
+        f"measured {r['dtype']} matmul peak: {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s",
+    ]
     if "compile_warmup_s" in r:
         lines.append(f"torch.compile warm-up: {r['compile_warmup_s']:.1f} s")
     lines.append(
@@ -230,8 +270,10 @@ def format_report(r: dict) -> str:
         )
     if "speedup_vs_fp32" in r:
         sp = r["speedup_vs_fp32"]["fp32_over_this_dtype"]
-        lines.append(f"denoiser fp32 / {r['dtype']} time at batch {r['speedup_vs_fp32']['batch']} (paired, same run):"
-                     f" min {sp['min']:.2f}x  median {sp['median']:.2f}x  max {sp['max']:.2f}x")  # fmt: skip
+        lines.append(
+            f"denoiser fp32 / {r['dtype']} time at batch {r['speedup_vs_fp32']['batch']} (paired, same run):"
+            f" min {sp['min']:.2f}x  median {sp['median']:.2f}x  max {sp['max']:.2f}x"
+        )
     if "unet_vs_diffusers" in r:
         c = r["unet_vs_diffusers"]
         ratio = c["ratio"]

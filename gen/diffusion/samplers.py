@@ -22,8 +22,14 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "euler": Sampler("EulerDiscreteScheduler", "Euler: first-order ODE solver, a solid default", a1111="Euler"),
-    "euler_a": Sampler("EulerAncestralDiscreteScheduler", "Euler ancestral: adds fresh noise each step (varied, never converges)", a1111="Euler a"),
+    "euler": Sampler(
+        "EulerDiscreteScheduler", "Euler: first-order ODE solver, a solid default", a1111="Euler"
+    ),
+    "euler_a": Sampler(
+        "EulerAncestralDiscreteScheduler",
+        "Euler ancestral: adds fresh noise each step (varied, never converges)",
+        a1111="Euler a",
+    ),
     "heun": Sampler("HeunDiscreteScheduler", "Heun: second order, two model calls per step", a1111="Heun"),
     "dpm2": Sampler("KDPM2DiscreteScheduler", "DPM2: second order, two model calls per step", a1111="DPM2"),
     "dpm2_a": Sampler("KDPM2AncestralDiscreteScheduler", "DPM2 ancestral", a1111="DPM2 a"),
@@ -31,21 +37,49 @@ SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler("DDIMScheduler", "DDIM: deterministic, the classic", a1111="DDIM"),
     "pndm": Sampler("PNDMScheduler", "PNDM / PLMS: pseudo linear multistep", a1111="PLMS"),
     "ddpm": Sampler("DDPMScheduler", "DDPM: the original ancestral sampler, needs many steps", a1111="DDPM"),
-    "unipc": Sampler("UniPCMultistepScheduler", "UniPC: fast predictor-corrector, good at 10-20 steps", a1111="UniPC"),
-    "dpm++_2m": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M: fast and sharp at 20 steps",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpm++_2m_karras": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M with Karras sigmas",
-                               {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "dpm++_2m_sde": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M SDE: stochastic variant",
-                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}, "DPM++ 2M SDE"),
-    "dpm++_2m_sde_karras": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M SDE with Karras sigmas",
-                                   {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, "DPM++ 2M SDE Karras"),
-    "dpm++_sde": Sampler("DPMSolverSinglestepScheduler", "DPM++ SDE (single-step solver, as diffusers maps it)",
-                         {"use_karras_sigmas": False}, "DPM++ SDE"),
-    "dpm++_sde_karras": Sampler("DPMSolverSinglestepScheduler", "DPM++ SDE with Karras sigmas",
-                                {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
-    "lcm": Sampler("LCMScheduler", "LCM: 2-8 steps, only for LCM-distilled models (others give poor images)", a1111="LCM"),
-}  # fmt: skip
+    "unipc": Sampler(
+        "UniPCMultistepScheduler", "UniPC: fast predictor-corrector, good at 10-20 steps", a1111="UniPC"
+    ),
+    "dpm++_2m": Sampler(
+        "DPMSolverMultistepScheduler",
+        "DPM++ 2M: fast and sharp at 20 steps",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        "DPM++ 2M",
+    ),
+    "dpm++_2m_karras": Sampler(
+        "DPMSolverMultistepScheduler",
+        "DPM++ 2M with Karras sigmas",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "dpm++_2m_sde": Sampler(
+        "DPMSolverMultistepScheduler",
+        "DPM++ 2M SDE: stochastic variant",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+        "DPM++ 2M SDE",
+    ),
+    "dpm++_2m_sde_karras": Sampler(
+        "DPMSolverMultistepScheduler",
+        "DPM++ 2M SDE with Karras sigmas",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M SDE Karras",
+    ),
+    "dpm++_sde": Sampler(
+        "DPMSolverSinglestepScheduler",
+        "DPM++ SDE (single-step solver, as diffusers maps it)",
+        {"use_karras_sigmas": False},
+        "DPM++ SDE",
+    ),
+    "dpm++_sde_karras": Sampler(
+        "DPMSolverSinglestepScheduler",
+        "DPM++ SDE with Karras sigmas",
+        {"use_karras_sigmas": True},
+        "DPM++ SDE Karras",
+    ),
+    "lcm": Sampler(
+        "LCMScheduler", "LCM: 2-8 steps, only for LCM-distilled models (others give poor images)", a1111="LCM"
+    ),
+}
 
 
 def unknown_sampler(name: str) -> ValueError:

@@ -5,7 +5,7 @@ the list OpenAI's SimpleTokenizer builds CLIP's vocabulary from. We rebuild that
 256 byte-unicode characters, the same with `</w>`, one token per merge for the first 48894 merges, then the two
 special tokens — and write it in the layout transformers' CLIPTokenizer reads (49408 entries).
 
-    python -m gen.data.clip_tokenizer open_clip_torch-3.3.0-py3-none-any.whl OUT_DIR
+    python -m gen.train.clip_tokenizer open_clip_torch-3.3.0-py3-none-any.whl OUT_DIR
 """
 
 from __future__ import annotations

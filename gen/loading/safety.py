@@ -12,6 +12,7 @@ folder gets a one-line error naming the file, instead of a traceback from deep i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -45,10 +46,7 @@ def check_weight_file(path: Path) -> None:
             end = 0
             for key in st.keys():
                 piece = st.get_slice(key)
-                n = 1
-                for d in piece.get_shape():
-                    n *= d
-                end += n * _itemsize(piece.get_dtype())
+                end += math.prod(piece.get_shape()) * _itemsize(piece.get_dtype())
     except Exception as e:  # safetensors raises its own error types for malformed headers
         detail = str(e).splitlines()[0]
         state = "truncated" if "not fully covered" in detail else "corrupt"
@@ -60,8 +58,23 @@ def check_weight_file(path: Path) -> None:
 
 
 def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}.get(dtype, 1)  # fmt: skip
+    return {
+        "F64": 8,
+        "I64": 8,
+        "U64": 8,
+        "F32": 4,
+        "I32": 4,
+        "U32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I16": 2,
+        "U16": 2,
+        "I8": 1,
+        "U8": 1,
+        "BOOL": 1,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+    }.get(dtype, 1)
 
 
 def check_folder(folder: Path, allow_pickle: bool = False) -> dict:

@@ -2,7 +2,7 @@
 
 The tokenizer and text encoder are transformers' CLIP classes; this module owns how they are called, so the
 pipeline, the training code and the CLI all turn text into embeddings the same way. Prompts use A1111's syntax
-(gen.prompts): emphasis weights, BREAK, and any length — long prompts are split into chunks of the encoder's
+(gen.text.prompts): emphasis weights, BREAK, and any length — long prompts are split into chunks of the encoder's
 window (L = 77 for SD: 75 tokens + BOS/EOS), each encoded on its own, and the chunks concatenated along the
 sequence axis (cross-attention takes any length). A prompt that fits one window with no weights gives exactly
 what plain CLIP tokenization gives.
@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from gen.prompts import Chunks, tokenize_weighted, window
+from gen.text.prompts import Chunks, tokenize_weighted, window
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,10 @@ def embed(
     """Each prompt's own chunks, unpadded, (K_i*L, D), and the empty chunk's embedding (L, D) to pad with;
     one text-encoder call for all of them."""
     length = chunk_length(tokenizer, text_encoder)
-    chunked = [tokenize_weighted(tokenizer, p, truncate, weighting, length) for p in prompts]
+    chunked = [
+        tokenize_weighted(tokenizer, p, truncate=truncate, weighting=weighting, length=length)
+        for p in prompts
+    ]
     for c in chunked:
         if c.cut:
             text = tokenizer.decode(c.cut)
@@ -124,6 +127,8 @@ def encode(
 ) -> torch.Tensor:
     """Embed prompts: (B, L*K, D), K the most chunks any prompt needs (at least `min_chunks`), shorter prompts
     padded with the empty chunk (pad_chunks)."""
-    rows, empty = embed(tokenizer, text_encoder, prompts, device, clip_skip, truncate, weighting)
+    rows, empty = embed(
+        tokenizer, text_encoder, prompts, device, clip_skip=clip_skip, truncate=truncate, weighting=weighting
+    )
     k = max([min_chunks] + [r.shape[0] // empty.shape[0] for r in rows])
     return pad_chunks(rows, k, empty)  # (B, L*K, D)

@@ -1,12 +1,12 @@
-"""Attention backends for the denoiser: SDPA (default), plain matmuls, or xformers where it can run."""
+"""The pipeline-wide attention switch: SDPA (default), plain matmuls, or xformers where it can run."""
 
 from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+from gen.generation.options import ATTENTION
 
-ATTENTION = ("sdpa", "math", "xformers")
+logger = logging.getLogger(__name__)
 
 
 def set_attention(pipe, backend: str) -> str:

@@ -22,11 +22,18 @@ from safetensors.torch import save_file
 
 from gen.files import atomic_write
 
-CONFIGS = Path(__file__).parent / "assets" / "sd_configs"
-TOKENIZER = Path(__file__).parent / "assets" / "shapes" / "tokenizer"
+ASSETS = Path(__file__).parents[1] / "assets"  # gen/assets
+CONFIGS = ASSETS / "sd_configs"
+TOKENIZER = ASSETS / "shapes" / "tokenizer"
 
-_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]  # fmt: skip
+_RESNET = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+]
 _VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 
 
@@ -39,8 +46,13 @@ def _sub(key: str, pairs) -> str:
 def _unet_key(key: str, config) -> str:
     n_layers = config.layers_per_block
     up_attn = ["CrossAttn" in t for t in config.up_block_types]
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     head = key.split(".")[0]
     for new, old in fixed.items():
         if key.startswith(new + "."):
@@ -151,8 +163,12 @@ def config_folder(version: str, into: Path) -> Path:
     spec = json.loads((CONFIGS / f"{version}.json").read_text())
     into.mkdir(parents=True, exist_ok=True)
     (into / "model_index.json").write_text(json.dumps(spec["model_index"]))
-    for name, file in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                       ("scheduler", "scheduler_config.json")):  # fmt: skip
+    for name, file in (
+        ("unet", "config.json"),
+        ("vae", "config.json"),
+        ("text_encoder", "config.json"),
+        ("scheduler", "scheduler_config.json"),
+    ):
         (into / name).mkdir(exist_ok=True)
         (into / name / file).write_text(json.dumps(spec[name]))
     shutil.copytree(TOKENIZER, into / "tokenizer", dirs_exist_ok=True)
@@ -182,11 +198,12 @@ def load_single_file(
         version = detect_version(path) if config is None else None
         folder = Path(config) if config is not None else config_folder(version, Path(tmp))
         try:
-            return TextToImagePipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
-                                                        torch_dtype=torch_dtype)  # fmt: skip
+            return TextToImagePipeline.from_single_file(
+                str(path), config=str(folder), local_files_only=True, torch_dtype=torch_dtype
+            )
         except (ValueError, RuntimeError) as e:
             what = f"the Stable Diffusion {version} configs" if version else f"the configs in {folder}"
-            detail = str(e).split(". If you want")[0].replace("Cannot load  because ", "")
+            detail = str(e).split(". If you want")[0]  # diffusers' advice on the hub does not apply offline
             raise ValueError(
                 f"{path} does not fit {what}: {detail}; pass config=<a matching diffusers folder>"
             ) from None

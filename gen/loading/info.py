@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -16,16 +17,14 @@ def _weights(folder: Path) -> dict:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 s = st.get_slice(key)
-                n = 1
-                for d in s.get_shape():
-                    n *= d
+                n = math.prod(s.get_shape())
                 params += n
                 dtypes[s.get_dtype()] += n
     return {"parameters": params, "bytes": size, "dtype": dtypes.most_common(1)[0][0] if dtypes else None}
 
 
 def describe(path: str | Path | None = None) -> dict:
-    from gen.weights import DEFAULT_MODEL
+    from gen.loading.pipeline import DEFAULT_MODEL
 
     folder = Path(path) if path is not None else DEFAULT_MODEL
     index_file = folder / "model_index.json"

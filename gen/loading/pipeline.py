@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from gen.generation.options import check_precision
+
 logger = logging.getLogger(__name__)
 
 # The embedded default model ships inside the package (see gen.train.shapes for how it is made).
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes"
+DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "shapes"  # gen/assets/shapes
 
 
 def load_pipeline(
@@ -20,16 +22,13 @@ def load_pipeline(
     allow_pickle: bool = False,
 ):
     """Load a local pipeline folder or single .safetensors SD checkpoint; with no path, the embedded default model.
-    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.safety)."""
+    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.loading.safety)."""
     from gen.pipelines import TextToImagePipeline
 
-    if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
-        raise ValueError(
-            "torch.float16 is ~10x slower than float32 on a CPU; use torch.bfloat16 or float32 there"
-        )
+    check_precision({torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, "fp32"), str(device))
     folder = Path(path) if path is not None else DEFAULT_MODEL
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
-        from gen.single_file import load_single_file
+        from gen.loading.single_file import load_single_file
 
         pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from gen.images import to_model_range
+
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -92,7 +94,7 @@ class ImageCaptionFolder:
             flip = self.flip and rng is not None and rng.random() < 0.5
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R)
+        pixels = to_model_range(torch.from_numpy(np.array(image)))  # (3, R, R)
         return {"pixel_values": pixels, "caption": text}
 
     __getitem__ = load

@@ -1,0 +1,357 @@
+"""What gen's pipelines share: components, loading, prompt encoding (prompting.py), noise, the guided denoising
+loop with one CFG formula (gen.diffusion.guidance), and decoding. Each task's pipeline adds only its `__call__`."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import deprecate
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from gen.diffusion.guidance import guidance
+from gen.loading.safety import PICKLE
+from gen.models.dit import DiT
+from gen.pipelines.checks import check_call
+from gen.pipelines.lora import LoraMixin
+from gen.pipelines.prompting import PromptEncodingMixin, TextContext
+
+logger = logging.getLogger(__name__)
+
+
+def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool:
+    """Is this step inside the guidance interval (fractions of the schedule, start inclusive)?"""
+    if interval is None:
+        return True
+    return interval[0] <= step / total < interval[1]
+
+
+def modernize_scheduler(scheduler) -> None:
+    """Rewrite outdated SD scheduler configs (steps_offset != 1, clip_sample=True) as diffusers'
+    StableDiffusionPipeline does when it is built, with its deprecation warning, so an old SD folder gives the
+    same images in gen as in diffusers."""
+    fixes = {}
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+        message = (
+            f"The configuration file of this scheduler: {scheduler} is outdated. `steps_offset` should be set"
+            f" to 1 instead of {scheduler.config.steps_offset}; gen uses 1, as StableDiffusionPipeline does."
+        )
+        deprecate("steps_offset!=1", "1.0.0", message, standard_warn=False)
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+        message = (
+            f"The configuration file of this scheduler: {scheduler} has not set the configuration `clip_sample`."
+            " `clip_sample` should be set to False; gen uses False, as StableDiffusionPipeline does."
+        )
+        deprecate("clip_sample not set", "1.0.0", message, standard_warn=False)
+    if fixes:
+        scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
+
+
+class LatentDiffusionPipeline(
+    DiffusionPipeline, PromptEncodingMixin, LoraMixin, TextualInversionLoaderMixin, FromSingleFileMixin
+):
+    """The components and steps gen's pipelines share: a CLIP text encoder, exactly one denoiser (`transformer`,
+    gen's DiT, or `unet`, diffusers' UNet2DConditionModel), a VAE and any diffusers scheduler; loading (gen's
+    folders, SD 1.x/2.x folders and single files, LoRA, textual inversion), noise, the guided denoising loop
+    and decoding. A task's pipeline adds its `__call__` (see text_to_image.py)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->unet->vae"
+    _optional_components = ["transformer", "unet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        transformer: DiT | None = None,
+        unet: UNet2DConditionModel | None = None,
+    ):
+        super().__init__()
+        # Neither is allowed (a text-only pipeline can still encode_prompt, as diffusers' pipelines can); a call
+        # that needs a denoiser says so (see `denoiser`).
+        if transformer is not None and unet is not None:
+            raise ValueError(
+                "TextToImagePipeline needs exactly one denoiser, transformer= or unet=; got both"
+            )
+        if scheduler is not None:
+            modernize_scheduler(scheduler)
+        # Only the denoiser given is registered: `components` are then the init components, and a UNet pipeline
+        # has no `transformer` attribute, as diffusers' SD pipelines have none. Either may be missing from a
+        # folder (the class's _optional_components), but a built pipeline's denoiser is required, so this
+        # instance lists none: save_pretrained keeps it, and callers never drop it.
+        nets = {name: net for name, net in (("transformer", transformer), ("unet", unet)) if net is not None}
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, **nets
+        )
+        self._optional_components = []
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def denoiser_name(self) -> str | None:
+        """ "transformer" (gen's DiT) or "unet": the component that denoises; None in a text-only pipeline."""
+        for name in ("transformer", "unet"):
+            if getattr(self, name, None) is not None:
+                return name
+        return None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        if self.denoiser_name is None:
+            raise ValueError("this pipeline has no denoiser: give transformer= (gen's DiT) or unet=")
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components this pipeline was built with (diffusers' property expects every optional one)."""
+        return {k: getattr(self, k) for k in self.config if not k.startswith("_")}
+
+    @property
+    def latent_stride(self) -> int:
+        """Pixels per latent token: the VAE's factor, times the patch size for a DiT."""
+        patch = getattr(self.denoiser.config, "patch_size", None) or 1
+        return self.vae_scale_factor * patch
+
+    @property
+    def default_size(self) -> int:
+        """Pixels per side when height/width are not given: the denoiser's sample size (512 for SD 1.x)."""
+        size = self.denoiser.config.sample_size if self.denoiser_name else 64
+        return size * self.vae_scale_factor
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """diffusers' loader behind gen's checks (gen.loading.safety): a local folder only, safetensors unless
+        allow_pickle, classes from diffusers/transformers/gen only, whole files, finite weights."""
+        from gen.loading.safety import check_finite, check_folder
+
+        folder = Path(pretrained_model_name_or_path)
+        check_folder(folder, allow_pickle)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault(
+            "use_safetensors", None if allow_pickle else True
+        )  # None: safetensors first, then pickle
+        try:
+            pipe = super().from_pretrained(str(folder), **kwargs)
+        except (
+            ValueError,
+            RuntimeError,
+            OSError,
+        ) as e:  # a library's multi-line message, made one clear line
+            detail = str(e).split(". If you want")[0].replace("Cannot load because ", "")
+            raise ValueError(f"{folder}: could not load it: {' '.join(detail.split())}") from None
+        check_finite(pipe, folder)
+        return pipe
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' single-file loader, offline: without `config=`, gen's shipped SD 1.x/2.x configs are used."""
+        if "config" not in kwargs:
+            from gen.loading.single_file import load_single_file
+
+            return load_single_file(
+                pretrained_model_link_or_path, torch_dtype=kwargs.get("torch_dtype", torch.float32)
+            )
+        kwargs.setdefault("local_files_only", True)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
+    def load_textual_inversion(
+        self, pretrained_model_name_or_path, token=None, allow_pickle: bool = False, **kwargs
+    ):
+        """diffusers' loader (A1111 and diffusers embedding formats), refusing pickle files unless allow_pickle:
+        a .pt/.bin/.ckpt file can run code when unpickled. With allow_pickle, diffusers reads it with
+        torch.load(weights_only=True)."""
+        sources = pretrained_model_name_or_path
+        for source in sources if isinstance(sources, list) else [sources]:
+            suffix = Path(str(source)).suffix.lower() if isinstance(source, (str, Path)) else ""
+            if suffix in PICKLE and not allow_pickle:
+                raise ValueError(
+                    f"{source}: {suffix} embeddings are pickle files, which can run code when loaded; use a"
+                    " .safetensors file or pass allow_pickle=True"
+                )
+        kwargs.setdefault("local_files_only", True)
+        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, **kwargs)
+
+    # -- small wrappers users of StableDiffusionPipeline expect --------------------------------------------------
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return getattr(self, "_cross_attention_kwargs", None)
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def check_inputs(self, **kwargs) -> None:
+        """Refuse bad input before any work, naming the value and the rule (see gen.pipelines.checks)."""
+        check_call(self, **kwargs)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        channels = self.denoiser.config.in_channels
+        shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt);"
+                " give one generator or one per image"
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _denoise(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, chunks: list[int] | None = None
+    ) -> torch.Tensor:
+        """One denoiser call (both denoisers share UNet2DConditionModel's calling convention).
+
+        With `chunks` (each row's own number of text chunks), rows of equal count run together with the
+        batch's padding chunks cut off: attention would otherwise attend to them, and a prompt's image would
+        depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
+        computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
+        if chunks is None:
+            kw = self.cross_attention_kwargs  # {"scale": s} scales the LoRA, as in StableDiffusionPipeline
+            return self.denoiser(
+                x, t, encoder_hidden_states=context, cross_attention_kwargs=kw, return_dict=False
+            )[0]
+        length = context.shape[1] // max(chunks)
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        for k in sorted(set(chunks)):
+            rows = [i for i, c in enumerate(chunks) if c == k]
+            for i, pred in zip(rows, self._denoise(x[rows], t, context[rows, : k * length]), strict=True):
+                out[i] = pred
+        return torch.stack(out)  # (rows, C, h, w)
+
+    def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
+        vae = self.vae
+        x = latents / vae.config.scaling_factor  # (B, C, h, w)
+        dtype = vae.dtype
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+            dtype = torch.float32
+        image = self._vae_decode(x, dtype, generator)
+        if torch.isnan(image).any() and dtype != torch.float32:
+            logger.warning("VAE decode in %s gave NaN; retrying in float32", dtype)
+            image = self._vae_decode(x, torch.float32, generator)
+        if torch.isnan(image).any():
+            raise FloatingPointError(
+                "the decoded image contains NaN (the latents or the VAE weights are not finite); try float32,"
+                " fewer steps or another sampler"
+            )
+        return image
+
+    def _vae_decode(self, x: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
+        original = self.vae.dtype
+        if dtype != original:
+            self.vae.to(dtype)
+        try:
+            return self.vae.decode(x.to(dtype), return_dict=False, generator=generator)[0]
+        finally:
+            if dtype != original:
+                self.vae.to(original)
+
+    def _denoising_loop(
+        self,
+        latents: torch.Tensor,  # (B, C, h, w)
+        steps: torch.Tensor,
+        text: TextContext,
+        step_kwargs: dict,
+        guidance_rescale: float,
+        guidance_interval: tuple[float, float] | None,
+        callback: Callable | None,
+        tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        cfg = self.do_classifier_free_guidance
+        both = text.both() if cfg else None  # (2B, L*K, D), negatives first
+        with self.progress_bar(total=len(steps)) as progress:
+            for i, t in enumerate(steps):
+                if self.interrupt:
+                    break
+                # Outside the guidance interval only the text branch runs: half the denoiser work.
+                guided = cfg and _inside(i, len(steps), guidance_interval)
+                x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
+                x_in = self.scheduler.scale_model_input(x_in, t)
+                if guided:
+                    pred_uncond, pred_text = self._denoise(x_in, t, both, text.rows(2)).chunk(2)
+                    pred = guidance(pred_uncond, pred_text, self.guidance_scale, guidance_rescale)
+                else:
+                    pred = self._denoise(x_in, t, text.prompt_embeds, text.rows(1))
+                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback is not None:
+                    latents = self._callback(
+                        callback, i, t=t, latents=latents, text=text, tensor_inputs=tensor_inputs
+                    )
+                    both = text.both() if cfg else None  # the callback may have replaced the embeddings
+                progress.update()
+        return latents
+
+    def _callback(self, callback: Callable, i: int, t, latents, text: TextContext, tensor_inputs: list[str]):
+        """diffusers' callback_on_step_end: it may replace the latents and the embeddings."""
+        local = {
+            "latents": latents,
+            "prompt_embeds": text.prompt_embeds,
+            "negative_prompt_embeds": text.negative_prompt_embeds,
+        }
+        out = callback(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+        if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+            text.prompt_embeds = out.pop("prompt_embeds", text.prompt_embeds)
+            text.negative_prompt_embeds = out.pop("negative_prompt_embeds", text.negative_prompt_embeds)
+            text.chunks = None  # the callback's embeddings: every token is attended to
+        return out.pop("latents", latents)

@@ -1,0 +1,121 @@
+"""Prompt encoding for gen's pipelines: prompts and negatives through the text encoder in one call, each pair
+padded to its own chunk count, and the record of each prompt's own count that keeps its image independent of
+longer batch-mates (see LatentDiffusionPipeline._denoise)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gen.text.encode import embed, pad_chunks
+
+
+@dataclass
+class TextContext:
+    """The text side of one call: (B, L*K, D) embeddings, and each prompt's own chunk count where some prompt
+    needs fewer than K (None when every prompt uses all K)."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None
+    chunks: list[int] | None = None
+
+    def both(self) -> torch.Tensor:
+        """The CFG batch's context: negatives first, (2B, L*K, D)."""
+        return torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
+
+    def rows(self, copies: int) -> list[int] | None:
+        """Each row's own chunk count for a batch of `copies` x B rows (None: every row uses all K)."""
+        return None if self.chunks is None else self.chunks * copies
+
+    def repeat(self, n: int) -> TextContext:
+        """Each prompt's entries n times in a row (num_images_per_prompt)."""
+        neg = self.negative_prompt_embeds
+        return TextContext(
+            self.prompt_embeds.repeat_interleave(n, 0),
+            None if neg is None else neg.repeat_interleave(n, 0),
+            None if self.chunks is None else [c for c in self.chunks for _ in range(n)],
+        )
+
+
+class PromptEncodingMixin:
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        truncate_long_prompts: bool = False,
+        prompt_weighting: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L*K, D).
+
+        Prompts use A1111's syntax (weights, BREAK) and may be longer than the encoder's window of L tokens
+        (77 for SD): every prompt is chunked, and all are padded to the same number of chunks K (see gen.text.encode).
+        """
+        text = self._encode_text(
+            prompt,
+            device,
+            cfg=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+            truncate=truncate_long_prompts,
+            weighting=prompt_weighting,
+        )
+        text = text.repeat(num_images_per_prompt)
+        # Named returns: diffusers' test mixins read these names to pass the results back into __call__.
+        prompt_embeds, negative_prompt_embeds = text.prompt_embeds, text.negative_prompt_embeds
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_text(
+        self, prompt, device, cfg: bool, negative_prompt, prompt_embeds, negative_prompt_embeds, **opts
+    ) -> TextContext:
+        """Prompts and negatives in one text-encoder call, each pair padded to its own chunk count (as A1111 pads
+        the negative), then all to the batch's longest; records each prompt's own count (see _denoise)."""
+        prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        negatives = None
+        if cfg and negative_prompt_embeds is None:
+            negatives = (
+                negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
+            )
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
+        if prompts is None and negatives is None:  # embeddings given for everything
+            negative = negative_prompt_embeds.to(device=device, dtype=dtype) if cfg else None
+            return TextContext(prompt_embeds.to(device=device, dtype=dtype), negative)
+        rows, empty = self._embed_unique([*(prompts or []), *(negatives or [])], device, **opts)
+        length = empty.shape[0]
+        given = [e for e in (prompt_embeds, negative_prompt_embeds if cfg else None) if e is not None]
+        if any(e.shape[1] % length for e in given):
+            raise ValueError(
+                f"prompt_embeds of {given[0].shape[1]} tokens cannot be padded to whole {length}-token chunks;"
+                " give negative_prompt_embeds too, of the same shape"
+            )
+        pos = list(prompt_embeds) if prompts is None else rows[:batch]  # (K_i*L, D) each
+        neg = (list(negative_prompt_embeds) if negatives is None else rows[-batch:]) if cfg else []
+        own = [max(r.shape[0] for r in pair) // length for pair in zip(pos, neg or pos, strict=True)]
+        k = max(own)
+        return TextContext(
+            pad_chunks(pos, k, empty).to(device=device, dtype=dtype),
+            pad_chunks(neg, k, empty).to(device=device, dtype=dtype) if cfg else None,
+            own if min(own) < k else None,
+        )
+
+    def _embed_unique(self, prompts: list[str], device: torch.device, **opts) -> tuple[list, torch.Tensor]:
+        # Repeated prompts (the empty negative above all) are encoded once per call.
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "this pipeline has no text_encoder/tokenizer: give prompt_embeds (and negatives)"
+            )
+        converted = [
+            self.maybe_convert_prompt(p, self.tokenizer) for p in prompts
+        ]  # textual-inversion tokens
+        unique = list(dict.fromkeys(converted))
+        rows, empty = embed(self.tokenizer, self.text_encoder, unique, device, **opts)  # (K_u*L, D) each
+        return [rows[unique.index(p)] for p in converted], empty

@@ -56,3 +56,13 @@ def test_dreambooth_recipe_runs_end_to_end(tmp_path, capsys):
     for run in ("prior preservation", "no prior preservation"):
         assert 0 <= report[run]["fidelity"] <= 1 and set(report[run]["adherence"]) == {"seen", "held-out"}
     assert "no prior preservation" in capsys.readouterr().out
+
+
+def test_prompt_styles_grid(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_styles", ROOT / "examples" / "prompt_styles.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(None, str(tmp_path / "grid.png"), seeds=2)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 64, len(example.ROWS) * 64)

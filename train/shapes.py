@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,13 +281,24 @@ def assemble(o: ShapesOptions, tokenizer: CLIPTokenizer, stages: dict[str, Path]
         shutil.copy(stages["clip"] / "clip_vision" / "text_projection.safetensors", tmp / "clip_vision")
         Judge.from_pretrained(stages["judge"] / "judge").to(torch.float16).save_pretrained(tmp / "judge")
         reports = {k: json.loads((v / "report.json").read_text()) for k, v in stages.items()}
-        report = {"options": {k: str(v) for k, v in vars(o).items()}, **reports}
+        report = {
+            "command": " ".join(["python -m gen.train.shapes", *sys.argv[1:]]),
+            "device": _device_name(device),
+            "options": {k: str(v) for k, v in vars(o).items()},
+            **reports,
+        }
         base = Path(o.init_from) / "training_report.json" if o.init_from else None
         if base is not None and base.exists():  # provenance: the run this one continued from
             report["init_from_report"] = json.loads(base.read_text())
         _write_json(tmp / "training_report.json", report)
 
     return atomic_folder(o.out / "model", write, overwrite=True)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def seed_stages_from(o: ShapesOptions, model: Path) -> None:

@@ -123,3 +123,25 @@ def pipeline(tokenizer: CLIPTokenizer, denoiser: str = "transformer", scheduler=
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def accelerate_launch(module: str, processes: int = 2) -> list[str]:
+    """The command line that runs `python -m module` in `processes` CPU processes (torchrun, gloo)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        module,
+    ]

@@ -2,7 +2,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from gen import generation as G
 from gen.cli import main
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation import metadata
+from tests import components
 
 STEPS = ["--steps", "4"]
 
@@ -269,20 +269,7 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     common = ["--from-file", str(prompts), "-n", "2", "--seed", "5", *STEPS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gen",
+        *components.accelerate_launch("gen"),
         *common,
         "-o",
         str(tmp_path / "multi") + "/",

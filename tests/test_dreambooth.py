@@ -230,26 +230,12 @@ def test_two_processes_lora_with_identifier(models, tmp_path):
     import os
     import re
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gen.train.dreambooth",
+        *components.accelerate_launch("gen.train.dreambooth"),
         *args(
             models,
             tmp_path / "run",

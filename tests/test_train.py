@@ -199,20 +199,7 @@ def test_two_processes_agree_and_only_the_main_one_writes(setup, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # --multi_gpu is accelerate's multi-process launcher (torchrun); without CUDA the processes use gloo.
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "gen.train.text_to_image",
+        *components.accelerate_launch("gen.train.text_to_image"),
         *args(setup, tmp_path / "run", "--max-steps", "4", "--checkpointing-steps", "2"),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -89,8 +89,9 @@ def generate_for(
 
 
 def score_named(judge: Judge, images: torch.Tensor, scenes: list[S.Scene], named: tuple[str, ...]) -> dict:
-    """Accuracy of the attributes a prompt named, "clean" (one confidently recognised shape whose colour differs
-    from the background's: not a blob, not a half-drawn or colour-swapped picture), and "all" (both)."""
+    """Accuracy of each attribute a prompt named, "named" (all of them right), "clean" (one confidently
+    recognised shape whose colour differs from the background's: not a blob, not a half-drawn or colour-swapped
+    picture), and "all" (named and clean)."""
     with torch.no_grad():
         logits = judge(images.to(judge.device, judge.dtype))
     pred = {a: v.argmax(-1).cpu() for a, v in logits.items()}
@@ -99,8 +100,10 @@ def score_named(judge: Judge, images: torch.Tensor, scenes: list[S.Scene], named
         pred["colour"] != pred["background"]
     )
     out = {a: r.float().mean().item() for a, r in right.items()}
+    named_right = torch.stack(list(right.values())).all(0)
+    out["named"] = named_right.float().mean().item()
     out["clean"] = clean.float().mean().item()
-    out["all"] = (torch.stack(list(right.values())).all(0) & clean).float().mean().item()
+    out["all"] = (named_right & clean).float().mean().item()
     return out
 
 
@@ -136,7 +139,10 @@ def probe(pipe, judge: Judge, seeds: int = 16, guidance_scale: float = 5.0, **kw
         pipe, ["a red circle on a blue background"] * seeds, list(range(seeds)), guidance_scale, **kwargs
     )
     first = score_named(judge, images, [target] * seeds, ("colour", "shape", "background"))
-    out = {"a red circle on a blue background": f"{round(first['all'] * seeds)}/{seeds}"}
+    out = {
+        "a red circle on a blue background": f"right {round(first['named'] * seeds)}/{seeds}, right and clean"
+        f" {round(first['all'] * seeds)}/{seeds}"
+    }
     for text in ("a circle", "a shape on a white background", "a red circle"):
         images = generate(pipe, [text] * seeds, list(range(seeds)), guidance_scale, **kwargs)
         with torch.no_grad():
@@ -323,9 +329,9 @@ def format_report(report: dict) -> str:
 
 
 def _format_styles(styles: dict, probes: dict) -> list[str]:
-    cols = ["background", "colour", "shape", "size", "position", "clean", "all"]
+    cols = ["background", "colour", "shape", "size", "position", "named", "clean", "all"]
     lines = [
-        "prompt styles (% right of what each names; 'all' = every named attribute and a clean shape):",
+        "prompt styles (% right of what each names; 'named': all of it, 'all': that and a clean shape):",
         f"{'style':<13}{'split':<10}" + "".join(f"{c:>11}" for c in cols),
     ]
     for style, splits in styles.items():

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -302,3 +303,16 @@ def test_speed_flags_recorded_and_bad_flags_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "usage:" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["samplers"], ["x", "--steps", "abc"], ["x", "--sampler", "nope"]]
+)
+def test_help_samplers_and_argument_errors_load_no_torch(argv):
+    # What is loaded, not how long it takes: torch and diffusers cost seconds on a cold start.
+    code = (
+        "import sys\nfrom gen.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:] + done.stderr[-500:]

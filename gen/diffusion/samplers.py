@@ -10,8 +10,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-import diffusers
-
 
 @dataclass(frozen=True)
 class Sampler:
@@ -93,6 +91,8 @@ def make_scheduler(name: str, config):
     if name not in SAMPLERS:
         raise unknown_sampler(name)
     spec = SAMPLERS[name]
+    import diffusers  # here, not at import: `gen samplers` and argument checks must not load torch
+
     cls = getattr(diffusers, spec.cls)
     return cls.from_config(config, **spec.kwargs)
 

@@ -145,6 +145,31 @@ def generate_parser() -> argparse.ArgumentParser:
         default=None,
         help="read prompts from this file, one per line (blank lines skipped)",
     )
+    a(
+        "--init-image",
+        default=None,
+        metavar="PNG",
+        help="image-to-image: start from this picture (its size unless --width/--height)",
+    )
+    a(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="how much of the init image is re-drawn, 0..1 (default: %(default)s)",
+    )
+    a(
+        "--mask",
+        default=None,
+        metavar="PNG",
+        help="inpaint: repaint where this mask is white (needs --init-image)",
+    )
+    a(
+        "--mask-blur",
+        type=int,
+        default=4,
+        help="blur the mask's edge by this many pixels (default: %(default)s)",
+    )
+    a("--invert-mask", action="store_true", help="repaint where the mask is black instead")
     a("--grid", default=None, help="also save a contact sheet of this run's images to this PNG")
     a("--overwrite", action="store_true", help="replace existing files instead of numbering around them")
     a(
@@ -206,6 +231,11 @@ def _options(args):
         guidance_interval=args.guidance_interval,
         allow_pickle=args.allow_pickle,
         lora=args.lora,
+        init_image=args.init_image,
+        mask=args.mask,
+        strength=args.strength,
+        mask_blur=args.mask_blur,
+        invert_mask=args.invert_mask,
     )
 
 
@@ -406,6 +436,8 @@ def cmd_reproduce(argv: list[str]) -> int:
         help="largest allowed pixel difference, 0-255 (default: %(default)s)",
     )
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
+    p.add_argument("--init-image", default=None, help="the init image, if not at its recorded path")
+    p.add_argument("--mask", default=None, help="the mask, if not at its recorded path")
     args = p.parse_args(argv)
     _quiet_libraries()
     from gen.cli.loop import reproduce

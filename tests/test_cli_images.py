@@ -103,7 +103,9 @@ def test_strength_changes_how_much_is_redrawn(tmp_path, capsys, scene):
             == 0
         )
         diffs.append(np.abs(pixels(out).astype(int) - pixels(init).astype(int)).mean())
-    assert diffs[0] * 3 < diffs[1]  # low strength keeps the picture (measured 28 vs 104); full strength repaints
+    assert (
+        diffs[0] * 3 < diffs[1]
+    )  # low strength keeps the picture (measured 28 vs 104); full strength repaints
 
 
 def test_inpaint_keeps_the_original_outside_the_mask(tmp_path, capsys, scene):

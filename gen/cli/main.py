@@ -311,12 +311,34 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance_scale=1 comparison")
     p.add_argument("--no-styles", action="store_true", help="skip the prompt-style table and the probes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--task",
+        default="text",
+        choices=["text", "img2img", "inpaint"],
+        help="text-to-image prompts; img2img: a strength sweep on rendered scenes; inpaint: a new object in a"
+        " masked square (default: %(default)s)",
+    )
+    p.add_argument(
+        "--count", type=int, default=40, help="scenes for --task img2img|inpaint (default: %(default)s)"
+    )
     args = p.parse_args(argv)
-    if args.images_per_prompt < 1 or args.steps < 1:
-        raise CliError("--images-per-prompt and --steps must be >= 1")
+    if args.images_per_prompt < 1 or args.steps < 1 or args.count < 1:
+        raise CliError("--images-per-prompt, --steps and --count must be >= 1")
+    _quiet_libraries()
+    if args.task != "text":
+        from gen.tools import eval_images
+
+        report = eval_images.evaluate_task(
+            args.task, args.model, args.count, args.steps, args.guidance, args.seed, args.dtype
+        )
+        print(
+            json.dumps(report, indent=2)
+            if args.json
+            else eval_images.format_task(args.task, report["result"])
+        )
+        return 0
     from gen.tools import eval as gen_eval
 
-    _quiet_libraries()
     report = gen_eval.evaluate_model(
         args.model,
         images_per_prompt=args.images_per_prompt,

@@ -121,6 +121,15 @@ def test_from_pipe_shares_the_loaded_weights(tokenizer):
     assert type(TextToImagePipeline.from_pipe(ImageToImagePipeline.from_pipe(t2i))) is TextToImagePipeline
 
 
+def test_saved_task_pipelines_load_back(tokenizer, tmp_path):
+    pipe = gen_pipe(InpaintPipeline, tokenizer, "transformer")
+    pipe.save_pretrained(tmp_path)
+    loaded = InpaintPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is InpaintPipeline and loaded.denoiser_name == "transformer"
+    assert np.abs(call(loaded, strength=0.5) - call(pipe, strength=0.5)).max() < 1e-5
+
+
 @pytest.mark.parametrize("cls", [ImageToImagePipeline, InpaintPipeline])
 def test_an_image_does_not_depend_on_its_batch(tokenizer, cls):
     pipe = gen_pipe(cls, tokenizer, "transformer")

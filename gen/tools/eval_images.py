@@ -91,7 +91,7 @@ def evaluate_inpaint(
     **kwargs,
 ) -> dict[str, dict[str, float]]:
     """Per strength: the new object right (colour and shape), the background kept, and the largest and mean
-    pixel change outside the mask dilated by 3 x the blur (after the paste-back; and the pipeline's own)."""
+    pixel change outside the mask dilated by its blur (after the paste-back; and the pipeline's own)."""
     from gen.pipelines import InpaintPipeline
 
     inpaint = InpaintPipeline.from_pipe(pipe)
@@ -115,10 +115,8 @@ def evaluate_inpaint(
             for k, (_, b) in enumerate(cases)
         ]
         kept = [judged["background"][k] == a.background for k, (a, _) in enumerate(cases)]
-        diffs = [
-            _outside(a, i, r, p, 3 * mask_blur)
-            for (a, _), i, r, p in zip(cases, inits, raw.images, pasted, strict=True)
-        ]
+        diffs = [_outside(i, r, p) for i, r, p in zip(inits, raw.images, pasted, strict=True)]
+        diffs = [d for d in diffs if d is not None]
         out[f"{strength:g}"] = {
             "new object": _rate(new),
             "background kept": _rate(kept),
@@ -129,12 +127,12 @@ def evaluate_inpaint(
     return out
 
 
-def _outside(
-    scene: S.Scene, init, raw: Image.Image, pasted: Image.Image, grow: int
-) -> tuple[int, float, float]:
-    """Largest and mean change outside the grown mask after the paste-back; mean change in the pipeline's own
-    output (the VAE's round trip)."""
-    outside = np.asarray(box_mask(scene, init.image.width, grow=grow)) == 0
+def _outside(init, raw: Image.Image, pasted: Image.Image) -> tuple[int, float, float] | None:
+    """Largest and mean change where the blurred mask is 0 (the mask dilated by its blur) after the paste-back;
+    the mean change there in the pipeline's own output (the VAE's round trip). None if the mask covers all."""
+    outside = np.asarray(init.mask) == 0
+    if not outside.any():
+        return None
     ref = np.asarray(init.image, np.int16)[outside]
     diff = np.abs(np.asarray(pasted, np.int16)[outside] - ref)
     return int(diff.max()), float(diff.mean()), float(np.abs(np.asarray(raw, np.int16)[outside] - ref).mean())

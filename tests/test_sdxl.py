@@ -125,3 +125,69 @@ def test_sdxl_folders_load_as_sdxl(xl, tmp_path):
         assert type(pipe) is TextToImagePipeline and pipe.is_sdxl and pipe.default_size == 32
         assert pipe.config.force_zeros_for_empty_prompt is True
         assert np.abs(run(pipe) - reference).max() < 1e-5, folder
+
+
+def kohya_xl_file(path, pipe):
+    """A kohya-ss SDXL LoRA for the tiny parts, keys written from the module names as kohya writes them:
+    lora_unet_…, lora_te1_… (the first encoder), lora_te2_… (the second); rank 4, alpha 2."""
+    from safetensors.torch import save_file
+
+    block = "down_blocks.1.attentions.0.transformer_blocks.0"
+    unet = [
+        f"{block}.attn1.to_q",
+        f"{block}.attn2.to_k",
+        f"{block}.ff.net.2",
+        "down_blocks.1.attentions.0.proj_in",
+    ]
+    layers = {f"lora_unet_{n.replace('.', '_')}": pipe.unet.get_submodule(n) for n in unet}
+    for prefix, encoder in (("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)):
+        for n in ("self_attn.q_proj", "mlp.fc1"):
+            module = encoder.get_submodule(
+                f"text_model.encoder.layers.0.{n}"
+                if hasattr(encoder, "text_model")
+                else f"encoder.layers.0.{n}"
+            )
+            layers[f"{prefix}_text_model_encoder_layers_0_{n.replace('.', '_')}"] = module
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, layer in layers.items():
+        state[f"{key}.lora_down.weight"] = torch.randn((4, layer.in_features), generator=generator) * 0.3
+        state[f"{key}.lora_up.weight"] = torch.randn((layer.out_features, 4), generator=generator) * 0.3
+        state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+    return path
+
+
+def test_sdxl_loras_kohya_and_diffusers_give_diffusers_images(tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    ours = components.sdxl_pipeline(tmp_path / "a")
+    sd = components.stable_diffusion_xl(components.sdxl_pipeline(tmp_path / "b"))  # separate, equal weights
+    base = run(ours)
+    file = kohya_xl_file(tmp_path / "style.safetensors", ours)
+    ours.load_lora_weights(file, adapter_name="k")
+    sd.load_lora_weights(str(file), adapter_name="k")
+
+    def adapted(pipe):
+        encoders = (pipe.text_encoder, pipe.text_encoder_2)
+        return [sorted(n for n, m in e.named_modules() if hasattr(m, "scaling")) for e in encoders]
+
+    assert adapted(ours) == adapted(sd) and all(adapted(ours))  # both encoders got theirs, as in diffusers
+    want = run(sd)
+    assert np.abs(run(ours) - want).max() < 1e-5 and np.abs(want - base).max() > 1e-2
+    # The UNet part in diffusers' format, written by diffusers' SDXL saver, gives diffusers' images too. (Its
+    # text-encoder part is left out: diffusers 0.42 cannot read back text-encoder LoRAs it saved this way.)
+    sd.save_lora_weights(
+        tmp_path / "diffusers", unet_lora_layers=get_peft_model_state_dict(sd.unet, adapter_name="k")
+    )
+    ours.unload_lora_weights()
+    assert np.abs(run(ours) - base).max() < 1e-5
+    ours.load_lora_weights(tmp_path / "diffusers", adapter_name="d")
+    fresh = components.stable_diffusion_xl(components.sdxl_pipeline(tmp_path / "c"))
+    fresh.load_lora_weights(str(tmp_path / "diffusers"), adapter_name="d")
+    want = run(fresh)
+    assert np.abs(run(ours) - want).max() < 1e-5 and np.abs(want - base).max() > 1e-2
+    with pytest.raises(ValueError, match=r"is a LoRA for unet; this pipeline's denoiser is `transformer`"):
+        components.pipeline(components.write_tokenizer(tmp_path / "t")).load_lora_weights(
+            tmp_path / "diffusers"
+        )

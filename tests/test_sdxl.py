@@ -191,3 +191,25 @@ def test_sdxl_loras_kohya_and_diffusers_give_diffusers_images(tmp_path):
         components.pipeline(components.write_tokenizer(tmp_path / "t")).load_lora_weights(
             tmp_path / "diffusers"
         )
+
+
+def test_cli_info_generate_and_reproduce_on_an_sdxl_folder(xl, tmp_path, capsys):
+    from gen.cli import main
+
+    folder = tmp_path / "sdxl"
+    xl.save_pretrained(folder)
+    assert main(["info", str(folder)]) == 0
+    info = capsys.readouterr().out
+    assert "default size 32x32" in info and "text_encoder_2  CLIPTextModelWithProjection" in info
+    assert "tokenizer_2" in info
+    out = tmp_path / "x.png"
+    assert main(["a red circle", "--model", str(folder), "-o", str(out), "--steps", "3", "--seed", "2"]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", str(out), "--verify"]) == 0
+    assert "max pixel difference: 0" in capsys.readouterr().out
+    from PIL import Image
+
+    made = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    xl.scheduler = EulerDiscreteScheduler.from_config(xl.scheduler.config)
+    want = xl("a red circle", num_inference_steps=3, generator=[torch.Generator().manual_seed(2)]).images[0]
+    assert np.abs(made - np.asarray(want).astype(int)).max() <= 1  # the CLI's image is the pipeline's

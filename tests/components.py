@@ -165,7 +165,8 @@ def sdxl_pipeline(folder: Path, scheduler=None, denoiser_kwargs: dict | None = N
     )
     encoder = text_encoder(tokenizer)
     torch.manual_seed(1)
-    config = encoder.config.to_dict() | {"projection_dim": 32}
+    # A width of its own, as SDXL's (1280 vs 768): diffusers' single-file loader tells the encoders apart by it.
+    config = encoder.config.to_dict() | {"projection_dim": 32, "hidden_size": 48}
     encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -182,7 +183,7 @@ def sdxl_pipeline(folder: Path, scheduler=None, denoiser_kwargs: dict | None = N
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        cross_attention_dim=32 + 48,
         norm_num_groups=4,
         **(denoiser_kwargs or {}),
     ).eval()

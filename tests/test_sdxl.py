@@ -62,7 +62,7 @@ def test_same_images_as_stable_diffusion_xl(xl, sampler):
 
 def test_encode_prompt_gives_four_tensors_that_call_back_the_same_image(xl):
     embeds = xl.encode_prompt("a red circle", "cpu", negative_prompt="a blue square", prompt_2="a green star")
-    assert [tuple(e.shape) for e in embeds] == [(1, 77, 64), (1, 77, 64), (1, 32), (1, 32)]
+    assert [tuple(e.shape) for e in embeds] == [(1, 77, 80), (1, 77, 80), (1, 32), (1, 32)]
     names = (
         "prompt_embeds",
         "negative_prompt_embeds",
@@ -213,3 +213,60 @@ def test_cli_info_generate_and_reproduce_on_an_sdxl_folder(xl, tmp_path, capsys)
     xl.scheduler = EulerDiscreteScheduler.from_config(xl.scheduler.config)
     want = xl("a red circle", num_inference_steps=3, generator=[torch.Generator().manual_seed(2)]).images[0]
     assert np.abs(made - np.asarray(want).astype(int)).max() <= 1  # the CLI's image is the pipeline's
+
+
+def test_sdxl_single_file_round_trip_through_the_cli(xl, tmp_path, capsys):
+    from gen.cli import main
+    from gen.loading.single_file import detect_version, load_single_file
+
+    xl.save_pretrained(tmp_path / "folder")
+    out = tmp_path / "model.safetensors"
+    assert main(["convert", str(tmp_path / "folder"), "--to-single-file", str(out)]) == 0
+    assert detect_version(out) == "xl"
+    loaded = load_single_file(out, config=tmp_path / "folder")  # the tiny parts' configs, not SDXL's
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(xl, name).state_dict(), getattr(loaded, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    loaded.set_progress_bar_config(disable=True)
+    assert np.abs(run(loaded) - run(xl)).max() == 0
+    with pytest.raises(ValueError, match="does not fit the Stable Diffusion xl configs"):
+        load_single_file(out)  # the shipped SDXL configs, offline; they do not fit the tiny parts
+
+
+def test_shipped_sdxl_configs_cover_the_real_architecture(tmp_path):
+    """The real SDXL UNet, VAE and OpenCLIP bigG encoder, built on the meta device: every weight has an
+    original-layout name that diffusers' single-file converters map back to it."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from gen.loading.single_file import _unet_key, _vae_key, config_folder, open_clip_state
+
+    folder = config_folder("xl", tmp_path / "xl")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        encoder = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base's UNet
+    original = {"model.diffusion_model." + _unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
+    assert set(convert_ldm_unet_checkpoint(original, unet.config)) == set(unet.state_dict())
+    original = {"first_stage_model." + _vae_key(k, 4): v for k, v in vae.state_dict().items()}
+    assert set(convert_ldm_vae_checkpoint(original, vae.config)) == set(vae.state_dict())
+    prefix = "conditioner.embedders.1.model."
+    original = {prefix + k: v for k, v in open_clip_state(encoder).items()}
+    converted = convert_open_clip_checkpoint(encoder, original, prefix=prefix)
+    assert set(converted) == {k for k in encoder.state_dict() if not k.endswith("position_ids")}
+    assert encoder.config.hidden_size == 1280 and encoder.config.num_hidden_layers == 32
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer_2").pad_token == "!"
+    assert json_default_size(folder) == 1024
+
+
+def json_default_size(folder):
+    from gen.loading.info import _default_size
+
+    return _default_size(folder)

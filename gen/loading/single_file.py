@@ -49,6 +49,8 @@ def _unet_key(key: str, config) -> str:
     fixed = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text and size embedding
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -122,12 +124,40 @@ def to_original(pipe) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in new and value.ndim == 2:  # the original uses 1x1 convs for the VAE's attention
             value = value[:, :, None, None]
         out["first_stage_model." + new] = value
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    first = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
     for key, value in pipe.text_encoder.state_dict().items():
         key = (
             key if key.startswith("text_model.") else "text_model." + key
         )  # transformers 5 dropped the prefix
-        out["cond_stage_model.transformer." + key] = value
+        out[first + key] = value
+    if xl:
+        out |= {
+            "conditioner.embedders.1.model." + k: v for k, v in open_clip_state(pipe.text_encoder_2).items()
+        }
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def open_clip_state(encoder) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout, as SDXL checkpoints hold their second text
+    encoder: q/k/v fused into one in-projection, the text projection stored transposed."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        "positional_embedding": state["embeddings.position_embedding.weight"],
+        "ln_final.weight": state["final_layer_norm.weight"],
+        "ln_final.bias": state["final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T,
+    }
+    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
+    names |= {"mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(encoder.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            qkv = [state[f"{ours}self_attn.{m}_proj.{part}"] for m in ("q", "k", "v")]
+            out[f"{theirs}attn.in_proj_{part}"] = torch.cat(qkv)
+            out |= {f"{theirs}{new}.{part}": state[f"{ours}{old}.{part}"] for old, new in names.items()}
+    return out
 
 
 def save_single_file(pipe, path: str | Path) -> Path:
@@ -147,14 +177,17 @@ def _keys(path: Path) -> set[str]:
 
 
 def detect_version(path: str | Path) -> str:
-    """'v1' (CLIP ViT-L text encoder, 768-wide cross-attention) or 'v2' (OpenCLIP ViT-H, 1024)."""
+    """'v1' (CLIP ViT-L text encoder, 768-wide cross-attention), 'v2' (OpenCLIP ViT-H, 1024) or 'xl' (SDXL:
+    CLIP ViT-L and OpenCLIP ViT-bigG under `conditioner.embedders`)."""
     keys = _keys(Path(path))
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        return "xl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "v2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "v1"
     raise ValueError(
-        f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no text-encoder keys of either layout)"
+        f"{path}: not a Stable Diffusion 1.x/2.x or SDXL checkpoint (no text-encoder keys of those layouts)"
     )
 
 
@@ -167,12 +200,16 @@ def config_folder(version: str, into: Path) -> Path:
         ("unet", "config.json"),
         ("vae", "config.json"),
         ("text_encoder", "config.json"),
+        ("text_encoder_2", "config.json"),  # SDXL
         ("scheduler", "scheduler_config.json"),
     ):
-        (into / name).mkdir(exist_ok=True)
-        (into / name / file).write_text(json.dumps(spec[name]))
-    shutil.copytree(TOKENIZER, into / "tokenizer", dirs_exist_ok=True)
-    (into / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(spec["tokenizer"]))
+        if name in spec:
+            (into / name).mkdir(exist_ok=True)
+            (into / name / file).write_text(json.dumps(spec[name]))
+    for name in ("tokenizer", "tokenizer_2"):  # SDXL's second tokenizer: the same BPE, padding with "!"
+        if name in spec:
+            shutil.copytree(TOKENIZER, into / name, dirs_exist_ok=True)
+            (into / name / "tokenizer_config.json").write_text(json.dumps(spec[name]))
     return into
 
 
@@ -183,7 +220,7 @@ def load_single_file(
     allow_pickle: bool = False,
 ):
     """A TextToImagePipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs
-    fit the checkpoint (default: the shipped SD 1.x or 2.x configs, chosen from the checkpoint's keys)."""
+    fit the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
     from gen.pipelines import TextToImagePipeline
 
     path = Path(path)

@@ -30,6 +30,7 @@ VARIANTS = {
     "sizes": {"original_size": (64, 48), "crops_coords_top_left": (4, 8), "target_size": (32, 40)},
     "negative sizes": {"negative_original_size": (16, 16), "negative_target_size": (64, 64)},
     "denoising_end": {"denoising_end": 0.6},
+    "clip_skip": {"clip_skip": 1},  # no negative prompt: zeros, so diffusers' and A1111's readings agree
 }
 
 
@@ -270,3 +271,16 @@ def json_default_size(folder):
     from gen.loading.info import _default_size
 
     return _default_size(folder)
+
+
+def test_vae_tiling_as_diffusers(tmp_path):
+    ours = components.sdxl_pipeline(tmp_path / "a")
+    sd = components.stable_diffusion_xl(components.sdxl_pipeline(tmp_path / "b"))
+    plain = run(ours, height=64, width=64)
+    ours.enable_vae_tiling()
+    sd.vae.enable_tiling()  # diffusers 0.42's SDXL pipeline dropped the wrapper
+    for pipe in (ours, sd):
+        pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 32, 16  # tiles at this tiny size
+    tiled = run(ours, height=64, width=64)
+    assert np.abs(tiled - run(sd, height=64, width=64)).max() < 1e-4
+    assert np.abs(tiled - plain).max() > 1e-4  # tiling did happen

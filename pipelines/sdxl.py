@@ -5,9 +5,9 @@ is SDXL when it has `text_encoder_2`.
 
 Prompts keep A1111's semantics on both encoders (weights, BREAK, chunks of any length; see gen.text.encode.
 embed_sdxl). Where gen differs from diffusers' StableDiffusionXLPipeline: `clip_skip` applies to the negative
-prompt too (diffusers reads the negative's penultimate layer whatever clip_skip says; A1111 skips both), and
-prompts longer than one window are chunked rather than truncated; for prompts of one window the images are
-diffusers'.
+prompt too (diffusers reads the negative's penultimate layer whatever clip_skip says), and prompts longer than
+one window are chunked rather than truncated; for prompts of one window the images are diffusers'. (A1111
+ignores Clip skip on SDXL unless its sdxl_clip_l_skip setting is on, then skips in the first encoder only.)
 """
 
 from __future__ import annotations

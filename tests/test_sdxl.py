@@ -104,16 +104,35 @@ def test_weights_and_long_prompts_on_both_encoders(xl):
     assert np.abs(both[0] - alone[0]).max() < 1e-5  # a longer batch-mate does not change an image
 
 
-def test_img2img_and_inpaint_run_on_sdxl(xl):
-    image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
-    mask = np.zeros((32, 32), np.float32)
-    mask[8:24, 8:24] = 1
-    for cls, extra in ((ImageToImagePipeline, {}), (InpaintPipeline, {"mask_image": mask})):
-        pipe = cls.from_pipe(xl)
-        out = pipe(
-            "a red circle", image=image, strength=0.7, num_inference_steps=4, output_type="np", **extra
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_equal_diffusers_sdxl(xl, task):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    cls, theirs, extra = (ImageToImagePipeline, StableDiffusionXLImg2ImgPipeline, {})
+    if task == "inpaint":
+        cls, theirs, extra = (
+            InpaintPipeline,
+            StableDiffusionXLInpaintPipeline,
+            {"mask_image": Image.fromarray(mask)},
         )
-        assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    ours = cls.from_pipe(xl)
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    sd = theirs(**{k: getattr(xl, k) for k in names}, requires_aesthetics_score=False, add_watermarker=False)
+    sd.set_progress_bar_config(disable=True)
+    for strength in (0.3, 0.75, 1.0):
+        a, b = (run(p, image=image, strength=strength, num_inference_steps=10, **extra) for p in (ours, sd))
+        assert np.abs(a - b).max() < 1e-4, (strength, np.abs(a - b).max())
+
+
+def test_model_cpu_offload_gives_the_same_image(tmp_path):
+    pipe = components.sdxl_pipeline(tmp_path)
+    before = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert np.abs(run(pipe) - before).max() == 0
 
 
 def test_sdxl_folders_load_as_sdxl(xl, tmp_path):

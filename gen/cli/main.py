@@ -18,11 +18,11 @@ from pathlib import Path
 
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench", "serve")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
-reproduce IMAGE.png. Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
+reproduce IMAGE.png | serve (HTTP server: A1111 and OpenAI APIs, a web page). Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
 
 
 class CliError(Exception):
@@ -369,6 +369,83 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="gen serve",
+        description="HTTP server: A1111's /sdapi/v1 and OpenAI's /v1/images APIs, gen's jobs API, a web page at /.",
+    )
+    a = p.add_argument
+    a("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    a("--port", type=int, default=7860, help="(default: %(default)s)")
+    a(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder or file; repeat to serve several (first: default)",
+    )
+    a("--device", default="cpu", help="cpu, cuda, cuda:1, ... one worker per device (default: %(default)s)")
+    a("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
+    a("--attention", default="sdpa", choices=ATTENTION, help="attention kernels (default: %(default)s)")
+    a(
+        "--api-auth",
+        default=os.environ.get("GEN_API_AUTH"),
+        metavar="USER:PASS[,U2:P2]",
+        help="HTTP Basic on every route (default: $GEN_API_AUTH, else none)",
+    )
+    a(
+        "--api-key",
+        default=os.environ.get("GEN_API_KEY"),
+        help="Bearer key for /v1 (default: $GEN_API_KEY, else none)",
+    )
+    a(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable)",
+    )
+    a("--max-batch", type=int, default=8, help="images in one pipeline call (default: %(default)s)")
+    a("--max-queue", type=int, default=64, help="requests waiting before 429 (default: %(default)s)")
+    a("--max-pixels", type=int, default=1024 * 1024, help="width x height of an image (default: %(default)s)")
+    a("--max-steps", type=int, default=150, help="(default: %(default)s)")
+    a("--max-images", type=int, default=16, help="images in one request (default: %(default)s)")
+    a("--max-body-mb", type=float, default=8, help="request body size in MiB (default: %(default)s)")
+    a("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    from gen.serve.config import ServeConfig
+
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        models=args.model or [None],
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        api_auth=args.api_auth,
+        api_key=args.api_key,
+        cors=args.cors,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_pixels=args.max_pixels,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_body=int(args.max_body_mb * 2**20),
+    )
+    config.check()
+    check_precision(args.dtype, args.device)
+    _quiet_libraries()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="gen: %(message)s")
+    from gen.serve.app import serve
+
+    return serve(config)
+
+
 def cmd_convert(argv: list[str]) -> int:
     p = Parser(prog="gen convert", description="Convert between model formats.")
     p.add_argument("model", help="a UNet pipeline folder (Stable Diffusion layout)")
@@ -430,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": cmd_prompt,
         "convert": cmd_convert,
         "bench": cmd_bench,
+        "serve": cmd_serve,
     }
     try:
         return commands[command](rest)

@@ -46,7 +46,11 @@ def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
     print(f"screenshot: {screenshot}")
     newest = Image.open(io.BytesIO(downloaded[0]))  # the gallery shows the newest first
     assert newest.text["parameters"] == captions[0]
-    assert newest.text["parameters"].startswith(prompt) and "Seed: 5" in captions[0] and "Seed: 4" in captions[1]
+    assert (
+        newest.text["parameters"].startswith(prompt) and "Seed: 5" in captions[0] and "Seed: 4" in captions[1]
+    )
     assert "Steps: 4, Sampler: Euler," in captions[0]
-    assert np.array_equal(pixels(newest), cli_image(tmp_path, prompt, 5, "--steps", "4", "--sampler", "euler"))
+    assert np.array_equal(
+        pixels(newest), cli_image(tmp_path, prompt, 5, "--steps", "4", "--sampler", "euler")
+    )
     assert screenshot.stat().st_size > 10_000

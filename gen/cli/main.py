@@ -326,7 +326,12 @@ def cmd_prompt(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    if "--serve" in argv:
+        return cmd_bench_serve([a for a in argv if a != "--serve"])
     p = Parser(prog="gen bench", description="Measure speed, against diffusers and the machine.")
+    p.add_argument(
+        "--serve", action="store_true", help="load-test `gen serve` instead (gen bench --serve --help)"
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -405,6 +410,12 @@ def serve_parser() -> argparse.ArgumentParser:
         help="allow browser calls from ORIGIN (repeatable)",
     )
     a("--max-batch", type=int, default=8, help="images in one pipeline call (default: %(default)s)")
+    a(
+        "--batch-wait-ms",
+        type=float,
+        default=25,
+        help="after a batch, wait this long for compatible requests to fill the next (default: %(default)s)",
+    )
     a("--max-queue", type=int, default=64, help="requests waiting before 429 (default: %(default)s)")
     a("--max-pixels", type=int, default=1024 * 1024, help="width x height of an image (default: %(default)s)")
     a("--max-steps", type=int, default=150, help="(default: %(default)s)")
@@ -429,6 +440,7 @@ def cmd_serve(argv: list[str]) -> int:
         api_key=args.api_key,
         cors=args.cors,
         max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue,
         max_pixels=args.max_pixels,
         max_steps=args.max_steps,
@@ -444,6 +456,35 @@ def cmd_serve(argv: list[str]) -> int:
     from gen.serve.app import serve
 
     return serve(config)
+
+
+def cmd_bench_serve(argv: list[str]) -> int:
+    p = Parser(
+        prog="gen bench --serve",
+        description="Load-test `gen serve`: C clients x R requests, batching vs --max-batch 1, images vs the CLI's.",
+    )
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="sampling steps (default: %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="the batching run's --max-batch (default: %(default)s)"
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument(
+        "--timeout", type=float, default=900, help="give up after this many seconds (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    if min(args.clients, args.requests, args.steps, args.max_batch) < 1 or args.timeout < 1:
+        raise CliError("--clients, --requests, --steps, --max-batch and --timeout must be >= 1")
+    _quiet_libraries()
+    from gen.tools import serve_bench
+
+    report = serve_bench.benchmark(
+        args.model, args.clients, args.requests, args.steps, args.max_batch, timeout=args.timeout
+    )
+    print(json.dumps(report, indent=2) if args.json else serve_bench.format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def cmd_convert(argv: list[str]) -> int:

@@ -19,6 +19,9 @@ class ServeConfig:
     api_key: str | None = None  # Bearer token on /v1 (the OpenAI API)
     cors: list[str] = field(default_factory=list)  # allowed origins; none: CORS off
     max_batch: int = 8  # images in one pipeline call
+    batch_wait_ms: float = (
+        25.0  # after a batch, how long to wait for compatible requests to fill the next one
+    )
     max_queue: int = 64  # requests waiting; one more is answered 429
     max_pixels: int = 1024 * 1024  # width x height of one image
     max_steps: int = 150
@@ -44,6 +47,8 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"--batch-wait-ms {self.batch_wait_ms} must be between 0 and 10000")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port {self.port} must be between 0 and 65535")
         if self.api_key is not None and not self.api_key.strip():

@@ -44,8 +44,8 @@ def render_batch(model: ServedModel, o: G.Options, jobs: list[G.Job], on_step) -
 
 
 class Queue:
-    def __init__(self, max_batch: int, max_queue: int):
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int, batch_wait: float = 0.0):
+        self.max_batch, self.max_queue, self.batch_wait = max_batch, max_queue, batch_wait
         self.waiting: deque[Task] = deque()  # tasks with jobs not yet started, oldest first
         self.running: list[tuple[Task, int]] = []  # (task, job index) in the batch being rendered
         self.closed = False
@@ -53,6 +53,7 @@ class Queue:
         self.step, self.steps, self.batch_started = 0, 0, 0.0
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
         self.seconds_per_image = 1.0
+        self._last_batch_end = -math.inf
         self._abort = False  # read by the worker thread between steps
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -120,6 +121,7 @@ class Queue:
     async def run(self) -> None:
         try:
             while True:
+                await self._gather()
                 batch = self._take()
                 if batch:
                     await self._render(batch)
@@ -130,6 +132,25 @@ class Queue:
                     await self._wake.wait()
         finally:
             self._executor.shutdown(wait=False)
+
+    async def _gather(self) -> None:
+        """Right after a batch, wait up to batch_wait for compatible requests to fill the next one: clients that
+        just got their images send their next request a moment later, and without this pause the worker would
+        start on the one request that waited, alone. An idle server starts at once."""
+        deadline = self._last_batch_end + self.batch_wait
+        while self.waiting and not self.closed and self._compatible() < self.max_batch:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _compatible(self) -> int:
+        key = self.waiting[0].key
+        return sum(len(t.pending) for t in self.waiting if t.key == key)
 
     def _take(self) -> list[tuple[Task, int]]:
         """The oldest request's jobs, then those of every later request with the same options, up to max_batch."""
@@ -177,6 +198,7 @@ class Queue:
             made = None
         finally:
             self.running = []
+            self._last_batch_end = self._loop.time()
         if made is not None:
             self._account(len(batch), time.monotonic() - start)
             self._deliver(batch, made)

@@ -36,7 +36,7 @@ class State:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.queue = Queue(self.config.max_batch, self.config.max_queue)
+        self.queue = Queue(self.config.max_batch, self.config.max_queue, self.config.batch_wait_ms / 1000)
         self._worker = asyncio.create_task(self.queue.run(), name="gen-queue")
 
     async def stop(self) -> None:

@@ -153,3 +153,12 @@ def test_sigterm_finishes_the_running_batch_answers_the_queue_503_and_exits_0():
         assert done.status_code == 200 and "Steps: 60" in png(done.json()["images"][0]).text["parameters"]
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/gen/v1/info", timeout=2)
+
+
+def test_finished_jobs_are_forgotten_beyond_keep_jobs():
+    with serving(keep_jobs=2) as server, server.client() as http:
+        ids = []
+        for k in range(3):
+            ids.append(http.post("/gen/v1/jobs", json={"prompt": "x", "steps": 1, "seed": k}).json()["id"])
+            wait_until(lambda i=ids[-1]: http.get(f"/gen/v1/jobs/{i}").json()["status"] == "done")
+        assert [http.get(f"/gen/v1/jobs/{i}").status_code for i in ids] == [404, 200, 200]

@@ -135,17 +135,18 @@ def progress(state: State) -> dict:
     """A1111's /progress: the running batch's steps; job_count counts requests running or queued."""
     q = state.queue
     running = q.running_tasks()
-    count = len(running) + len(q.queued_tasks())
+    count = len(dict.fromkeys([*running, *q.waiting]))  # a request split over batches counts once
     base = {"skipped": False, "interrupted": q.interrupted, "stopping_generation": False, "job_no": 0}
     if not running:
-        state_ = {**base, "job": "", "job_count": count, "job_timestamp": "0", "sampling_step": 0}
-        return {
-            "progress": 0.0,
-            "eta_relative": 0.0,
-            "state": {**state_, "sampling_steps": 0},
-            "current_image": None,
-            "textinfo": None,
+        idle = {
+            **base,
+            "job": "",
+            "job_count": count,
+            "job_timestamp": "0",
+            "sampling_step": 0,
+            "sampling_steps": 0,
         }
+        return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None, "textinfo": None}
     fraction = max(0.01, min(1.0, q.step / max(q.steps, 1)))
     elapsed = time.time() - q.batch_started
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(q.batch_started))

@@ -72,8 +72,11 @@ def serve(config: ServeConfig) -> int:
         ),
         app.state.gen,
     )
-    # uvicorn re-raises a caught SIGTERM after its graceful stop, which would end the process with status 143;
-    # the stop was clean, so that second delivery is ignored and we exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
+        logger.warning("listening on %s without --api-auth: anyone who can reach it can use it", config.host)
+    # uvicorn re-raises a caught SIGTERM or SIGINT after its graceful stop, which would end the process with
+    # status 143 or 130; the stop was clean, so that second delivery is ignored and we exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0

@@ -28,7 +28,8 @@ class ServeConfig:
     max_images: int = 16  # images in one request (batch_size x n_iter, n)
     max_body: int = 8 * 2**20  # bytes in one request body
     max_prompt: int = 20_000  # characters in one prompt
-    keep_jobs: int = 256  # finished native jobs kept for GET /gen/v1/jobs/{id}
+    keep_jobs: int = 256  # finished native jobs kept for GET /gen/v1/jobs/{id} ...
+    keep_bytes: int = 256 * 2**20  # ... and at most this much of their PNGs
 
     def credentials(self) -> list[tuple[str, str]]:
         """--api-auth as (user, password) pairs; ValueError naming a malformed entry."""

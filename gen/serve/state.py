@@ -60,8 +60,12 @@ class State:
         return task
 
     def keep(self, task: Task) -> None:
-        """Remember a native job; forget the oldest finished ones beyond --keep-jobs."""
+        """Remember a native job; forget the oldest finished ones beyond keep_jobs jobs or keep_bytes of PNGs."""
         self.jobs[task.id] = task
-        finished = [k for k, t in self.jobs.items() if t.done]
-        for key in finished[: max(0, len(self.jobs) - self.config.keep_jobs)]:
-            del self.jobs[key]
+        held = sum(len(r.png) for t in self.jobs.values() for r in t.images())
+        for key, old in list(self.jobs.items()):
+            if len(self.jobs) <= self.config.keep_jobs and held <= self.config.keep_bytes:
+                break
+            if old.done:
+                held -= sum(len(r.png) for r in old.images())
+                del self.jobs[key]

@@ -56,6 +56,14 @@ def test_webuiapi_txt2img_equals_the_cli_and_reproduces(server, tmp_path):
     assert main(["reproduce", str(served), "--verify", "--tolerance", "0"]) == 0
 
 
+def test_seed_minus_one_is_random_and_recorded(server):
+    api = webui(server, steps=1)
+    first, second = (api.txt2img(prompt=PROMPT, seed=-1, width=64, height=64, batch_size=2) for _ in range(2))
+    assert first.info["all_seeds"] != second.info["all_seeds"] and first.parameters["seed"] == -1
+    s = first.info["seed"]
+    assert first.info["all_seeds"] == [s, s + 1] and f"Seed: {s + 1}," in first.images[1].text["parameters"]
+
+
 def test_sampler_names_are_a1111s_case_insensitive_with_aliases_and_schedulers(server, tmp_path):
     api = webui(server, steps=STEPS)
     names = {s["name"]: s["aliases"] for s in api.get_samplers()}

@@ -175,3 +175,18 @@ def test_serve_help_and_bad_flags_load_no_torch_or_fastapi():
         )
         assert done.stdout.split("\n")[:2] == ["2", "[]"], done.stdout + done.stderr
         assert done.stderr.count("\n") == 1 and "gen: error:" in done.stderr
+
+
+def test_openapi_docs_and_cors_only_when_asked(server):
+    with server.client() as http:
+        assert http.get("/docs").status_code == 200
+        assert "/sdapi/v1/txt2img" in http.get("/openapi.json").json()["paths"]
+        preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+        assert (
+            "access-control-allow-origin" not in http.options("/sdapi/v1/txt2img", headers=preflight).headers
+        )
+    with serving(cors=["http://app.example"], api_auth="a:b") as other, other.client() as http:
+        r = http.options(
+            "/sdapi/v1/txt2img", headers=preflight
+        )  # answered before auth: browsers send no password
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"

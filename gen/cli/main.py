@@ -375,13 +375,15 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    from gen.serve.config import ServeConfig as C  # torch- and FastAPI-free: the defaults live there
+
     p = Parser(
         prog="gen serve",
         description="HTTP server: A1111's /sdapi/v1 and OpenAI's /v1/images APIs, gen's jobs API, a web page at /.",
     )
     a = p.add_argument
-    a("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
-    a("--port", type=int, default=7860, help="(default: %(default)s)")
+    a("--host", default=C.host, help="address to listen on (default: %(default)s, this machine only)")
+    a("--port", type=int, default=C.port, help="(default: %(default)s)")
     a(
         "--model",
         action="append",
@@ -409,18 +411,28 @@ def serve_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="allow browser calls from ORIGIN (repeatable)",
     )
-    a("--max-batch", type=int, default=8, help="images in one pipeline call (default: %(default)s)")
+    a("--max-batch", type=int, default=C.max_batch, help="images in one pipeline call (default: %(default)s)")
     a(
         "--batch-wait-ms",
         type=float,
-        default=25,
+        default=C.batch_wait_ms,
         help="after a batch, wait this long for compatible requests to fill the next (default: %(default)s)",
     )
-    a("--max-queue", type=int, default=64, help="requests waiting before 429 (default: %(default)s)")
-    a("--max-pixels", type=int, default=1024 * 1024, help="width x height of an image (default: %(default)s)")
-    a("--max-steps", type=int, default=150, help="(default: %(default)s)")
-    a("--max-images", type=int, default=16, help="images in one request (default: %(default)s)")
-    a("--max-body-mb", type=float, default=8, help="request body size in MiB (default: %(default)s)")
+    a("--max-queue", type=int, default=C.max_queue, help="requests waiting before 429 (default: %(default)s)")
+    a(
+        "--max-pixels",
+        type=int,
+        default=C.max_pixels,
+        help="width x height of an image (default: %(default)s)",
+    )
+    a("--max-steps", type=int, default=C.max_steps, help="(default: %(default)s)")
+    a("--max-images", type=int, default=C.max_images, help="images in one request (default: %(default)s)")
+    a(
+        "--max-body-mb",
+        type=float,
+        default=C.max_body / 2**20,
+        help="request body size in MiB (default: %(default)s)",
+    )
     a("--debug", action="store_true", help="show tracebacks")
     return p
 

@@ -1,5 +1,28 @@
-"""diffusers-compatible pipelines, installed as gen.pipelines."""
+"""diffusers-compatible pipelines, installed as gen.pipelines.
 
-from gen.pipelines.text_to_image import TextToImagePipeline
+The pipeline classes load on first use, so the torch-free rules in gen.pipelines.checks can be imported by the
+option checks that run before anything heavy loads (`gen --help`, argument errors).
+"""
 
-__all__ = ["TextToImagePipeline"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_MODULES = {
+    "ImageToImagePipeline": "gen.pipelines.image_to_image",
+    "InpaintPipeline": "gen.pipelines.inpaint",
+    "TextToImagePipeline": "gen.pipelines.text_to_image",
+}
+__all__ = ["ImageToImagePipeline", "InpaintPipeline", "TextToImagePipeline"]
+
+if TYPE_CHECKING:
+    from gen.pipelines.image_to_image import ImageToImagePipeline
+    from gen.pipelines.inpaint import InpaintPipeline
+    from gen.pipelines.text_to_image import TextToImagePipeline
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
+    raise AttributeError(f"module 'gen.pipelines' has no attribute {name!r}")

@@ -14,6 +14,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
@@ -223,6 +225,39 @@ class LatentDiffusionPipeline(
         """Refuse bad input before any work, naming the value and the rule (see gen.pipelines.checks)."""
         check_call(self, **kwargs)
 
+    @property
+    def image_processor_for_stride(self) -> VaeImageProcessor:
+        """diffusers' image processor at the denoiser's stride (a DiT's patch too), for image inputs."""
+        from gen.pipelines.images import processors
+
+        return processors(self.latent_stride)[0]
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        """diffusers' inpainting mask processor (grayscale, binarized at 0.5) at the denoiser's stride."""
+        from gen.pipelines.images import processors
+
+        return processors(self.latent_stride)[1]
+
+    def _size_of(self, image, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width): as given, else the image's own, rounded down to a multiple of the stride."""
+        from gen.pipelines.images import pixel_size
+
+        size = pixel_size(image, self.vae.config.latent_channels)
+        if size is None:  # latents given as the image
+            first = image[0] if isinstance(image, list) else image
+            size = (first.shape[-1] * self.vae_scale_factor, first.shape[-2] * self.vae_scale_factor)
+        stride = self.latent_stride
+        return height or size[1] // stride * stride, width or size[0] // stride * stride
+
+    @staticmethod
+    def _check_generators(generator, batch_size: int) -> None:
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt);"
+                " give one generator or one per image"
+            )
+
     def prepare_latents(
         self,
         batch_size: int,
@@ -235,11 +270,7 @@ class LatentDiffusionPipeline(
     ) -> torch.Tensor:
         channels = self.denoiser.config.in_channels
         shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt);"
-                " give one generator or one per image"
-            )
+        self._check_generators(generator, batch_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -247,6 +278,63 @@ class LatentDiffusionPipeline(
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
+
+    # -- the steps every task's __call__ shares ------------------------------------------------------------------
+    def _begin(self, guidance_scale: float, cross_attention_kwargs: dict[str, Any] | None) -> torch.device:
+        """The call's state that the properties (guidance_scale, interrupt, ...) read; the execution device."""
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        return self._execution_device
+
+    def _text(self, prompt, device: torch.device, num_images_per_prompt: int, **encode: Any) -> TextContext:
+        """Encode the prompts and negatives, each prompt's entries repeated per image. A LoRA scale in
+        cross_attention_kwargs applies to the text encoder too, as in StableDiffusionPipeline."""
+        self._scale_text_encoder_lora(self.cross_attention_kwargs)
+        try:
+            text = self._encode_text(prompt, device, cfg=self.do_classifier_free_guidance, **encode)
+        finally:
+            self._unscale_text_encoder_lora()
+        return text.repeat(num_images_per_prompt)
+
+    def _timesteps(
+        self,
+        num_inference_steps: int,
+        device: torch.device,
+        timesteps: list[int] | None,
+        sigmas: list[float] | None,
+        strength: float | None = None,
+    ) -> torch.Tensor:
+        """The schedule's timesteps; with `strength` (image-to-image, inpainting) only its last
+        int(steps x strength) steps, the scheduler told where it begins, as diffusers' SD img2img does."""
+        steps, count = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
+        )
+        if strength is not None:
+            # diffusers' get_timesteps is a method of its img2img pipeline, not a function we can import.
+            start = count - min(int(count * strength), count)
+            order = self.scheduler.order
+            steps = self.scheduler.timesteps[start * order :]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start * order)
+        self._num_timesteps = len(steps)
+        return steps
+
+    def _finish(self, latents: torch.Tensor, generator, output_type: str, return_dict: bool, overlay=None):
+        """Decode (unless output_type="latent"), post-process, free offload hooks, and wrap the result.
+        `overlay` (images -> images) runs on the post-processed images (the inpaint crop's paste-back)."""
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(
+                self.decode_latents(latents, generator), output_type=output_type
+            )
+            if overlay is not None:
+                image = overlay(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
 
     def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
         params = set(inspect.signature(self.scheduler.step).parameters)
@@ -317,7 +405,12 @@ class LatentDiffusionPipeline(
         guidance_interval: tuple[float, float] | None,
         callback: Callable | None,
         tensor_inputs: list[str],
+        condition: torch.Tensor | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The guided loop. `condition` (B, c, h, w) is concatenated to the scaled latents as extra input
+        channels (an inpainting denoiser's mask and masked image); `after_step(i, latents)` runs after each
+        scheduler step, before the callback (inpainting's blend of the known region)."""
         cfg = self.do_classifier_free_guidance
         both = text.both() if cfg else None  # (2B, L*K, D), negatives first
         with self.progress_bar(total=len(steps)) as progress:
@@ -328,12 +421,16 @@ class LatentDiffusionPipeline(
                 guided = cfg and _inside(i, len(steps), guidance_interval)
                 x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
                 x_in = self.scheduler.scale_model_input(x_in, t)
+                if condition is not None:
+                    x_in = torch.cat([x_in, torch.cat([condition] * (2 if guided else 1))], dim=1)
                 if guided:
                     pred_uncond, pred_text = self._denoise(x_in, t, both, text.rows(2)).chunk(2)
                     pred = guidance(pred_uncond, pred_text, self.guidance_scale, guidance_rescale)
                 else:
                     pred = self._denoise(x_in, t, text.prompt_embeds, text.rows(1))
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if after_step is not None:
+                    latents = after_step(i, latents)
                 if callback is not None:
                     latents = self._callback(
                         callback, i, t=t, latents=latents, text=text, tensor_inputs=tensor_inputs

@@ -106,3 +106,24 @@ def check_outputs(pipe, output_type: str, tensor_inputs: list[str] | None) -> No
     bad = [k for k in tensor_inputs or [] if k not in pipe._callback_tensor_inputs]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {pipe._callback_tensor_inputs}")
+
+
+def check_strength(strength: float, num_inference_steps: int, timesteps=None, sigmas=None) -> None:
+    """Image-to-image and inpainting: strength in [0, 1], and enough of it that at least one step runs."""
+    if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(
+            f"strength={strength!r} must be between 0 and 1 (0 keeps the image, 1 repaints it fully)"
+        )
+    count = (
+        len(timesteps)
+        if timesteps is not None
+        else len(sigmas)
+        if sigmas is not None
+        else num_inference_steps
+    )
+    if int(count * strength) < 1:
+        least = math.ceil(1000 / count) / 1000
+        raise ValueError(
+            f"strength={strength} of {count} steps runs no denoising step (int({count} x {strength}) = 0);"
+            f" use strength >= {least} or more steps"
+        )

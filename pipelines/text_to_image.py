@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from gen.generation.attention import set_attention  # noqa: F401  (re-exported: pipelines users import it here)
 from gen.pipelines.base import LatentDiffusionPipeline
@@ -82,31 +81,23 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt,
             guidance_interval=guidance_interval,
         )
-        self._guidance_scale = guidance_scale
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        device = self._execution_device
+        device = self._begin(guidance_scale, cross_attention_kwargs)
 
-        # 2. Encode the prompt and the negative prompt (a LoRA scale applies to the text encoder too, as in SD).
-        self._scale_text_encoder_lora(cross_attention_kwargs)
-        text = self._encode_text(
+        # 2. Encode the prompt and the negative prompt.
+        text = self._text(
             prompt,
             device,
-            cfg=self.do_classifier_free_guidance,
+            num_images_per_prompt,
             negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
-        ).repeat(num_images_per_prompt)
-        self._unscale_text_encoder_lora()
+        )
 
         # 3. Timesteps.
-        steps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
-        )
-        self._num_timesteps = len(steps)
+        steps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
 
         # 4. Initial noise, one generator per image where a list is given.
         latents = self.prepare_latents(
@@ -132,13 +123,4 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         )
 
         # 6. Decode.
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.image_processor.postprocess(
-                self.decode_latents(latents, generator), output_type=output_type
-            )
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self._finish(latents, generator, output_type, return_dict)

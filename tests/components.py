@@ -69,13 +69,14 @@ def vae() -> AutoencoderKL:
     ).eval()
 
 
-def unet(cross_dim: int = 32) -> UNet2DConditionModel:
+def unet(cross_dim: int = 32, in_channels: int = 4) -> UNet2DConditionModel:
+    """A tiny UNet; in_channels=9 is the SD-inpainting layout (latents, mask, masked-image latents)."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

@@ -98,7 +98,10 @@ CATALOGUE = [
         r"diffusion_pytorch_model.bin is a pickle file, which can run code when loaded; .*allow_pickle=True",
     ),
     (custom_module, r"component 'transformer' names module 'os'; gen imports classes only from diffusers"),
-    (other_pipeline, r"is a FluxPipeline folder; gen loads TextToImagePipeline and StableDiffusionPipeline"),
+    (
+        other_pipeline,
+        r"is a FluxPipeline folder; gen loads TextToImagePipeline, ImageToImagePipeline, InpaintPipeline,",
+    ),
     (bad_json, r"model_index.json is not valid JSON"),
     (nan_weights, r"vae: tensor '.*' contains NaN or Inf values"),
     (empty, r"model is empty; expected a diffusers pipeline folder"),

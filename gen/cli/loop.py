@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from gen import generation as G
 from gen.cli import outputs
 from gen.generation import metadata
+from gen.generation.inputs import InitImages, read_init_images
 from gen.images import contact_sheet
 
 
@@ -33,14 +34,17 @@ class Runner:
         self.announce_seed = announce_seed and not args.quiet
         self.state = _distributed()
         self.saved = 0  # a count, not a list: a run may write millions of images
+        # Read and checked before a model loads: a bad file fails in a moment.
+        self.init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
+        self.input_hashes = input_hashes(self.init)
 
     def _record(self, pipe, job: G.Job, image) -> dict:
-        return metadata.record(pipe, self.o, job, image, self.model_hash)
+        return {**metadata.record(pipe, self.o, job, image, self.model_hash), **self.input_hashes}
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
-        pipe = G.load(o)
-        G.validate(pipe, o)
+        pipe = G.task_pipeline(G.load(o), self.init)
+        G.validate(pipe, o, self.init)
         if self.announce_seed:
             print(f"gen: seed: {o.seed}", file=sys.stderr)
         self.model_hash = metadata.model_hash(Path(o.model) if o.model else _default_model())
@@ -53,14 +57,20 @@ class Runner:
             else len(range(self.state.process_index, self.total, self.state.num_processes))
         )
         bar = tqdm(
-            total=mine * o.steps, unit="step", disable=True if quiet else None, file=sys.stderr, leave=False
+            total=mine * G.steps_run(o),
+            unit="step",
+            disable=True if quiet else None,
+            file=sys.stderr,
+            leave=False,
         )
         start, images = time.monotonic(), []
         try:
             for batch in G.batches(jobs, o.batch_size):
                 step = len(batch)
                 for job, image in zip(
-                    batch, G.render(pipe, o, batch, on_step=lambda n=step: bar.update(n)), strict=True
+                    batch,
+                    G.render(pipe, o, batch, on_step=lambda n=step: bar.update(n), init=self.init),
+                    strict=True,
                 ):
                     info = metadata.png_info(self._record(pipe, job, image))
                     path = outputs.save(
@@ -92,6 +102,34 @@ class Runner:
         return 0
 
 
+def input_hashes(init: InitImages | None) -> dict:
+    """What the JSON record says of the init image and mask: their pixels' hashes (`gen reproduce` checks them)."""
+    if init is None:
+        return {}
+    hashes = {"init_image_hash": init.image_hash}
+    if init.mask_hash is not None:
+        hashes["mask_hash"] = init.mask_hash
+    return hashes
+
+
+def _given_inputs(record: dict, o: G.Options, args) -> InitImages | None:
+    """The init image and mask for `gen reproduce`: the ones given again (--init-image, --mask), else the
+    recorded paths; refused when their pixels are not the ones the PNG was made from."""
+    if "init_image_hash" not in record:
+        return None
+    o.init_image = str(args.init_image) if args.init_image else o.init_image
+    o.mask = str(args.mask) if args.mask else o.mask
+    init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
+    for name, path, key in (("init image", o.init_image, "init_image_hash"), ("mask", o.mask, "mask_hash")):
+        want, got = record.get(key), input_hashes(init).get(key)
+        if want != got:
+            raise ValueError(
+                f"{name} {path} is not the one {args.image} was made from (pixel hash {str(got)[:12]}, recorded"
+                f" {str(want)[:12]}); give the original with --{'init-image' if key == 'init_image_hash' else 'mask'}"
+            )
+    return init
+
+
 def _default_model() -> Path:
     from gen.loading.pipeline import DEFAULT_MODEL
 
@@ -109,9 +147,10 @@ def reproduce(args) -> int:
     if args.model is not None:
         o.model = args.model
     G.check_options(o)
-    pipe = G.load(o)
-    G.validate(pipe, o)
-    image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)])[0]
+    init = _given_inputs(record, o, args)
+    pipe = G.task_pipeline(G.load(o), init)
+    G.validate(pipe, o, init)
+    image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)], init=init)[0]
     if args.output:
         out = outputs.save(
             image,

@@ -145,6 +145,31 @@ def generate_parser() -> argparse.ArgumentParser:
         default=None,
         help="read prompts from this file, one per line (blank lines skipped)",
     )
+    a(
+        "--init-image",
+        default=None,
+        metavar="PNG",
+        help="image-to-image: start from this picture (its size unless --width/--height)",
+    )
+    a(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="how much of the init image is re-drawn, 0..1 (default: %(default)s)",
+    )
+    a(
+        "--mask",
+        default=None,
+        metavar="PNG",
+        help="inpaint: repaint where this mask is white (needs --init-image)",
+    )
+    a(
+        "--mask-blur",
+        type=int,
+        default=4,
+        help="blur the mask's edge by this many pixels (default: %(default)s)",
+    )
+    a("--invert-mask", action="store_true", help="repaint where the mask is black instead")
     a("--grid", default=None, help="also save a contact sheet of this run's images to this PNG")
     a("--overwrite", action="store_true", help="replace existing files instead of numbering around them")
     a(
@@ -206,6 +231,11 @@ def _options(args):
         guidance_interval=args.guidance_interval,
         allow_pickle=args.allow_pickle,
         lora=args.lora,
+        init_image=args.init_image,
+        mask=args.mask,
+        strength=args.strength,
+        mask_blur=args.mask_blur,
+        invert_mask=args.invert_mask,
     )
 
 
@@ -281,12 +311,34 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance_scale=1 comparison")
     p.add_argument("--no-styles", action="store_true", help="skip the prompt-style table and the probes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--task",
+        default="text",
+        choices=["text", "img2img", "inpaint"],
+        help="text-to-image prompts; img2img: a strength sweep on rendered scenes; inpaint: a new object in a"
+        " masked square (default: %(default)s)",
+    )
+    p.add_argument(
+        "--count", type=int, default=40, help="scenes for --task img2img|inpaint (default: %(default)s)"
+    )
     args = p.parse_args(argv)
-    if args.images_per_prompt < 1 or args.steps < 1:
-        raise CliError("--images-per-prompt and --steps must be >= 1")
+    if args.images_per_prompt < 1 or args.steps < 1 or args.count < 1:
+        raise CliError("--images-per-prompt, --steps and --count must be >= 1")
+    _quiet_libraries()
+    if args.task != "text":
+        from gen.tools import eval_images
+
+        report = eval_images.evaluate_task(
+            args.task, args.model, args.count, args.steps, args.guidance, args.seed, args.dtype
+        )
+        print(
+            json.dumps(report, indent=2)
+            if args.json
+            else eval_images.format_task(args.task, report["result"])
+        )
+        return 0
     from gen.tools import eval as gen_eval
 
-    _quiet_libraries()
     report = gen_eval.evaluate_model(
         args.model,
         images_per_prompt=args.images_per_prompt,
@@ -536,6 +588,8 @@ def cmd_reproduce(argv: list[str]) -> int:
         help="largest allowed pixel difference, 0-255 (default: %(default)s)",
     )
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
+    p.add_argument("--init-image", default=None, help="the init image, if not at its recorded path")
+    p.add_argument("--mask", default=None, help="the mask, if not at its recorded path")
     args = p.parse_args(argv)
     _quiet_libraries()
     from gen.cli.loop import reproduce

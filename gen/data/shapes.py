@@ -133,6 +133,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
+def _centre(position: str, r: float) -> tuple[float, float]:
+    """The shape's centre as fractions of the side, for a shape of radius r."""
+    corner = r + _CORNER_MARGIN
+    fx = {"centre": 0.5, "top left": corner, "bottom left": corner}.get(position, 1 - corner)
+    fy = {"centre": 0.5, "top left": corner, "top right": corner}.get(position, 1 - corner)
+    return fx, fy
+
+
+def object_box(scene: Scene, resolution: int = 64, pad: float = 0.05) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) pixels of the square any shape of the scene's size and position fits in (render's
+    jitter included), grown by `pad` of the side: where an inpainting mask covers the object."""
+    r = _RADIUS[scene.size] * 1.1 + 0.025 + pad
+    fx, fy = _centre(scene.position, _RADIUS[scene.size])
+    box = (fx - r, fy - r, fx + r, fy + r)
+    return tuple(min(resolution, max(0, round(v * resolution))) for v in box)
+
+
 def render(
     scene: Scene, resolution: int = 64, jitter: random.Random | None = None, supersample: int = 4
 ) -> Image.Image:
@@ -143,9 +160,7 @@ def render(
     if jitter is not None:
         r *= jitter.uniform(0.9, 1.1)
         dx, dy = jitter.uniform(-0.025, 0.025), jitter.uniform(-0.025, 0.025)
-    corner = r + _CORNER_MARGIN
-    fx = {"centre": 0.5, "top left": corner, "bottom left": corner}.get(scene.position, 1 - corner)
-    fy = {"centre": 0.5, "top left": corner, "top right": corner}.get(scene.position, 1 - corner)
+    fx, fy = _centre(scene.position, r)
     image = Image.new("RGB", (side, side), COLOURS[scene.background])
     _draw_shape(
         ImageDraw.Draw(image),

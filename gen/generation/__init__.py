@@ -1,6 +1,7 @@
 """The generation core every front-end calls: options in, images and their metadata out.
 
 options.py    what decides the pictures, checked before anything loads (torch-free)
+inputs.py     init images and masks for image-to-image and inpainting: read, checked, hashed (torch-free)
 core.py       load and prepare a pipeline, render batches of jobs, gen.generate
 attention.py  the pipeline-wide attention switch
 metadata.py   what each PNG records, and how far an image made again may differ
@@ -25,9 +26,21 @@ from gen.generation.options import (
     pick_seed,
     plan,
     seed_of,
+    steps_run,
 )
 
-_CORE = ("DTYPES", "available_memory", "generate", "load", "memory_estimate", "prepare", "render", "validate")
+_CORE = (
+    "DTYPES",
+    "available_memory",
+    "generate",
+    "load",
+    "memory_estimate",
+    "prepare",
+    "render",
+    "size_of",
+    "task_pipeline",
+    "validate",
+)
 __all__ = [
     "ATTENTION",
     "MAX_SEED",
@@ -41,6 +54,7 @@ __all__ = [
     "pick_seed",
     "plan",
     "seed_of",
+    "steps_run",
     *_CORE,
 ]
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from gen.diffusion.samplers import make_scheduler
+from gen.generation.inputs import InitImages, paste_back, read_init_images
 from gen.generation.options import Job, Options, batches, check_options, parse_lora, pick_seed, plan
 
 logger = logging.getLogger(__name__)
@@ -43,29 +44,68 @@ def prepare(pipe, o: Options):
     return pipe
 
 
-def render(pipe, o: Options, batch: list[Job], on_step: Callable[[], None] | None = None) -> list:
-    """PIL images for one batch of jobs, one generator per image."""
+def task_pipeline(pipe, init: InitImages | None):
+    """The pipeline for the task, sharing `pipe`'s loaded weights: text-to-image, image-to-image (an init image)
+    or inpainting (an init image and a mask)."""
+    if init is None:
+        return pipe
+    from gen.pipelines import ImageToImagePipeline, InpaintPipeline
+
+    cls = ImageToImagePipeline if init.mask is None else InpaintPipeline
+    if type(pipe) is cls:
+        return pipe
+    task = cls.from_pipe(pipe)
+    task.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # from_pipe does not copy it
+    return task
+
+
+def render(
+    pipe,
+    o: Options,
+    batch: list[Job],
+    on_step: Callable[[], None] | None = None,
+    init: InitImages | None = None,
+) -> list:
+    """PIL images for one batch of jobs, one generator per image; from `init` (image-to-image, inpainting)
+    when given, the original pasted back outside an inpainting mask."""
     callback = (lambda p, i, t, kw: on_step() or {}) if on_step else None  # noqa: E731
-    return pipe(
-        [j.prompt for j in batch],
-        negative_prompt=[o.negative] * len(batch),
-        num_inference_steps=o.steps,
-        guidance_scale=o.guidance,
-        guidance_rescale=o.guidance_rescale,
-        width=o.width,
-        height=o.height,
-        clip_skip=o.clip_skip,
-        guidance_interval=tuple(o.guidance_interval) if o.guidance_interval else None,
-        generator=[torch.Generator().manual_seed(j.seed) for j in batch],
-        callback_on_step_end=callback,
-    ).images
+    kwargs = {
+        "negative_prompt": [o.negative] * len(batch),
+        "num_inference_steps": o.steps,
+        "guidance_scale": o.guidance,
+        "guidance_rescale": o.guidance_rescale,
+        "width": o.width,
+        "height": o.height,
+        "clip_skip": o.clip_skip,
+        "guidance_interval": tuple(o.guidance_interval) if o.guidance_interval else None,
+        "generator": [torch.Generator().manual_seed(j.seed) for j in batch],
+        "callback_on_step_end": callback,
+    }
+    prompts = [j.prompt for j in batch]
+    if init is None:
+        return task_pipeline(pipe, None)(prompts, **kwargs).images
+    kwargs.update(image=init.image, strength=o.strength)
+    if init.mask is None:
+        return task_pipeline(pipe, init)(prompts, **kwargs).images
+    images = task_pipeline(pipe, init)(prompts, mask_image=init.mask, **kwargs).images
+    return [paste_back(init, image) for image in images]
 
 
-def validate(pipe, o: Options) -> None:
+def size_of(pipe, o: Options, init: InitImages | None = None) -> tuple[int, int]:
+    """(height, width) of the images: as given, else the init image's (rounded down to the model's stride), else
+    the model's own."""
+    if init is not None:
+        return pipe._size_of(init.image, o.height, o.width)
+    return (
+        pipe.default_size if o.height is None else o.height,
+        pipe.default_size if o.width is None else o.width,
+    )
+
+
+def validate(pipe, o: Options, init: InitImages | None = None) -> None:
     """The pipeline's own input checks (sizes against the model's stride, ...) and a memory estimate, before
     any image work."""
-    height = pipe.default_size if o.height is None else o.height
-    width = pipe.default_size if o.width is None else o.width
+    height, width = size_of(pipe, o, init)
     pipe.check_inputs(
         prompt="x",
         negative_prompt=o.negative,
@@ -126,9 +166,11 @@ def generate(prompt: str | list[str], **options) -> list:
     check_options(o)
     if o.seed is None:
         o.seed = pick_seed()
+    init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
     pipe = load(o)
+    validate(pipe, o, init)
     return [
         image
         for batch in batches(plan(prompts, o.num_images, o.seed), o.batch_size)
-        for image in render(pipe, o, batch)
+        for image in render(pipe, o, batch, init=init)
     ]

@@ -107,6 +107,12 @@ def a1111_parameters(record: dict) -> str:
         pairs["Clip skip"] = o["clip_skip"]
     if o.get("guidance_rescale"):
         pairs["CFG rescale"] = o["guidance_rescale"]
+    if o.get("init_image"):  # A1111's img2img keys
+        pairs["Denoising strength"] = o["strength"]
+    if o.get("mask"):
+        pairs["Mask blur"] = o["mask_blur"]
+        if o.get("invert_mask"):
+            pairs["Mask mode"] = "Inpaint not masked"
     lines = [record["prompt"]]
     if o.get("negative"):
         lines.append(f"Negative prompt: {o['negative']}")

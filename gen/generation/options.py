@@ -41,6 +41,11 @@ class Options:
     guidance_interval: tuple[float, float] | None = None
     allow_pickle: bool = False
     lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT, PATH a LoRA file or folder
+    init_image: str | None = None  # image-to-image (and, with a mask, inpainting) starts from this picture
+    mask: str | None = None  # white = repaint
+    strength: float = 0.75  # how much of the schedule re-draws the init image (A1111's denoising strength)
+    mask_blur: int = 4  # pixels, A1111's default
+    invert_mask: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -76,6 +81,26 @@ def check_options(o: Options) -> None:
         value = getattr(o, name)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
+    check_init(o)
+
+
+def check_init(o: Options) -> None:
+    """Image-to-image and inpainting options: the pipelines' strength rule (gen.pipelines.checks), a mask only
+    with an init image, a blur of whole pixels."""
+    if o.init_image is None:
+        if o.mask is not None:
+            raise ValueError("--mask needs --init-image (the picture to inpaint)")
+        return
+    from gen.pipelines.checks import check_strength
+
+    check_strength(o.strength, o.steps)
+    if not isinstance(o.mask_blur, int) or o.mask_blur < 0:
+        raise ValueError(f"mask-blur {o.mask_blur!r} must be an integer >= 0 (pixels)")
+
+
+def steps_run(o: Options) -> int:
+    """Denoising steps one image takes: the last int(steps x strength) of the schedule for an init image."""
+    return o.steps if o.init_image is None else int(o.steps * o.strength)
 
 
 def check_precision(dtype: str, device: str) -> None:

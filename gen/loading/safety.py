@@ -19,7 +19,14 @@ import torch
 
 PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 LIBRARIES = ("diffusers", "transformers", "gen.models.dit")
-PIPELINES = ("TextToImagePipeline", "StableDiffusionPipeline")
+PIPELINES = (
+    "TextToImagePipeline",
+    "ImageToImagePipeline",
+    "InpaintPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+)
 LFS_MAGIC = b"version https://git-lfs"
 
 
@@ -100,7 +107,7 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ValueError(
-            f"{folder} is a {kind} folder; gen loads {' and '.join(PIPELINES)} folders (SD 1.x/2.x layout)"
+            f"{folder} is a {kind} folder; gen loads {', '.join(PIPELINES)} folders (SD 1.x/2.x layout)"
         )
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

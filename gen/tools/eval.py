@@ -217,6 +217,20 @@ def save_grid(
     return path
 
 
+def load_judged(
+    model: str | Path | None, dtype: str = "fp32", device: str = "cpu"
+) -> tuple[Path, object, Judge]:
+    """A shapes model folder's pipeline and its judge (on `device`)."""
+    from gen.generation import DTYPES
+    from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
+
+    folder = Path(model) if model is not None else DEFAULT_MODEL
+    pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
+    if not (folder / "judge").is_dir():
+        raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")
+    return folder, pipe, Judge.from_pretrained(folder / "judge").float().eval().to(device)
+
+
 def evaluate_model(
     model: str | Path | None = None,
     images_per_prompt: int = 4,
@@ -235,15 +249,8 @@ def evaluate_model(
     styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid."""
     import time
 
-    from gen.generation import DTYPES
-    from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
-
-    folder = Path(model) if model is not None else DEFAULT_MODEL
-    pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
-    if not (folder / "judge").is_dir():
-        raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")
-    judge = Judge.from_pretrained(folder / "judge").float().eval()
-    report: dict = {"model": str(folder), "judge": judge_accuracy(judge, count=500)}
+    folder, pipe, judge = load_judged(model, dtype, device)
+    report: dict = {"model": str(folder), "judge": judge_accuracy(judge.cpu(), count=500)}
     judge.to(device)
     clip = (
         ClipScorer(folder / "clip_vision", pipe.text_encoder, pipe.tokenizer)

@@ -1,0 +1,108 @@
+"""Init images and masks for image-to-image and inpainting, the same for every front-end: read (from files for
+the CLI, decoded uploads for the server), checked, hashed for the PNG metadata, the mask inverted and blurred as
+A1111 does, and the original pasted back outside the mask after inpainting.
+
+PIL only (no torch): the CLI reads and checks these before it loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+
+@dataclass
+class InitImages:
+    """The picture to start from and, for inpainting, the mask (white = repaint), inverted and blurred as asked;
+    the hashes identify the inputs as given (before inversion and blur)."""
+
+    image: Image.Image  # RGB
+    image_hash: str
+    mask: Image.Image | None = None  # L, after --invert-mask and --mask-blur
+    mask_hash: str | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def pixel_hash(image: Image.Image) -> str:
+    """SHA-256 of the decoded pixels (mode, size, bytes): the same picture in PNG, JPEG-free re-saves or an upload
+    hashes the same, whatever its file's compression."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def read_image(path: str | Path, what: str = "init image") -> Image.Image:
+    """An image file, fully decoded; ValueError naming the file if it is missing or not an image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        reason = "not an image file PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(f"{what} {path}: {reason}") from None
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels count as white, as most editors show them, not as whatever colour they hide.
+        background = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def as_mask(image: Image.Image, name: str = "mask") -> Image.Image:
+    """A single-channel mask: white = repaint. An RGBA mask's alpha is not used: its grey levels are."""
+    try:
+        return image.convert("L")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{name}: a {image.mode} image cannot be made a one-channel mask ({e})") from None
+
+
+def init_images(
+    image: Image.Image, mask: Image.Image | None = None, mask_blur: int = 4, invert_mask: bool = False
+) -> InitImages:
+    """Check and prepare in-memory inputs (a mask must have the image's size)."""
+    rgb = as_rgb(image)
+    if mask is None:
+        return InitImages(rgb, pixel_hash(rgb))
+    gray = as_mask(mask)
+    if gray.size != rgb.size:
+        raise ValueError(
+            f"the mask is {gray.width}x{gray.height} but the init image is {rgb.width}x{rgb.height}; they must match"
+        )
+    if mask_blur < 0:
+        raise ValueError(f"mask blur {mask_blur} must be >= 0 (pixels)")
+    prepared = ImageOps.invert(gray) if invert_mask else gray
+    if mask_blur:
+        prepared = prepared.filter(ImageFilter.GaussianBlur(mask_blur))
+    return InitImages(rgb, pixel_hash(rgb), prepared, pixel_hash(gray))
+
+
+def read_init_images(
+    image: str | Path | None, mask: str | Path | None = None, mask_blur: int = 4, invert_mask: bool = False
+) -> InitImages | None:
+    """The CLI's --init-image and --mask files (None without an init image)."""
+    if image is None:
+        if mask is not None:
+            raise ValueError("--mask needs --init-image (the picture to inpaint)")
+        return None
+    return init_images(
+        read_image(image), None if mask is None else read_image(mask, "mask"), mask_blur, invert_mask
+    )
+
+
+def paste_back(init: InitImages, generated: Image.Image) -> Image.Image:
+    """The original outside the mask, the generated image inside, blended along the blurred edge (A1111's
+    overlay): the VAE's round trip would otherwise change every unmasked pixel a little."""
+    size = generated.size
+    original = init.image if init.image.size == size else init.image.resize(size, Image.LANCZOS)
+    mask = init.mask if init.mask.size == size else init.mask.resize(size, Image.LANCZOS)
+    return Image.composite(generated.convert("RGB"), original, mask)

@@ -172,12 +172,13 @@ class Queue:
 
     async def _render(self, batch: list[tuple[Task, int]]) -> None:
         first = batch[0][0]
+        steps = G.steps_run(first.options)  # fewer than options.steps from an init image
         self.running, self._abort, self.interrupted = batch, False, False
-        self.step, self.steps, self.batch_started = 0, first.options.steps, time.time()
+        self.step, self.steps, self.batch_started = 0, steps, time.time()
         for task in self.running_tasks():
             task.started = task.started or time.time()
             task.status = "running"
-            task.step, task.steps = 0, first.options.steps
+            task.step, task.steps = 0, steps
             task.notify()
         jobs = [task.jobs[i] for task, i in batch]
         start = time.monotonic()

@@ -56,7 +56,7 @@ class Task:
         self.pending = deque(range(len(jobs)))  # jobs not yet handed to the worker
         self.status = "queued"
         self.error: ServeError | None = None
-        self.step, self.steps = 0, options.steps
+        self.step, self.steps = 0, G.steps_run(options)
         self.created, self.started, self.finished = time.time(), None, None
         self._changed = asyncio.Event()
 

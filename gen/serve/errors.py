@@ -58,6 +58,9 @@ def describe_validation(e: RequestValidationError) -> str:
             parts.append(f"the request body is not valid JSON ({reason}, at character {err['loc'][-1]})")
             continue
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        value = err.get("input")
+        if err.get("type") != "missing" and isinstance(value, (int, float, str)) and len(repr(value)) <= 60:
+            where += f"={value!r}"  # the bad value itself, when it is short enough to read
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)[:1000] or "invalid request"
 

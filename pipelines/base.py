@@ -19,7 +19,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from gen.diffusion.guidance import guidance
 from gen.loading.safety import PICKLE
@@ -27,6 +27,7 @@ from gen.models.dit import DiT
 from gen.pipelines.checks import check_call
 from gen.pipelines.lora import LoraMixin
 from gen.pipelines.prompting import PromptEncodingMixin, TextContext
+from gen.pipelines.sdxl import SDXLMixin
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +63,20 @@ def modernize_scheduler(scheduler) -> None:
 
 
 class LatentDiffusionPipeline(
-    DiffusionPipeline, PromptEncodingMixin, LoraMixin, TextualInversionLoaderMixin, FromSingleFileMixin
+    DiffusionPipeline,
+    PromptEncodingMixin,
+    SDXLMixin,
+    LoraMixin,
+    TextualInversionLoaderMixin,
+    FromSingleFileMixin,
 ):
     """The components and steps gen's pipelines share: a CLIP text encoder, exactly one denoiser (`transformer`,
     gen's DiT, or `unet`, diffusers' UNet2DConditionModel), a VAE and any diffusers scheduler; loading (gen's
     folders, SD 1.x/2.x folders and single files, LoRA, textual inversion), noise, the guided denoising loop
     and decoding. A task's pipeline adds its `__call__` (see text_to_image.py)."""
 
-    model_cpu_offload_seq = "text_encoder->transformer->unet->vae"
-    _optional_components = ["transformer", "unet"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->unet->vae"
+    _optional_components = ["transformer", "unet", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -81,6 +87,9 @@ class LatentDiffusionPipeline(
         scheduler: KarrasDiffusionSchedulers,
         transformer: DiT | None = None,
         unet: UNet2DConditionModel | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__()
         # Neither is allowed (a text-only pipeline can still encode_prompt, as diffusers' pipelines can); a call
@@ -95,10 +104,13 @@ class LatentDiffusionPipeline(
         # has no `transformer` attribute, as diffusers' SD pipelines have none. Either may be missing from a
         # folder (the class's _optional_components), but a built pipeline's denoiser is required, so this
         # instance lists none: save_pretrained keeps it, and callers never drop it.
-        nets = {name: net for name, net in (("transformer", transformer), ("unet", unet)) if net is not None}
+        given = (("transformer", transformer), ("unet", unet), ("text_encoder_2", text_encoder_2))
+        nets = {name: net for name, net in (*given, ("tokenizer_2", tokenizer_2)) if net is not None}
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, **nets
         )
+        if text_encoder_2 is not None:  # SDXL's setting, kept in its model_index.json only
+            self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self._optional_components = []
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -120,7 +132,11 @@ class LatentDiffusionPipeline(
     @property
     def components(self) -> dict[str, Any]:
         """The components this pipeline was built with (diffusers' property expects every optional one)."""
-        return {k: getattr(self, k) for k in self.config if not k.startswith("_")}
+        return {
+            k: getattr(self, k)
+            for k in self.config
+            if not k.startswith("_") and k != "force_zeros_for_empty_prompt"
+        }
 
     @property
     def latent_stride(self) -> int:
@@ -304,9 +320,11 @@ class LatentDiffusionPipeline(
         timesteps: list[int] | None,
         sigmas: list[float] | None,
         strength: float | None = None,
+        denoising_end: float | None = None,
     ) -> torch.Tensor:
         """The schedule's timesteps; with `strength` (image-to-image, inpainting) only its last
-        int(steps x strength) steps, the scheduler told where it begins, as diffusers' SD img2img does."""
+        int(steps x strength) steps, the scheduler told where it begins, as diffusers' SD img2img does; with
+        `denoising_end` (SDXL's base + refiner split), only those above that fraction of the training steps."""
         steps, count = retrieve_timesteps(
             self.scheduler, num_inference_steps, device=device, timesteps=timesteps, sigmas=sigmas
         )
@@ -317,6 +335,10 @@ class LatentDiffusionPipeline(
             steps = self.scheduler.timesteps[start * order :]
             if hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(start * order)
+        if denoising_end is not None and 0 < denoising_end < 1:
+            total = self.scheduler.config.num_train_timesteps
+            cutoff = int(round(total - denoising_end * total))
+            steps = steps[: sum(1 for t in steps if t >= cutoff)]
         self._num_timesteps = len(steps)
         return steps
 
@@ -346,7 +368,12 @@ class LatentDiffusionPipeline(
         return kwargs
 
     def _denoise(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, chunks: list[int] | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        chunks: list[int] | None = None,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One denoiser call (both denoisers share UNet2DConditionModel's calling convention).
 
@@ -355,15 +382,17 @@ class LatentDiffusionPipeline(
         depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
         computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
         if chunks is None:
-            kw = self.cross_attention_kwargs  # {"scale": s} scales the LoRA, as in StableDiffusionPipeline
-            return self.denoiser(
-                x, t, encoder_hidden_states=context, cross_attention_kwargs=kw, return_dict=False
-            )[0]
+            kw = {"cross_attention_kwargs": self.cross_attention_kwargs}  # {"scale": s}: the LoRA's weight
+            if added is not None:  # SDXL's pooled text and size conditioning
+                kw["added_cond_kwargs"] = added
+            return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False, **kw)[0]
         length = context.shape[1] // max(chunks)
         out: list[torch.Tensor | None] = [None] * len(chunks)
         for k in sorted(set(chunks)):
             rows = [i for i, c in enumerate(chunks) if c == k]
-            for i, pred in zip(rows, self._denoise(x[rows], t, context[rows, : k * length]), strict=True):
+            part = None if added is None else {name: v[rows] for name, v in added.items()}
+            preds = self._denoise(x[rows], t, context[rows, : k * length], added=part)
+            for i, pred in zip(rows, preds, strict=True):
                 out[i] = pred
         return torch.stack(out)  # (rows, C, h, w)
 
@@ -371,6 +400,12 @@ class LatentDiffusionPipeline(
         """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
         vae = self.vae
         x = latents / vae.config.scaling_factor  # (B, C, h, w)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if (
+            mean is not None and std is not None
+        ):  # VAEs with per-channel statistics, as SDXL's pipeline reads them
+            shape = (1, len(mean), 1, 1)
+            x = x * torch.tensor(std).view(shape).to(x) + torch.tensor(mean).view(shape).to(x)
         dtype = vae.dtype
         if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
             dtype = torch.float32
@@ -424,10 +459,12 @@ class LatentDiffusionPipeline(
                 if condition is not None:
                     x_in = torch.cat([x_in, torch.cat([condition] * (2 if guided else 1))], dim=1)
                 if guided:
-                    pred_uncond, pred_text = self._denoise(x_in, t, both, text.rows(2)).chunk(2)
+                    pred_uncond, pred_text = self._denoise(
+                        x_in, t, both, text.rows(2), text.added(True)
+                    ).chunk(2)
                     pred = guidance(pred_uncond, pred_text, self.guidance_scale, guidance_rescale)
                 else:
-                    pred = self._denoise(x_in, t, text.prompt_embeds, text.rows(1))
+                    pred = self._denoise(x_in, t, text.prompt_embeds, text.rows(1), text.added(False))
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if after_step is not None:
                     latents = after_step(i, latents)

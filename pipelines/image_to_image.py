@@ -52,6 +52,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
+        prompt_2: str | list[str] | None = None,  # SDXL's second encoder's prompt
+        negative_prompt_2: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Steps: 1. check the inputs; 2. encode the prompts; 3. the last `strength` of the timesteps;
         4. the image's latents noised to the first of them; 5. denoise with classifier-free guidance; 6. decode.
@@ -90,7 +92,9 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
+            xl={"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2},
         )
+        self._add_time_ids(text, height, width)  # SDXL: the base model's size conditioning
         batch, dtype = text.prompt_embeds.shape[0], text.prompt_embeds.dtype
         self._check_generators(generator, batch)
 

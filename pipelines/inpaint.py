@@ -76,6 +76,8 @@ class InpaintPipeline(LatentDiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
+        prompt_2: str | list[str] | None = None,  # SDXL's second encoder's prompt
+        negative_prompt_2: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Steps: 1. check the inputs; 2. encode the prompts; 3. the last `strength` of the timesteps; 4. image
         and mask as tensors (cropped around the mask with padding_mask_crop); 5. initial latents; 6. mask
@@ -118,7 +120,9 @@ class InpaintPipeline(LatentDiffusionPipeline):
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
+            xl={"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2},
         )
+        self._add_time_ids(text, height, width)  # SDXL: the base model's size conditioning
         batch = text.prompt_embeds.shape[0]
         self._check_generators(generator, batch)
 

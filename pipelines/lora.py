@@ -7,6 +7,9 @@ another model. Files hold peft keys prefixed with the component name ("transform
 "text_encoder." when the text encoder was adapted too) and the adapters' LoraConfig under the
 "lora_adapter_metadata" header key, as diffusers' `load_lora_weights` reads and writes them.
 
+SDXL pipelines also adapt `text_encoder_2`; their kohya files (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`) go through
+diffusers' StableDiffusionXLLoraLoaderMixin converter.
+
 `load_lora_weights` takes what StableDiffusionPipeline's takes, from local paths only: a file, a folder (with
 `weight_name=`, default pytorch_lora_weights.safetensors) or a state dict. On a UNet pipeline, kohya / A1111 files
 (`lora_unet_…` / `lora_te_…` keys with `.alpha`) and older diffusers files go through diffusers' own converter
@@ -25,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the adapters' LoraConfig in the file header
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second encoder
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name in a LoRA folder
 PICKLE_LORA_FILE = "pytorch_lora_weights.bin"  # its pickle twin, read only with allow_pickle
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya-ss / A1111 key names
@@ -93,10 +97,17 @@ class LoraMixin:
 
     def _adapted(self) -> dict[str, torch.nn.Module]:
         """Components that may carry adapters, by their prefix in LoRA files."""
-        return {self._lora_prefix(): self.denoiser, TEXT_ENCODER: self.text_encoder}
+        return {self._lora_prefix(): self.denoiser, **self._text_encoders()}
 
-    def _text_encoder_adapters(self) -> set[str]:
-        return set(getattr(self.text_encoder, "peft_config", None) or {})
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders, by their prefix in LoRA files (SDXL has two)."""
+        encoders = {TEXT_ENCODER: self.text_encoder}
+        if getattr(self, TEXT_ENCODER_2, None) is not None:
+            encoders[TEXT_ENCODER_2] = self.text_encoder_2
+        return encoders
+
+    def _text_encoder_adapters(self, encoder: torch.nn.Module | None = None) -> set[str]:
+        return set(getattr(encoder or self.text_encoder, "peft_config", None) or {})
 
     def load_lora_weights(
         self,
@@ -143,17 +154,21 @@ class LoraMixin:
             metadata = None  # kohya's alphas give the scales (diffusers takes one or the other)
         prefix = self._lora_prefix()
         mine = {k: v for k, v in state.items() if k.startswith(prefix + ".")}
-        text = {k: v for k, v in state.items() if k.startswith(TEXT_ENCODER + ".")}
+        texts = {
+            name: {k: v for k, v in state.items() if k.startswith(name + ".")}
+            for name in self._text_encoders()
+        }
         found = sorted({k.split(".")[0] for k in state})
         if not mine:
             raise ValueError(
                 f"{label} is a LoRA for {', '.join(found) or 'nothing'}; this pipeline's denoiser is `{prefix}`"
             )
-        other = [f for f in found if f not in (prefix, TEXT_ENCODER)]
+        other = [f for f in found if f != prefix and f not in texts]
         if other:
+            kind = "SD 1.x/2.x" if self.is_sdxl else "SDXL"
             raise ValueError(
                 f"{label} also has weights for {', '.join(other)}, which this pipeline lacks (a LoRA for another"
-                f" model, e.g. SDXL?); it has `{prefix}` and `{TEXT_ENCODER}`"
+                f" model, e.g. {kind}?); it has `{prefix}` and {', '.join(f'`{t}`' for t in texts)}"
             )
         name = (
             adapter_name
@@ -163,18 +178,19 @@ class LoraMixin:
             self.denoiser.load_lora_adapter(
                 mine, prefix=prefix, adapter_name=name, metadata=metadata, network_alphas=network_alphas
             )
-            if text:
-                from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+            from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
-                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                    text,
-                    network_alphas=network_alphas,
-                    text_encoder=self.text_encoder,
-                    prefix=TEXT_ENCODER,
-                    adapter_name=name,
-                    _pipeline=self,
-                    metadata=metadata,
-                )
+            for encoder_name, text in texts.items():
+                if text:
+                    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                        text,
+                        network_alphas=network_alphas,
+                        text_encoder=getattr(self, encoder_name),
+                        prefix=encoder_name,
+                        adapter_name=name,
+                        _pipeline=self,
+                        metadata=metadata,
+                    )
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             detail = str(e).strip().splitlines()[-1][:300]
             raise ValueError(
@@ -194,10 +210,14 @@ class LoraMixin:
                 " UNets, not this pipeline's DiT"
             )
         if self.denoiser_name == "unet":
-            from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+            from diffusers.loaders.lora_pipeline import (
+                StableDiffusionLoraLoaderMixin,
+                StableDiffusionXLLoraLoaderMixin,
+            )
 
+            loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
             try:
-                state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state)
+                state, alphas = loader.lora_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as e:  # kohya keys it cannot map
                 detail = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
                 raise ValueError(f"{label}: diffusers cannot convert this kohya LoRA: {detail}") from None
@@ -244,7 +264,8 @@ class LoraMixin:
             )
         from diffusers.utils.peft_utils import scale_lora_layers
 
-        scale_lora_layers(self.text_encoder, scale)
+        for encoder in self._text_encoders().values():
+            scale_lora_layers(encoder, scale)
         self._text_encoder_lora_scale = scale
 
     def _unscale_text_encoder_lora(self) -> None:
@@ -252,7 +273,8 @@ class LoraMixin:
 
         scale, self._text_encoder_lora_scale = getattr(self, "_text_encoder_lora_scale", None), None
         if scale is not None:
-            unscale_lora_layers(self.text_encoder, scale)
+            for encoder in self._text_encoders().values():
+                unscale_lora_layers(encoder, scale)
 
     def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""
@@ -287,21 +309,22 @@ class LoraMixin:
             adapter_weights if isinstance(adapter_weights, list) else [adapter_weights or 1.0] * len(names)
         )
         self.denoiser.set_adapters(names, weights)
-        text = self._text_encoder_adapters()
-        if text:
-            pairs = [(n, w) for n, w in zip(names, weights, strict=True) if n in text]
-            set_weights_and_activate_adapters(self.text_encoder, [n for n, _ in pairs], [w for _, w in pairs])
+        for encoder in self._text_encoders().values():
+            text = self._text_encoder_adapters(encoder)
+            if text:
+                pairs = [(n, w) for n, w in zip(names, weights, strict=True) if n in text]
+                set_weights_and_activate_adapters(encoder, [n for n, _ in pairs], [w for _, w in pairs])
 
     def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
         self.denoiser.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
-        for layer in _tuner_layers(self.text_encoder):
+        for layer in (t for e in self._text_encoders().values() for t in _tuner_layers(e)):
             if lora_scale != 1.0:
                 layer.scale_layer(lora_scale)
             layer.merge(adapter_names=adapter_names)
 
     def unfuse_lora(self) -> None:
         self.denoiser.unfuse_lora()
-        for layer in _tuner_layers(self.text_encoder):
+        for layer in (t for e in self._text_encoders().values() for t in _tuner_layers(e)):
             layer.unmerge()
 
     def unload_lora_weights(self) -> None:
@@ -311,7 +334,8 @@ class LoraMixin:
         for token in getattr(self, "_lora_tokens", []):
             self.unload_textual_inversion(token)
         self._lora_tokens = []
-        if self._text_encoder_adapters():
-            recurse_remove_peft_layers(self.text_encoder)
-            del self.text_encoder.peft_config
-            self.text_encoder._hf_peft_config_loaded = False
+        for encoder in self._text_encoders().values():
+            if self._text_encoder_adapters(encoder):
+                recurse_remove_peft_layers(encoder)
+                del encoder.peft_config
+                encoder._hf_peft_config_loaded = False

@@ -19,10 +19,26 @@ class TextContext:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None = None
     chunks: list[int] | None = None
+    # SDXL: the second encoder's pooled embedding (B, P) and the size conditioning (B, 6) of each row
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    negative_time_ids: torch.Tensor | None = None
 
     def both(self) -> torch.Tensor:
         """The CFG batch's context: negatives first, (2B, L*K, D)."""
         return torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
+
+    def added(self, guided: bool) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning for the UNet (`added_cond_kwargs`), rows as in both() or prompt_embeds."""
+        if self.pooled is None:
+            return None
+        if not guided:
+            return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return {
+            "text_embeds": torch.cat([self.negative_pooled, self.pooled]),
+            "time_ids": torch.cat([self.negative_time_ids, self.time_ids]),
+        }
 
     def rows(self, copies: int) -> list[int] | None:
         """Each row's own chunk count for a batch of `copies` x B rows (None: every row uses all K)."""
@@ -30,11 +46,18 @@ class TextContext:
 
     def repeat(self, n: int) -> TextContext:
         """Each prompt's entries n times in a row (num_images_per_prompt)."""
-        neg = self.negative_prompt_embeds
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat_interleave(n, 0)
+
         return TextContext(
-            self.prompt_embeds.repeat_interleave(n, 0),
-            None if neg is None else neg.repeat_interleave(n, 0),
+            rep(self.prompt_embeds),
+            rep(self.negative_prompt_embeds),
             None if self.chunks is None else [c for c in self.chunks for _ in range(n)],
+            rep(self.pooled),
+            rep(self.negative_pooled),
+            rep(self.time_ids),
+            rep(self.negative_time_ids),
         )
 
 
@@ -51,11 +74,14 @@ class PromptEncodingMixin:
         clip_skip: int | None = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        **xl,
+    ) -> tuple:
         """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L*K, D).
 
         Prompts use A1111's syntax (weights, BREAK) and may be longer than the encoder's window of L tokens
         (77 for SD): every prompt is chunked, and all are padded to the same number of chunks K (see gen.text.encode).
+        An SDXL pipeline also takes prompt_2, negative_prompt_2 and pooled embeddings as keywords and returns
+        four tensors, as StableDiffusionXLPipeline.encode_prompt: the two above and the pooled ones (B*n, P).
         """
         text = self._encode_text(
             prompt,
@@ -67,17 +93,31 @@ class PromptEncodingMixin:
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
+            xl=xl,
         )
         text = text.repeat(num_images_per_prompt)
         # Named returns: diffusers' test mixins read these names to pass the results back into __call__.
         prompt_embeds, negative_prompt_embeds = text.prompt_embeds, text.negative_prompt_embeds
+        if self.is_sdxl:
+            pooled_prompt_embeds, negative_pooled_prompt_embeds = text.pooled, text.negative_pooled
+            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
         return prompt_embeds, negative_prompt_embeds
 
     def _encode_text(
         self, prompt, device, cfg: bool, negative_prompt, prompt_embeds, negative_prompt_embeds, **opts
     ) -> TextContext:
         """Prompts and negatives in one text-encoder call, each pair padded to its own chunk count (as A1111 pads
-        the negative), then all to the batch's longest; records each prompt's own count (see _denoise)."""
+        the negative), then all to the batch's longest; records each prompt's own count (see _denoise).
+        SDXL pipelines (two encoders) take the `xl` arguments (prompt_2, pooled embeddings; see sdxl.py)."""
+        xl = {k: v for k, v in (opts.pop("xl", None) or {}).items() if v is not None}
+        if self.is_sdxl:
+            return self._encode_text_xl(
+                prompt, device, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, xl, **opts
+            )
+        if xl:
+            raise ValueError(
+                f"{', '.join(sorted(xl))}: SDXL arguments, and this pipeline has no text_encoder_2"
+            )
         prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         negatives = None

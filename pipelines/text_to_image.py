@@ -51,9 +51,24 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         clip_skip: int | None = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
+        # SDXL (a pipeline with text_encoder_2), as StableDiffusionXLPipeline takes them
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        denoising_end: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images from text, as StableDiffusionPipeline.__call__ does (same arguments and defaults, but
         20 steps and guidance 5.0, which suit a small model).
+
+        SDXL pipelines (text_encoder_2, tokenizer_2 and a "text_time" UNet) take StableDiffusionXLPipeline's
+        arguments too: prompt_2, negative_prompt_2, pooled embeddings, the size conditioning and denoising_end.
 
         gen's additions: `guidance_interval` (start, end), fractions of the schedule where CFG runs (outside it
         only the text branch: half the denoiser work); `truncate_long_prompts` (cut at one window, as SD,
@@ -94,10 +109,27 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
+            xl={
+                "prompt_2": prompt_2,
+                "negative_prompt_2": negative_prompt_2,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+            },
+        )
+        self._add_time_ids(
+            text,
+            height,
+            width,
+            original_size,
+            crops_coords_top_left,
+            target_size,
+            negative_original_size,
+            negative_crops_coords_top_left,
+            negative_target_size,
         )
 
-        # 3. Timesteps.
-        steps = self._timesteps(num_inference_steps, device, timesteps, sigmas)
+        # 3. Timesteps (SDXL's denoising_end stops early, for a refiner to finish).
+        steps = self._timesteps(num_inference_steps, device, timesteps, sigmas, denoising_end=denoising_end)
 
         # 4. Initial noise, one generator per image where a list is given.
         latents = self.prepare_latents(

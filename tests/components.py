@@ -146,3 +146,71 @@ def accelerate_launch(module: str, processes: int = 2) -> list[str]:
         "-m",
         module,
     ]
+
+
+def sdxl_pipeline(folder: Path, scheduler=None, denoiser_kwargs: dict | None = None):
+    """Tiny SDXL parts as diffusers' fast SDXL tests build them: two CLIP encoders (the second with a projection,
+    its tokenizer padding with "!" as SDXL's does), a "text_time" UNet taking both encoders' hidden states."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    from gen.pipelines import TextToImagePipeline
+
+    tokenizer = write_tokenizer(folder / "tokenizer")
+    tokenizer_2 = CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"),
+        str(folder / "tokenizer" / "merges.txt"),
+        pad_token="!",
+        model_max_length=77,
+    )
+    encoder = text_encoder(tokenizer)
+    torch.manual_seed(1)
+    config = encoder.config.to_dict() | {"projection_dim": 32}
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=4,
+        **(denoiser_kwargs or {}),
+    ).eval()
+    scheduler = scheduler or EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+    )
+    pipe = TextToImagePipeline(
+        vae=vae(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=encoder_2,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stable_diffusion_xl(pipe):
+    """diffusers' StableDiffusionXLPipeline on the same components (no watermark)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    sd = StableDiffusionXLPipeline(**{k: getattr(pipe, k) for k in names}, add_watermarker=False)
+    sd.set_progress_bar_config(disable=True)
+    return sd

@@ -70,7 +70,9 @@ def render(
     when given, the original pasted back outside an inpainting mask."""
     callback = (lambda p, i, t, kw: on_step() or {}) if on_step else None  # noqa: E731
     kwargs = {
-        "negative_prompt": [o.negative] * len(batch),
+        # No negative prompt: None, which SDXL models configured so (force_zeros_for_empty_prompt) read as zeros,
+        # as they were trained; SD 1.x/2.x read None as "".
+        "negative_prompt": [o.negative] * len(batch) if o.negative else None,
         "num_inference_steps": o.steps,
         "guidance_scale": o.guidance,
         "guidance_rescale": o.guidance_rescale,

@@ -42,14 +42,34 @@ def describe(path: str | Path | None = None) -> dict:
         if name == "scheduler" and (sub / "scheduler_config.json").exists():
             cfg = json.loads((sub / "scheduler_config.json").read_text())
             entry.update({k: cfg.get(k) for k in ("prediction_type", "beta_schedule", "num_train_timesteps")})
-        if name == "tokenizer" and (sub / "vocab.json").exists():
+        if name.startswith("tokenizer") and (sub / "vocab.json").exists():  # SDXL has tokenizer_2
             entry["vocab_size"] = len(json.loads((sub / "vocab.json").read_text()))
         info["components"][name] = entry
+    size = _default_size(folder)
+    if size:
+        info["default_size"] = size
     return info
 
 
+def _default_size(folder: Path) -> int | None:
+    """Pixels per side the pipeline makes by default: the denoiser's sample size x the VAE's factor (1024 for
+    SDXL, 512 for SD 1.x)."""
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        net = next(
+            folder / n / "config.json"
+            for n in ("unet", "transformer")
+            if (folder / n / "config.json").is_file()
+        )
+        sample = json.loads(net.read_text())["sample_size"]
+    except (OSError, StopIteration, KeyError, ValueError):
+        return None
+    return int(sample * 2 ** (len(vae.get("block_out_channels", [0])) - 1))
+
+
 def format_description(info: dict) -> str:
-    lines = [f"{info['path']}  ({info['pipeline']})"]
+    size = f", default size {info['default_size']}x{info['default_size']}" if info.get("default_size") else ""
+    lines = [f"{info['path']}  ({info['pipeline']}{size})"]
     for name, c in info["components"].items():
         detail = [c["class"]]
         if "parameters" in c:
@@ -57,5 +77,5 @@ def format_description(info: dict) -> str:
         for key in ("prediction_type", "beta_schedule", "vocab_size"):
             if c.get(key) is not None:
                 detail.append(f"{key} {c[key]}")
-        lines.append(f"  {name:<14}" + ", ".join(detail))
+        lines.append(f"  {name:<16}" + ", ".join(detail))
     return "\n".join(lines)

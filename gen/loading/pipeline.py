@@ -21,7 +21,8 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
 ):
-    """Load a local pipeline folder or single .safetensors SD checkpoint; with no path, the embedded default model.
+    """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
+    names text_encoder_2) or single .safetensors SD checkpoint; with no path, the embedded default model.
     Never reaches the network; refuses pickle weights unless allow_pickle (see gen.loading.safety)."""
     from gen.pipelines import TextToImagePipeline
 
@@ -34,6 +35,8 @@ def load_pipeline(
     else:
         pipe = TextToImagePipeline.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
         check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+            check_tokenizer(pipe.tokenizer_2, pipe.text_encoder_2, folder, "tokenizer_2")
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if torch_dtype in (torch.float16, torch.bfloat16):
@@ -43,11 +46,11 @@ def load_pipeline(
     return pipe
 
 
-def check_tokenizer(tokenizer, text_encoder, folder: Path) -> None:
+def check_tokenizer(tokenizer, text_encoder, folder: Path, name: str = "tokenizer") -> None:
     """A tokenizer folder missing its vocabulary loads without error as a 2-token tokenizer; catch that here."""
     expected = text_encoder.config.vocab_size
     if len(tokenizer) < expected // 2:
         raise ValueError(
-            f"{folder / 'tokenizer'}: the tokenizer has {len(tokenizer)} tokens but the text encoder expects"
+            f"{folder / name}: the tokenizer has {len(tokenizer)} tokens but the text encoder expects"
             f" {expected}; are vocab.json and merges.txt (or tokenizer.json) missing?"
         )

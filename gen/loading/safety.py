@@ -26,6 +26,9 @@ PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 )
 LFS_MAGIC = b"version https://git-lfs"
 
@@ -107,7 +110,7 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ValueError(
-            f"{folder} is a {kind} folder; gen loads {', '.join(PIPELINES)} folders (SD 1.x/2.x layout)"
+            f"{folder} is a {kind} folder; gen loads {', '.join(PIPELINES)} folders (SD 1.x/2.x and SDXL layouts)"
         )
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

@@ -106,6 +106,83 @@ def embed(
     return rows[:-1], rows[-1]
 
 
+def _chunked(tokenizer, text_encoder, prompts: list[str], truncate: bool, weighting: bool) -> list[Chunks]:
+    """Each prompt's chunks, then the empty prompt's; a warning shows what truncation cut."""
+    length = chunk_length(tokenizer, text_encoder)
+    chunked = [
+        tokenize_weighted(tokenizer, p, truncate=truncate, weighting=weighting, length=length)
+        for p in prompts
+    ]
+    for c in chunked:
+        if c.cut:
+            logger.warning(
+                "The prompt is longer than the text encoder's %d-token window; this part was cut: %r",
+                length - 2,
+                tokenizer.decode(c.cut),
+            )
+    return [*chunked, tokenize_weighted(tokenizer, "", truncate=False, weighting=False, length=length)]
+
+
+def _penultimate(
+    text_encoder, chunked: list[Chunks], device, clip_skip: int | None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """SDXL's reading of one encoder: the hidden states `clip_skip` layers before the penultimate (no final
+    layer norm), weighted, per prompt (K_i*L, D); and each prompt's pooled embedding from its first chunk
+    (the projected one of a CLIPTextModelWithProjection; None for a plain CLIPTextModel)."""
+    ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, L)
+    out = text_encoder(ids, output_hidden_states=True)
+    z = out.hidden_states[-(clip_skip or 0) - 2]  # (sum K, L, D)
+    first = out[0] if out[0].ndim == 2 else None  # (sum K, P): text_embeds
+    rows, pooled, at = [], [], 0
+    for c in chunked:
+        k = len(c.ids)
+        rows.append(_weighted(z[at : at + k], c.weights).reshape(-1, z.shape[-1]))
+        if first is not None:
+            pooled.append(first[at])
+        at += k
+    return rows, torch.stack(pooled) if pooled else None
+
+
+def embed_sdxl(
+    tokenizers: tuple,
+    text_encoders: tuple,
+    prompts: list[str],
+    prompts_2: list[str],
+    device: torch.device | str,
+    clip_skip: int | None = None,
+    truncate: bool = False,
+    weighting: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's two encoders, A1111's way: both read every chunk of their prompt (prompts_2 for the second), and a
+    chunk's embedding is the two encoders' penultimate hidden states side by side, (L, D1 + D2).
+
+    Returns each prompt's chunks (K_i*L, D1+D2) (the encoder needing fewer chunks padded with its empty chunk),
+    the empty chunk (L, D1+D2), each prompt's pooled embedding (B, P) — the second encoder's, of the prompt's
+    first chunk, as A1111 takes it (diffusers truncates the prompt to one window, which gives the same) —
+    and the empty prompt's pooled embedding (P)."""
+    read = [
+        _penultimate(encoder, _chunked(tokenizer, encoder, texts, truncate, weighting), device, clip_skip)
+        for tokenizer, encoder, texts in zip(tokenizers, text_encoders, (prompts, prompts_2), strict=True)
+    ]
+    (rows_1, _), (rows_2, pooled) = read
+    if pooled is None:
+        raise ValueError(
+            "SDXL's second text encoder must give a pooled embedding (CLIPTextModelWithProjection)"
+        )
+    length = rows_1[-1].shape[0]
+    if rows_2[-1].shape[0] != length:
+        raise ValueError(
+            f"SDXL's tokenizers have different windows ({length} and {rows_2[-1].shape[0]} tokens); they must match"
+        )
+    joined = []
+    for a, b in zip(rows_1[:-1], rows_2[:-1], strict=True):
+        k = max(a.shape[0], b.shape[0]) // length
+        joined.append(
+            torch.cat([pad_chunks([a], k, rows_1[-1])[0], pad_chunks([b], k, rows_2[-1])[0]], dim=-1)
+        )
+    return joined, torch.cat([rows_1[-1], rows_2[-1]], dim=-1), pooled[:-1], pooled[-1]
+
+
 def pad_chunks(rows: list[torch.Tensor], chunks: int, empty: torch.Tensor) -> torch.Tensor:
     """Stack prompts of K_i*L tokens as (B, chunks*L, D), appending the empty chunk's embedding, as A1111 pads
     the negative prompt to the prompt's length."""

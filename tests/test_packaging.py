@@ -62,6 +62,9 @@ def test_wheel_carries_the_model_and_mapped_packages(tmp_path):
         "gen/assets/shapes/judge/config.json",
         "gen/pipelines/text_to_image.py",
         "gen/train/common.py",
+        "gen/serve/app.py",
+        "gen/serve/page/index.html",
+        "gen/serve/page/app.js",
     ):
         assert path in names, path
 

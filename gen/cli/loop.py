@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from gen import generation as G
 from gen.cli import outputs
-from gen.diffusion.samplers import SAMPLERS, sampler_name
 from gen.generation import metadata
 from gen.generation.inputs import InitImages, read_init_images
 from gen.images import contact_sheet
@@ -40,27 +39,7 @@ class Runner:
         self.input_hashes = input_hashes(self.init)
 
     def _record(self, pipe, job: G.Job, image) -> dict:
-        o = self.o
-        sampler = sampler_name(pipe.scheduler)
-        folder = Path(o.model) if o.model else _default_model()
-        return {
-            "prompt": job.prompt,
-            "seed": job.seed,
-            "index": job.index,
-            "options": o.to_dict(),
-            "width": image.width,
-            "height": image.height,
-            "sampler": sampler,
-            "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
-            "scheduler": dict(pipe.scheduler.config),
-            "model_path": o.model,
-            "model_name": folder.stem,
-            "model_hash": self.model_hash,
-            "versions": metadata.versions(),
-            "device": o.device,
-            "dtype": o.dtype,
-            **self.input_hashes,
-        }
+        return {**metadata.record(pipe, self.o, job, image, self.model_hash), **self.input_hashes}
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench")
+SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench", "serve")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
-reproduce IMAGE.png. Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
+reproduce IMAGE.png | serve (HTTP server: A1111 and OpenAI APIs, a web page). Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
 
 
 class CliError(Exception):
@@ -378,7 +378,12 @@ def cmd_prompt(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    if "--serve" in argv:
+        return cmd_bench_serve([a for a in argv if a != "--serve"])
     p = Parser(prog="gen bench", description="Measure speed, against diffusers and the machine.")
+    p.add_argument(
+        "--serve", action="store_true", help="load-test `gen serve` instead (gen bench --serve --help)"
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -419,6 +424,131 @@ def cmd_bench(argv: list[str]) -> int:
     )
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from gen.serve.config import ServeConfig as C  # torch- and FastAPI-free: the defaults live there
+
+    p = Parser(
+        prog="gen serve",
+        description="HTTP server: A1111's /sdapi/v1 and OpenAI's /v1/images APIs, gen's jobs API, a web page at /.",
+    )
+    a = p.add_argument
+    a("--host", default=C.host, help="address to listen on (default: %(default)s, this machine only)")
+    a("--port", type=int, default=C.port, help="(default: %(default)s)")
+    a(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder or file; repeat to serve several (first: default)",
+    )
+    a("--device", default="cpu", help="cpu, cuda, cuda:1, ... one worker per device (default: %(default)s)")
+    a("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
+    a("--attention", default="sdpa", choices=ATTENTION, help="attention kernels (default: %(default)s)")
+    a(
+        "--api-auth",
+        default=os.environ.get("GEN_API_AUTH"),
+        metavar="USER:PASS[,U2:P2]",
+        help="HTTP Basic on every route (default: $GEN_API_AUTH, else none)",
+    )
+    a(
+        "--api-key",
+        default=os.environ.get("GEN_API_KEY"),
+        help="Bearer key for /v1 (default: $GEN_API_KEY, else none)",
+    )
+    a(
+        "--cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser calls from ORIGIN (repeatable)",
+    )
+    a("--max-batch", type=int, default=C.max_batch, help="images in one pipeline call (default: %(default)s)")
+    a(
+        "--batch-wait-ms",
+        type=float,
+        default=C.batch_wait_ms,
+        help="after a batch, wait this long for compatible requests to fill the next (default: %(default)s)",
+    )
+    a("--max-queue", type=int, default=C.max_queue, help="requests waiting before 429 (default: %(default)s)")
+    a(
+        "--max-pixels",
+        type=int,
+        default=C.max_pixels,
+        help="width x height of an image (default: %(default)s)",
+    )
+    a("--max-steps", type=int, default=C.max_steps, help="(default: %(default)s)")
+    a("--max-images", type=int, default=C.max_images, help="images in one request (default: %(default)s)")
+    a(
+        "--max-body-mb",
+        type=float,
+        default=C.max_body / 2**20,
+        help="request body size in MiB (default: %(default)s)",
+    )
+    a("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    from gen.serve.config import ServeConfig
+
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        models=args.model or [None],
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        api_auth=args.api_auth,
+        api_key=args.api_key,
+        cors=args.cors,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        max_pixels=args.max_pixels,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_body=int(args.max_body_mb * 2**20),
+    )
+    config.check()
+    check_precision(args.dtype, args.device)
+    _quiet_libraries()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="gen: %(message)s")
+    from gen.serve.app import serve
+
+    return serve(config)
+
+
+def cmd_bench_serve(argv: list[str]) -> int:
+    p = Parser(
+        prog="gen bench --serve",
+        description="Load-test `gen serve`: C clients x R requests, batching vs --max-batch 1, images vs the CLI's.",
+    )
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="sampling steps (default: %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="the batching run's --max-batch (default: %(default)s)"
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument(
+        "--timeout", type=float, default=900, help="give up after this many seconds (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    if min(args.clients, args.requests, args.steps, args.max_batch) < 1 or args.timeout < 1:
+        raise CliError("--clients, --requests, --steps, --max-batch and --timeout must be >= 1")
+    _quiet_libraries()
+    from gen.tools import serve_bench
+
+    report = serve_bench.benchmark(
+        args.model, args.clients, args.requests, args.steps, args.max_batch, timeout=args.timeout
+    )
+    print(json.dumps(report, indent=2) if args.json else serve_bench.format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -484,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": cmd_prompt,
         "convert": cmd_convert,
         "bench": cmd_bench,
+        "serve": cmd_serve,
     }
     try:
         return commands[command](rest)

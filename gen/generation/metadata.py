@@ -59,6 +59,38 @@ def model_hash(folder: str | Path) -> str:
     return value
 
 
+def record(pipe, o, job, image, model_hash: str) -> dict:
+    """What the PNG of `job` (made with options `o` by `pipe`) records: one function, so the CLI and the server
+    write the same metadata and `gen reproduce` reads either."""
+    from gen.diffusion.samplers import SAMPLERS, sampler_name
+
+    sampler = sampler_name(pipe.scheduler)
+    folder = Path(o.model) if o.model else _default_model()
+    return {
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "index": job.index,
+        "options": o.to_dict(),
+        "width": image.width,
+        "height": image.height,
+        "sampler": sampler,
+        "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
+        "scheduler": dict(pipe.scheduler.config),
+        "model_path": o.model,
+        "model_name": folder.stem,
+        "model_hash": model_hash,
+        "versions": versions(),
+        "device": o.device,
+        "dtype": o.dtype,
+    }
+
+
+def _default_model() -> Path:
+    from gen.loading.pipeline import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
 def a1111_parameters(record: dict) -> str:
     """A1111's three-line format: prompt, negative prompt, then "Key: value" pairs."""
     o = record["options"]

@@ -1,0 +1,233 @@
+"""AUTOMATIC1111's /sdapi/v1 API, the subset front-ends use: field names and response shapes as A1111's
+modules/api/models.py and api.py. Unknown request fields are ignored (clients send A1111's whole schema).
+
+Each generation route is a request model (GenerationFields plus its own fields) and a few lines around
+`generate`; another route (img2img) is one more model and one more function registered in `router`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
+from pydantic import BaseModel, ConfigDict, Field
+
+import gen
+from gen.diffusion.samplers import SAMPLERS
+from gen.serve import samplers
+from gen.serve.results import decode_image, parse_parameters
+from gen.serve.state import State
+from gen.serve.tasks import Request, ServeError, Task, build_task
+
+
+class GenerationFields(BaseModel):
+    """What every A1111 generation request may say (A1111's names). None: gen's default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # A1111's older name for the sampler
+    scheduler: str | None = None
+    batch_size: int | None = Field(1, ge=1)
+    n_iter: int | None = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)
+    cfg_scale: float | None = Field(None, allow_inf_nan=False)
+    width: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1)
+    override_settings: dict | None = None
+    send_images: bool | None = True
+
+
+class Txt2ImgRequest(GenerationFields):
+    pass
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] | None = None
+    parameters: dict
+    info: str
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+def to_request(state: State, body: GenerationFields) -> Request:
+    """A1111's fields in gen's terms; the checkpoint from override_settings, else from /options."""
+    overrides = body.override_settings or {}
+    checkpoint = overrides.get("sd_model_checkpoint") or state.options.get("sd_model_checkpoint")
+    try:
+        sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
+    except ValueError as e:
+        raise ServeError(422, str(e)) from None
+    return Request(
+        prompt=body.prompt,
+        negative=body.negative_prompt or "",
+        n=(body.batch_size or 1) * (body.n_iter or 1),
+        seed=body.seed,
+        steps=body.steps,
+        sampler=sampler,
+        guidance=body.cfg_scale,
+        width=body.width,
+        height=body.height,
+        model=checkpoint,
+    )
+
+
+def info(task: Task, body: GenerationFields) -> dict:
+    """A1111's `info` (Processed.js()): the keys its clients read, with gen's values."""
+    o, made = task.options, task.images()
+    sampler = made[0].sampler if made else SAMPLERS[o.sampler].a1111 if o.sampler else None
+    seeds = [job.seed for job in task.jobs]
+    return {
+        "prompt": o.prompt,
+        "all_prompts": [job.prompt for job in task.jobs],
+        "negative_prompt": o.negative,
+        "all_negative_prompts": [o.negative] * len(task.jobs),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": o.width,
+        "height": o.height,
+        "sampler_name": sampler,
+        "cfg_scale": o.guidance,
+        "steps": o.steps,
+        "batch_size": body.batch_size or 1,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": task.model.name,
+        "sd_model_hash": task.model.hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [r.parameters for r in made],
+        "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"gen {gen.__version__}",
+        "status": task.status,  # gen's: "interrupted" when /interrupt stopped it (finished images only)
+    }
+
+
+async def generate(state: State, http: HttpRequest, body: GenerationFields, task: Task) -> GenerationResponse:
+    """Queue, wait, answer as A1111 does: base64 PNGs (with the CLI's metadata), the request, info JSON."""
+    await state.run(task, http)
+    if task.status == "failed":
+        raise task.error
+    images = [r.b64() for r in task.images()] if body.send_images is not False else []
+    return GenerationResponse(images=images, parameters=body.model_dump(), info=json.dumps(info(task, body)))
+
+
+def progress(state: State) -> dict:
+    """A1111's /progress: the running batch's steps; job_count counts requests running or queued."""
+    q = state.queue
+    running = q.running_tasks()
+    count = len(dict.fromkeys([*running, *q.waiting]))  # a request split over batches counts once
+    base = {"skipped": False, "interrupted": q.interrupted, "stopping_generation": False, "job_no": 0}
+    if not running:
+        idle = {
+            **base,
+            "job": "",
+            "job_count": count,
+            "job_timestamp": "0",
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None, "textinfo": None}
+    fraction = max(0.01, min(1.0, q.step / max(q.steps, 1)))
+    elapsed = time.time() - q.batch_started
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(q.batch_started))
+    return {
+        "progress": fraction,
+        "eta_relative": elapsed / fraction - elapsed,
+        "state": {
+            **base,
+            "job": running[0].id,
+            "job_count": count,
+            "job_timestamp": stamp,
+            "sampling_step": q.step,
+            "sampling_steps": q.steps,
+        },
+        "current_image": None,
+        "textinfo": None,
+    }
+
+
+def router(state: State) -> APIRouter:
+    api = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
+
+    @api.post("/txt2img", response_model=GenerationResponse)
+    async def txt2img(body: Txt2ImgRequest, http: HttpRequest):
+        task = build_task(state.config, state.models, to_request(state, body))
+        return await generate(state, http, body, task)
+
+    @api.get("/samplers")
+    async def get_samplers():
+        return samplers.a1111_samplers()
+
+    @api.get("/schedulers")
+    async def get_schedulers():
+        return samplers.SCHEDULERS
+
+    @api.get("/sd-models")
+    async def sd_models():
+        return [m.a1111() for m in state.models]
+
+    @api.get("/options")
+    async def get_options():
+        return state.options
+
+    @api.post("/options")
+    async def set_options(body: dict):
+        if "sd_model_checkpoint" in body:
+            try:
+                model = state.models.find(body["sd_model_checkpoint"])
+            except ValueError as e:
+                raise ServeError(422, str(e)) from None
+            body = {**body, "sd_model_checkpoint": model.title, "sd_checkpoint_hash": model.sha256}
+        state.options.update(body)
+        return None
+
+    @api.get("/progress")
+    async def get_progress(skip_current_image: bool = False):
+        return progress(state)
+
+    @api.post("/interrupt")
+    async def interrupt():
+        state.queue.interrupt()
+        return None
+
+    @api.post("/png-info")
+    async def png_info(body: PngInfoRequest):
+        if not body.image.strip():
+            return {"info": "", "items": {}, "parameters": {}}
+        try:
+            image = decode_image(body.image)
+        except ValueError as e:
+            raise ServeError(422, str(e)) from None
+        text = {k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)}
+        parameters = text.pop("parameters", "")
+        return {
+            "info": parameters,
+            "items": text,
+            "parameters": parse_parameters(parameters) if parameters else {},
+        }
+
+    @api.get("/scripts")
+    async def scripts():  # clients (webuiapi) probe this for extensions: there are none
+        return {"txt2img": [], "img2img": []}
+
+    return api

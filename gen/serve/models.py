@@ -1,0 +1,93 @@
+"""The models a server serves: each loaded once at start, named and hashed as the PNG metadata names them, and
+titled as A1111 lists checkpoints ("name [hash10]") so its clients can pick one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gen import generation as G
+from gen.generation import metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    path: str | None  # as recorded in each PNG's options (absolute), None for the embedded model
+    name: str  # the PNG metadata's "Model"
+    sha256: str  # the PNG metadata's model hash
+    pipe: Any = field(repr=False)
+    scheduler: Any = field(repr=False)  # the model's own: restored for requests that name no sampler
+
+    @property
+    def hash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]"
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.default_size
+
+    def a1111(self) -> dict:
+        return {
+            "title": self.title,
+            "model_name": self.name,
+            "hash": self.hash,
+            "sha256": self.sha256,
+            "filename": str(Path(self.path) if self.path else _default_folder()),
+            "config": None,
+        }
+
+
+def _default_folder() -> Path:
+    from gen.loading.pipeline import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def load_model(path: str | None, device: str, dtype: str, attention: str) -> ServedModel:
+    folder = Path(path).resolve() if path is not None else _default_folder()
+    o = G.Options(
+        model=str(folder) if path is not None else None, device=device, dtype=dtype, attention=attention
+    )
+    G.check_options(o)
+    pipe = G.load(o)
+    logger.info("loaded %s", folder)
+    return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler)
+
+
+class Models:
+    """The served models; the first is the default."""
+
+    def __init__(self, models: list[ServedModel]):
+        titles = [m.title for m in models]
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {names}; give each folder its own name")
+        self.all, self.default = models, models[0]
+        self._titles = titles
+
+    @classmethod
+    def load(cls, paths: list[str | None], device: str, dtype: str, attention: str) -> Models:
+        return cls([load_model(p, device, dtype, attention) for p in paths])
+
+    def __iter__(self):
+        return iter(self.all)
+
+    def find(self, name: str | None) -> ServedModel:
+        """By title, name, file name or hash (A1111 clients send any of these), case-insensitively; None: the
+        default. ValueError naming the served titles."""
+        if name is None or not str(name).strip():
+            return self.default
+        key = str(name).strip().lower()
+        for m in self.all:
+            folder = Path(m.path or _default_folder())
+            if key in (m.title.lower(), m.name.lower(), folder.name.lower(), m.hash, m.sha256):
+                return m
+        raise ValueError(f"model {name!r} is not served here; choose one of: {', '.join(self._titles)}")

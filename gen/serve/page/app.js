@@ -1,0 +1,122 @@
+// The page speaks gen's jobs API: POST a job, follow its server-sent events, show each image as it is made.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const FINAL = ["done", "failed", "cancelled", "interrupted"];
+let current = null; // { id, source } of the job being followed
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { headers: { "Content-Type": "application/json" }, ...options });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.detail || body.error || response.statusText);
+  return body;
+}
+
+function status(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+function option(select, value, label) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label;
+  select.append(o);
+}
+
+async function init() {
+  const info = await api("/gen/v1/info");
+  for (const s of info.samplers) option($("sampler"), s.name, s.label);
+  for (const m of info.models) option($("model"), m.title, m.title);
+  const size = info.models[0].default_size;
+  $("width").value = $("height").value = size;
+  $("steps").max = info.limits.max_steps;
+  $("batch").max = info.limits.max_images;
+}
+
+function number(id) {
+  const value = $(id).value.trim();
+  return value === "" ? null : Number(value);
+}
+
+function request() {
+  return {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative").value,
+    sampler: $("sampler").value || null,
+    steps: number("steps"),
+    guidance: number("guidance"),
+    seed: number("seed"),
+    width: number("width"),
+    height: number("height"),
+    n: number("batch") || 1,
+    model: $("model").value || null,
+  };
+}
+
+function addImage(image) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = image.url;
+  img.alt = image.parameters.split("\n")[0];
+  const caption = document.createElement("figcaption");
+  const parameters = document.createElement("pre");
+  parameters.className = "parameters";
+  parameters.textContent = image.parameters;
+  const link = document.createElement("a");
+  link.href = image.url;
+  link.download = `gen-${image.seed}.png`;
+  link.textContent = "Download";
+  caption.append(parameters, link);
+  figure.append(img, caption);
+  $("gallery").prepend(figure);
+}
+
+function busy(on) {
+  $("generate").disabled = on;
+  $("cancel").disabled = !on;
+}
+
+function follow(job) {
+  const source = new EventSource(`/gen/v1/jobs/${job.id}/events`);
+  current = { id: job.id, source };
+  source.addEventListener("state", (e) => {
+    const s = JSON.parse(e.data);
+    $("progress").value = s.progress.steps ? s.progress.step / s.progress.steps : 0;
+    status(s.status === "queued" ? `queued, ${s.position} ahead` : `step ${s.progress.step}/${s.progress.steps}`);
+  });
+  source.addEventListener("image", (e) => addImage(JSON.parse(e.data)));
+  for (const name of FINAL) {
+    source.addEventListener(name, (e) => {
+      const j = JSON.parse(e.data);
+      source.close();
+      current = null;
+      busy(false);
+      $("progress").value = name === "done" ? 1 : 0;
+      status(j.error ? `${name}: ${j.error}` : `${name}: ${j.images.length} image(s), seed ${j.seed}`, name === "failed");
+    });
+  }
+  source.onerror = () => {
+    if (current && current.source === source && source.readyState === EventSource.CLOSED) {
+      busy(false);
+      status("lost the connection to the server", true);
+    }
+  };
+}
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  busy(true);
+  status("submitting");
+  try {
+    follow(await api("/gen/v1/jobs", { method: "POST", body: JSON.stringify(request()) }));
+  } catch (e) {
+    busy(false);
+    status(e.message, true);
+  }
+});
+
+$("cancel").addEventListener("click", async () => {
+  if (current) await api(`/gen/v1/jobs/${current.id}`, { method: "DELETE" }).catch((e) => status(e.message, true));
+});
+
+init().catch((e) => status(e.message, true));

@@ -1,0 +1,78 @@
+"""Images in and out of the APIs: PNG bytes carrying exactly the CLI's metadata (so `gen reproduce served.png
+--verify` passes), base64, and A1111's "parameters" text read back."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+
+from PIL import Image
+
+from gen.generation import metadata
+
+
+@dataclass(frozen=True)
+class Result:
+    index: int  # k of seed + k within its request
+    seed: int
+    prompt: str
+    png: bytes
+    parameters: str  # A1111's infotext, also in the PNG
+    sampler: str  # A1111's label of the sampler that made it
+
+    def b64(self) -> str:
+        return base64.b64encode(self.png).decode("ascii")
+
+
+def encode(pipe, o, job, image, model_hash: str) -> Result:
+    record = metadata.record(pipe, o, job, image, model_hash)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=metadata.png_info(record))
+    parameters = metadata.a1111_parameters(record)
+    return Result(job.index, job.seed, job.prompt, buffer.getvalue(), parameters, record["sampler_label"])
+
+
+def decode_image(text: str) -> Image.Image:
+    """An image sent as raw base64 or a data: URL (A1111 clients send both); ValueError if it is neither."""
+    data = text.strip()
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, OSError) as e:
+        raise ValueError(f"image is not a base64-encoded picture or data: URL ({e})") from None
+    return image
+
+
+# A1111's own pattern for "Key: value" pairs (modules/infotext_utils.py): values may be quoted JSON strings.
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """A1111's infotext as the dict its png-info endpoint returns: Prompt, Negative prompt, each Key (strings),
+    Size split into Size-1 and Size-2."""
+    lines = text.strip().split("\n")
+    pairs = _PAIR.findall(lines[-1]) if lines else []
+    if len(pairs) < 3:  # as A1111: fewer than three pairs means the last line is still prompt
+        pairs = []
+    else:
+        lines = lines[:-1]
+    prompt, negative, into_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if into_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in pairs:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        if key == "Size" and re.fullmatch(r"\d+x\d+", value):
+            out["Size-1"], out["Size-2"] = value.split("x")
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,251 @@
+"""`gen bench --serve`: a bounded load test of `gen serve`. C clients each send R A1111 txt2img requests (one
+image, its own prompt and seed) to a real server process, first with batching (--max-batch N), then with
+--max-batch 1; it checks that nothing was lost or duplicated and that every image equals its CLI twin (the image
+`gen PROMPT --seed S --steps K` makes), and reports latency percentiles and images/s for both.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+PROMPTS = (
+    "a red circle on a blue background",
+    "a small yellow star in the top left on a black background",
+    "a large green square in the centre on a white background",
+    "a purple triangle in the bottom right on a yellow background",
+    "a small white cross in the top right on a red background",
+)
+
+
+@dataclass
+class Run:
+    max_batch: int
+    wall_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    answers: dict[int, dict] = field(default_factory=dict)  # request number -> the server's JSON answer
+    failures: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _get(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _start(max_batch: int, model: str | None, queue: int, deadline: float) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "gen", "serve", "--port", str(port), "--max-batch", str(max_batch)]
+    cmd += ["--max-queue", str(queue)] + (["--model", model] if model else [])
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gen serve exited {process.returncode}: {process.stderr.read()[-1000:]}")
+        try:
+            _get(url + "/gen/v1/info", timeout=2)
+            return url, process
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("gen serve did not start in time")
+
+
+def request_body(k: int, seed: int, steps: int) -> dict:
+    return {"prompt": PROMPTS[k % len(PROMPTS)], "seed": seed + k, "steps": steps, "cfg_scale": 5.0}
+
+
+def load(run: Run, url: str, clients: int, requests: int, seed: int, steps: int, deadline: float) -> None:
+    """C threads, each sending its R requests one after another; latency per request, wall time for all."""
+
+    def client(c: int) -> None:
+        for r in range(requests):
+            k = c * requests + r
+            start = time.monotonic()
+            try:
+                run.answers[k] = _post(
+                    url + "/sdapi/v1/txt2img", request_body(k, seed, steps), deadline - start
+                )
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                run.failures.append(f"request {k}: {e}")
+                continue
+            run.latencies.append(time.monotonic() - start)
+
+    _post(url + "/sdapi/v1/txt2img", {"prompt": "warm-up", "steps": steps}, deadline - time.monotonic())
+    before = _get(url + "/gen/v1/info")["queue"]
+    start = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    run.wall_s = time.monotonic() - start
+    after = _get(url + "/gen/v1/info")["queue"]
+    run.stats = {k: after[k] - before[k] for k in ("batches", "images")} | {
+        "largest_batch": after["largest_batch"]
+    }
+
+
+def serve_and_load(
+    max_batch: int, model, clients: int, requests: int, seed: int, steps: int, deadline: float
+) -> Run:
+    run = Run(max_batch)
+    url, process = _start(max_batch, model, clients * requests + 1, deadline)
+    try:
+        load(run, url, clients, requests, seed, steps, deadline)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            run.exit_code = process.wait(max(5.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return run
+
+
+def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, object]:
+    """The CLI's image for every request: the generation core's CLI path (load, validate, one job a batch)."""
+    import numpy as np
+
+    from gen import generation as G
+
+    o = G.Options(model=model, steps=steps, guidance=5.0)
+    pipe = G.load(o)
+    G.validate(pipe, o)
+    out = {}
+    for k in range(total):
+        body = request_body(k, seed, steps)
+        image = G.render(pipe, o, [G.Job(0, body["prompt"], body["seed"])])[0]
+        out[k] = np.asarray(image.convert("RGB"))
+    return out
+
+
+def check(run: Run, expected: dict[int, object], seed: int) -> dict:
+    """Lost, duplicated, and how many images equal their CLI twin (bit for bit; and the largest difference)."""
+    import numpy as np
+    from PIL import Image
+
+    seeds, equal, worst = [], 0, 0
+    for k, answer in run.answers.items():
+        record_seeds = json.loads(answer["info"])["all_seeds"]
+        seeds += record_seeds
+        image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+        a, b = np.asarray(image.convert("RGB"), dtype=np.int16), expected[k].astype(np.int16)
+        diff = int(np.abs(a - b).max())
+        equal += diff == 0 and record_seeds == [seed + k]
+        worst = max(worst, diff)
+    return {
+        "lost": len(expected) - len(set(seeds) & {seed + k for k in expected}),
+        "duplicated": len(seeds) - len(set(seeds)),
+        "cli_equal": equal,
+        "max_pixel_diff": worst,
+    }
+
+
+def summarize(run: Run, checked: dict) -> dict:
+    lat = sorted(run.latencies)
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
+    return {
+        "max_batch": run.max_batch,
+        "requests": len(run.answers) + len(run.failures),
+        "images": len(run.answers),
+        "failures": run.failures[:5],
+        **checked,
+        "wall_s": round(run.wall_s, 2),
+        "images_per_s": round(len(run.answers) / run.wall_s, 3) if run.wall_s else 0.0,
+        "p50_s": round(q[49], 3) if q else None,
+        "p95_s": round(q[94], 3) if q else None,
+        **run.stats,
+        "exit_code": run.exit_code,
+    }
+
+
+def benchmark(
+    model: str | None = None,
+    clients: int = 8,
+    requests: int = 4,
+    steps: int = 8,
+    max_batch: int = 8,
+    seed: int = 1000,
+    timeout: float = 900,
+) -> dict:
+    """Both runs and the twins, all within `timeout` seconds; the report `format_report` prints."""
+    deadline = time.monotonic() + timeout
+    total = clients * requests
+    runs = [serve_and_load(b, model, clients, requests, seed, steps, deadline) for b in (max_batch, 1)]
+    expected = twins(model, total, seed, steps)
+    rows = [summarize(run, check(run, expected, seed)) for run in runs]
+    batched, single = rows
+    return {
+        "clients": clients,
+        "requests_per_client": requests,
+        "steps": steps,
+        "model": model or "embedded",
+        "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
+        "runs": rows,
+        "speedup": round(batched["images_per_s"] / single["images_per_s"], 2)
+        if single["images_per_s"]
+        else None,
+        "ok": all(
+            r["lost"] == r["duplicated"] == 0 and r["cli_equal"] == total and r["exit_code"] == 0
+            for r in rows
+        ),
+    }
+
+
+COLUMNS = (
+    ("--max-batch", "max_batch", "{}"),
+    ("requests", "requests", "{}"),
+    ("lost", "lost", "{}"),
+    ("duplicated", "duplicated", "{}"),
+    ("CLI-equal", "cli_equal", "{}"),
+    ("wall s", "wall_s", "{:.1f}"),
+    ("images/s", "images_per_s", "{:.2f}"),
+    ("p50 s", "p50_s", "{:.2f}"),
+    ("p95 s", "p95_s", "{:.2f}"),
+    ("calls", "batches", "{}"),
+    ("largest batch", "largest_batch", "{}"),
+    ("exit", "exit_code", "{}"),
+)
+
+
+def format_report(report: dict) -> str:
+    head = (
+        f"gen bench --serve: {report['clients']} clients x {report['requests_per_client']} requests, 1 image each,"
+        f" {report['steps']} steps, {report['model']} model, OMP_NUM_THREADS={report['torch_threads']}"
+    )
+    lines = [head, "  ".join(f"{title:>{len(title)}}" for title, _, _ in COLUMNS)]
+    for row in report["runs"]:
+        cells = [fmt.format(row[key]) if row[key] is not None else "-" for _, key, fmt in COLUMNS]
+        lines.append(
+            "  ".join(f"{cell:>{len(title)}}" for cell, (title, _, _) in zip(cells, COLUMNS, strict=True))
+        )
+        lines += [f"  failure: {f}" for f in row["failures"]]
+    lines.append(f"batching: {report['speedup']}x the images/s of --max-batch 1")
+    lines.append(
+        "all images delivered once, each equal to its CLI twin" if report["ok"] else "PROBLEMS: see above"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The web page at / in a real browser: headless Chromium (Debian's `chromium` package, installed by .ci/run)
+driven by Playwright. Type a prompt, click, wait for the image, check its PNG parameters and pixels."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serve_support import cli_image, pixels, serving, shared_models
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+
+
+def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shared_models()
+    prompt = "a small yellow star in the top left on a black background"
+    with serving() as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            expect(page.locator("#sampler option")).to_have_count(18)  # "model default" + gen's 17
+            page.fill("#prompt", prompt)
+            page.fill("#seed", "4")
+            page.fill("#steps", "4")
+            page.fill("#batch", "2")
+            page.select_option("#sampler", "euler")
+            page.click("#generate")
+            expect(page.locator("#gallery figure")).to_have_count(2, timeout=60_000)
+            expect(page.locator("#status")).to_contain_text("done: 2 image(s), seed 4", timeout=30_000)
+            captions = page.locator("#gallery .parameters").all_inner_texts()
+            links = [a.get_attribute("href") for a in page.locator("#gallery a[download]").all()]
+            screenshot = tmp_path / "page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            downloaded = [page.request.get(server.url + href).body() for href in links]
+        finally:
+            browser.close()
+    assert not errors, errors
+    print(f"screenshot: {screenshot}")
+    newest = Image.open(io.BytesIO(downloaded[0]))  # the gallery shows the newest first
+    assert newest.text["parameters"] == captions[0]
+    assert (
+        newest.text["parameters"].startswith(prompt) and "Seed: 5" in captions[0] and "Seed: 4" in captions[1]
+    )
+    assert "Steps: 4, Sampler: Euler," in captions[0]
+    assert np.array_equal(
+        pixels(newest), cli_image(tmp_path, prompt, 5, "--steps", "4", "--sampler", "euler")
+    )
+    assert screenshot.stat().st_size > 10_000

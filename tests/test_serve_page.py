@@ -54,3 +54,45 @@ def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
         pixels(newest), cli_image(tmp_path, prompt, 5, "--steps", "4", "--sampler", "euler")
     )
     assert screenshot.stat().st_size > 10_000
+
+
+def test_page_img2img_upload(tmp_path):
+    """Choose an init image and a mask, click: the inpainted image is the CLI's for the same inputs."""
+    from PIL import ImageDraw
+    from playwright.sync_api import expect, sync_playwright
+
+    shared_models()
+    picture = Image.new("RGB", (64, 48), (20, 40, 200))
+    ImageDraw.Draw(picture).ellipse([8, 8, 40, 40], fill=(220, 30, 30))
+    mask = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(mask).rectangle([4, 4, 44, 44], fill=255)
+    picture.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    prompt = "a yellow star on a blue background"
+    with serving() as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            expect(page.locator("#sampler option")).to_have_count(18)
+            page.fill("#prompt", prompt)
+            page.fill("#seed", "6")
+            page.fill("#steps", "6")
+            page.fill("#strength", "0.8")
+            page.select_option("#sampler", "euler")
+            page.set_input_files("#init", str(tmp_path / "in.png"))
+            page.set_input_files("#mask", str(tmp_path / "mask.png"))
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done: 1 image(s), seed 6", timeout=60_000)
+            href = page.locator("#gallery a[download]").first.get_attribute("href")
+            made = Image.open(io.BytesIO(page.request.get(server.url + href).body()))
+            page.screenshot(path=str(tmp_path / "img2img.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert made.size == (64, 48) and "Denoising strength: 0.8" in made.text["parameters"]
+    args = ["--steps", "6", "--sampler", "euler", "--strength", "0.8"]
+    args += ["--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")]
+    assert np.array_equal(pixels(made), cli_image(tmp_path, prompt, 6, *args))

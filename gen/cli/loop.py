@@ -36,10 +36,9 @@ class Runner:
         self.saved = 0  # a count, not a list: a run may write millions of images
         # Read and checked before a model loads: a bad file fails in a moment.
         self.init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
-        self.input_hashes = input_hashes(self.init)
 
     def _record(self, pipe, job: G.Job, image) -> dict:
-        return {**metadata.record(pipe, self.o, job, image, self.model_hash), **self.input_hashes}
+        return metadata.record(pipe, self.o, job, image, self.model_hash, self.init)
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
@@ -102,16 +101,6 @@ class Runner:
         return 0
 
 
-def input_hashes(init: InitImages | None) -> dict:
-    """What the JSON record says of the init image and mask: their pixels' hashes (`gen reproduce` checks them)."""
-    if init is None:
-        return {}
-    hashes = {"init_image_hash": init.image_hash}
-    if init.mask_hash is not None:
-        hashes["mask_hash"] = init.mask_hash
-    return hashes
-
-
 def _given_inputs(record: dict, o: G.Options, args) -> InitImages | None:
     """The init image and mask for `gen reproduce`: the ones given again (--init-image, --mask), else the
     recorded paths; refused when their pixels are not the ones the PNG was made from."""
@@ -121,7 +110,7 @@ def _given_inputs(record: dict, o: G.Options, args) -> InitImages | None:
     o.mask = str(args.mask) if args.mask else o.mask
     init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
     for name, path, key in (("init image", o.init_image, "init_image_hash"), ("mask", o.mask, "mask_hash")):
-        want, got = record.get(key), input_hashes(init).get(key)
+        want, got = record.get(key), init.hashes().get(key)
         if want != got:
             raise ValueError(
                 f"{name} {path} is not the one {args.image} was made from (pixel hash {str(got)[:12]}, recorded"

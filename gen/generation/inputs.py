@@ -28,6 +28,13 @@ class InitImages:
     def size(self) -> tuple[int, int]:
         return self.image.size
 
+    def hashes(self) -> dict[str, str]:
+        """What a PNG's JSON record says of its inputs (`gen reproduce` checks them)."""
+        out = {"init_image_hash": self.image_hash}
+        if self.mask_hash is not None:
+            out["mask_hash"] = self.mask_hash
+        return out
+
 
 def pixel_hash(image: Image.Image) -> str:
     """SHA-256 of the decoded pixels (mode, size, bytes): the same picture in PNG, JPEG-free re-saves or an upload

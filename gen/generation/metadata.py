@@ -59,9 +59,9 @@ def model_hash(folder: str | Path) -> str:
     return value
 
 
-def record(pipe, o, job, image, model_hash: str) -> dict:
-    """What the PNG of `job` (made with options `o` by `pipe`) records: one function, so the CLI and the server
-    write the same metadata and `gen reproduce` reads either."""
+def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
+    """What the PNG of `job` (made with options `o` by `pipe`, from `init`'s image and mask if given) records: one
+    function, so the CLI and the server write the same metadata and `gen reproduce` reads either."""
     from gen.diffusion.samplers import SAMPLERS, sampler_name
 
     sampler = sampler_name(pipe.scheduler)
@@ -82,6 +82,7 @@ def record(pipe, o, job, image, model_hash: str) -> dict:
         "versions": versions(),
         "device": o.device,
         "dtype": o.dtype,
+        **(init.hashes() if init is not None else {}),
     }
 
 

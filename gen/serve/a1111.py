@@ -19,7 +19,7 @@ from gen.diffusion.samplers import SAMPLERS
 from gen.serve import samplers
 from gen.serve.results import decode_image, parse_parameters
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, Task, build_task
+from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
 
 
 class GenerationFields(BaseModel):
@@ -46,6 +46,17 @@ class GenerationFields(BaseModel):
 
 class Txt2ImgRequest(GenerationFields):
     pass
+
+
+class Img2ImgRequest(GenerationFields):
+    """A1111's img2img fields gen reads: the first of `init_images`, `mask` (white = repaint), `mask_blur`,
+    `inpainting_mask_invert`, `denoising_strength`. Images as raw base64 or data: URLs."""
+
+    init_images: list[str] | None = Field(default_factory=list)
+    denoising_strength: float | None = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    mask: str | None = None
+    mask_blur: int | None = Field(4, ge=0)
+    inpainting_mask_invert: int | None = 0
 
 
 class GenerationResponse(BaseModel):
@@ -80,6 +91,16 @@ def to_request(state: State, body: GenerationFields) -> Request:
     )
 
 
+def to_img2img_request(state: State, body: Img2ImgRequest) -> Request:
+    """The txt2img fields plus the first init image and the mask, decoded and checked before queueing."""
+    if not body.init_images:
+        raise ServeError(422, "init_images is empty: img2img needs a picture (base64 PNG or data: URL)")
+    strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+    blur = 4 if body.mask_blur is None else body.mask_blur
+    invert = bool(body.inpainting_mask_invert)
+    return add_init(to_request(state, body), body.init_images[0], body.mask, strength, blur, invert)
+
+
 def info(task: Task, body: GenerationFields) -> dict:
     """A1111's `info` (Processed.js()): the keys its clients read, with gen's values."""
     o, made = task.options, task.images()
@@ -109,14 +130,14 @@ def info(task: Task, body: GenerationFields) -> dict:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": o.strength if task.init is not None else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": [r.parameters for r in made],
         "styles": body.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)),
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": task.init is not None and task.init.mask is not None,
         "version": f"gen {gen.__version__}",
         "status": task.status,  # gen's: "interrupted" when /interrupt stopped it (finished images only)
     }
@@ -168,12 +189,25 @@ def progress(state: State) -> dict:
 
 def router(state: State) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["A1111"])
+    _generation_routes(api, state)
+    _other_routes(api, state)
+    return api
 
+
+def _generation_routes(api: APIRouter, state: State) -> None:
     @api.post("/txt2img", response_model=GenerationResponse)
     async def txt2img(body: Txt2ImgRequest, http: HttpRequest):
         task = build_task(state.config, state.models, to_request(state, body))
         return await generate(state, http, body, task)
 
+    @api.post("/img2img", response_model=GenerationResponse)
+    async def img2img(body: Img2ImgRequest, http: HttpRequest):
+        task = build_task(state.config, state.models, to_img2img_request(state, body))
+        # As A1111: the response's parameters leave out the uploaded pictures.
+        return await generate(state, http, body.model_copy(update={"init_images": None, "mask": None}), task)
+
+
+def _other_routes(api: APIRouter, state: State) -> None:
     @api.get("/samplers")
     async def get_samplers():
         return samplers.a1111_samplers()
@@ -229,5 +263,3 @@ def router(state: State) -> APIRouter:
     @api.get("/scripts")
     async def scripts():  # clients (webuiapi) probe this for extensions: there are none
         return {"txt2img": [], "img2img": []}
-
-    return api

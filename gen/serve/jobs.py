@@ -23,7 +23,7 @@ import gen
 from gen.diffusion.samplers import SAMPLERS
 from gen.serve import samplers
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, Task, build_task
+from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 
@@ -44,6 +44,12 @@ class JobRequest(BaseModel):
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     model: str | None = None
+    # Image-to-image and inpainting: pictures as raw base64 or data: URLs; mask white = repaint
+    init_image: str | None = None
+    mask: str | None = None
+    strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    mask_blur: int = Field(4, ge=0)
+    invert_mask: bool = False
 
 
 def describe(state: State, task: Task) -> dict:
@@ -135,6 +141,10 @@ def router(state: State) -> APIRouter:
             height=body.height,
             model=body.model,
         )
+        if body.init_image:
+            add_init(request, body.init_image, body.mask, body.strength, body.mask_blur, body.invert_mask)
+        elif body.mask:
+            raise ServeError(422, "mask needs init_image (the picture to inpaint)")
         task = build_task(state.config, state.models, request)
         state.queue.submit(task)
         state.keep(task)

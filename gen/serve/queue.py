@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gen import generation as G
 from gen.diffusion.samplers import make_scheduler
+from gen.generation.inputs import InitImages
 from gen.serve import results
 from gen.serve.models import ServedModel
 from gen.serve.tasks import ServeError, Task
@@ -31,15 +32,19 @@ class Interrupted(Exception):
     """Raised in the step callback when nobody wants the running batch any more."""
 
 
-def render_batch(model: ServedModel, o: G.Options, jobs: list[G.Job], on_step) -> list[results.Result]:
-    """On the worker thread: the generation core's render, then PNGs with the CLI's metadata."""
+def render_batch(
+    model: ServedModel, o: G.Options, jobs: list[G.Job], on_step, init: InitImages | None = None
+) -> list[results.Result]:
+    """On the worker thread: the generation core's render (from `init` for img2img and inpainting), then PNGs
+    with the CLI's metadata."""
     pipe = model.pipe
     # From the model's own config each time: a scheduler built from another sampler's config would inherit its
     # options (Karras sigmas, solver type).
     pipe.scheduler = make_scheduler(o.sampler, model.scheduler.config) if o.sampler else model.scheduler
-    images = G.render(pipe, o, jobs, on_step=on_step)
+    images = G.render(pipe, o, jobs, on_step=on_step, init=init)
     return [
-        results.encode(pipe, o, job, image, model.sha256) for job, image in zip(jobs, images, strict=True)
+        results.encode(pipe, o, job, image, model.sha256, init)
+        for job, image in zip(jobs, images, strict=True)
     ]
 
 
@@ -184,7 +189,7 @@ class Queue:
         start = time.monotonic()
         try:
             made = await self._loop.run_in_executor(
-                self._executor, render_batch, first.model, first.options, jobs, self._on_step
+                self._executor, render_batch, first.model, first.options, jobs, self._on_step, first.init
             )
         except Interrupted:
             made = None

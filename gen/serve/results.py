@@ -27,8 +27,8 @@ class Result:
         return base64.b64encode(self.png).decode("ascii")
 
 
-def encode(pipe, o, job, image, model_hash: str) -> Result:
-    record = metadata.record(pipe, o, job, image, model_hash)
+def encode(pipe, o, job, image, model_hash: str, init=None) -> Result:
+    record = metadata.record(pipe, o, job, image, model_hash, init)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=metadata.png_info(record))
     parameters = metadata.a1111_parameters(record)

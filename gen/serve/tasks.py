@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from gen import generation as G
+from gen.generation.inputs import InitImages
 from gen.serve.config import ServeConfig
 from gen.serve.models import Models, ServedModel
 from gen.serve.results import Result
@@ -41,14 +42,20 @@ class Request:
     width: int | None = None
     height: int | None = None
     model: str | None = None  # title, name or hash; None: the default model
+    init: InitImages | None = None  # image-to-image (with a mask: inpainting)
+    strength: float = 0.75
+    mask_blur: int = 4  # recorded; the blur itself is applied when `init` is made
+    invert: bool = False
 
 
 class Task:
     """One request in the queue. Its jobs may be rendered over several batches, beside other requests' jobs."""
 
-    def __init__(self, model: ServedModel, options: G.Options, jobs: list[G.Job]):
+    def __init__(
+        self, model: ServedModel, options: G.Options, jobs: list[G.Job], init: InitImages | None = None
+    ):
         self.id = uuid.uuid4().hex
-        self.model, self.options, self.jobs = model, options, jobs
+        self.model, self.options, self.jobs, self.init = model, options, jobs, init
         self.key = model.title + json.dumps(
             {k: v for k, v in options.to_dict().items() if k not in PER_IMAGE}, sort_keys=True, default=str
         )
@@ -87,24 +94,51 @@ class Task:
         return True
 
 
+def add_init(
+    r: Request,
+    image: str,
+    mask: str | None = None,
+    strength: float = 0.75,
+    blur: int = 4,
+    invert: bool = False,
+) -> Request:
+    """Image-to-image (and, with a mask, inpainting) from uploads sent as raw base64 or data: URLs, checked
+    (decodable pictures, mask and image of one size) before the request queues; ServeError(422) otherwise."""
+    from gen.generation.inputs import init_images
+    from gen.serve.results import decode_image
+
+    try:
+        decoded = decode_image(image)
+        r.init = init_images(
+            decoded, decode_image(mask) if mask else None, mask_blur=blur, invert_mask=invert
+        )
+    except ValueError as e:
+        raise ServeError(422, " ".join(str(e).split())) from None
+    r.strength, r.mask_blur, r.invert = strength, blur, invert
+    return r
+
+
 def build_task(config: ServeConfig, models: Models, r: Request) -> Task:
     """Check a request against the server's limits and the model, before it queues; ServeError(422) otherwise."""
     try:
         model = models.find(r.model)
         o = _options(config, model, r)
         G.check_options(o)
-        G.validate(model.pipe, replace(o, batch_size=min(o.num_images, config.max_batch)))
+        G.validate(model.pipe, replace(o, batch_size=min(o.num_images, config.max_batch)), r.init)
     except ValueError as e:
         raise ServeError(422, " ".join(str(e).split())) from None
     if o.seed is None:
         o.seed = G.pick_seed()
-    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)))
+    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)), r.init)
 
 
 def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
     size = model.default_size
-    width = size if r.width is None else r.width
-    height = size if r.height is None else r.height
+    if r.init is not None:  # the init image's size unless given, as on the command line
+        height, width = G.size_of(model.pipe, G.Options(width=r.width, height=r.height), r.init)
+    else:
+        width = size if r.width is None else r.width
+        height = size if r.height is None else r.height
     limits = (
         (len(r.prompt), config.max_prompt, "prompt length", "characters"),
         (len(r.negative), config.max_prompt, "negative prompt length", "characters"),
@@ -138,4 +172,20 @@ def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
         device=config.device,
         dtype=config.dtype,
         attention=config.attention,
+        **_init_options(r),
     )
+
+
+def _init_options(r: Request) -> dict:
+    """An upload's options: named by its pixels' hash (requests with the same picture and settings share a batch;
+    `gen reproduce --init-image FILE` checks the hash, whatever the file is called)."""
+    if r.init is None:
+        return {}
+    named = {"init_image": f"upload-{r.init.image_hash[:12]}.png", "strength": r.strength}
+    if r.init.mask is not None:
+        named |= {
+            "mask": f"upload-{r.init.mask_hash[:12]}.png",
+            "mask_blur": r.mask_blur,
+            "invert_mask": r.invert,
+        }
+    return named

@@ -38,7 +38,22 @@ function number(id) {
   return value === "" ? null : Number(value);
 }
 
-function request() {
+// A chosen file as a data: URL (what the jobs API takes for init_image and mask), or null.
+function dataUrl(id) {
+  const file = $(id).files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function request() {
+  const init = await dataUrl("init");
+  const mask = init ? await dataUrl("mask") : null;
+  const images = init ? { init_image: init, mask, strength: number("strength"), mask_blur: number("blur") ?? 4 } : {};
   return {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
@@ -50,6 +65,7 @@ function request() {
     height: number("height"),
     n: number("batch") || 1,
     model: $("model").value || null,
+    ...images,
   };
 }
 
@@ -108,7 +124,7 @@ $("form").addEventListener("submit", async (event) => {
   busy(true);
   status("submitting");
   try {
-    follow(await api("/gen/v1/jobs", { method: "POST", body: JSON.stringify(request()) }));
+    follow(await api("/gen/v1/jobs", { method: "POST", body: JSON.stringify(await request()) }));
   } catch (e) {
     busy(false);
     status(e.message, true);
@@ -117,6 +133,11 @@ $("form").addEventListener("submit", async (event) => {
 
 $("cancel").addEventListener("click", async () => {
   if (current) await api(`/gen/v1/jobs/${current.id}`, { method: "DELETE" }).catch((e) => status(e.message, true));
+});
+
+// An init image brings its own size: empty width/height fields let the server use it (type one to resize).
+$("init").addEventListener("change", () => {
+  if ($("init").files.length) $("width").value = $("height").value = "";
 });
 
 init().catch((e) => status(e.message, true));

@@ -40,8 +40,23 @@ def prepare(pipe, o: Options):
         pipe.set_adapters(names, weights)
     if o.compile:
         pipe.denoiser.compile()  # in place: the module keeps its type; the compiled graph is reused across calls
+    channels_last(pipe)
     pipe.vae.enable_slicing()  # one image per decode: convolutions are not batch-invariant
     return pipe
+
+
+def channels_last(pipe) -> bool:
+    """A UNet pipeline on a CPU in fp32: UNet and VAE weights in channels_last, so oneDNN's convolutions work in
+    their native layout instead of converting at every call (UNet step and VAE decode ~10-15 % faster at SD 1.5
+    scale on an AVX2 CPU, `gen bench --arch sd15`; outputs within 1e-4). Not the DiT (one convolution, its patch
+    embedding), and not measured elsewhere (bf16 without native bf16 is unusable there; no GPU was at hand)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or unet.device.type != "cpu" or unet.dtype != torch.float32:
+        return False
+    unet.to(memory_format=torch.channels_last)
+    if pipe.vae.dtype == torch.float32:
+        pipe.vae.to(memory_format=torch.channels_last)
+    return True
 
 
 def task_pipeline(pipe, init: InitImages | None):

@@ -377,7 +377,7 @@ def format_report(r: dict) -> str:
         call = f"{row['call_peak_mb']:.0f}" if row["call_peak_mb"] is not None else "n/a"
         lines.append(
             f"{row['name']:<34} {s['median']:8.2f} ({s['min']:.2f}-{s['max']:.2f}) {row['over_obvious']['median']:8.3f}"
-            f" {same:>10} {row['weights_mb']:10.0f} {call:>8}  {parts:<17}  {row['max_abs_diff_vs_gen_fp32']:29.2f}"
+            f" {same:>10} {row['weights_mb']:10.0f} {call:>8}  {parts:<17}  {row['max_abs_diff_vs_gen_fp32']:29.3f}"
         )
     for row in r["rows"]:
         if row["dtype"] != "fp32" and "over_gen_fp32" in row:

@@ -116,3 +116,19 @@ def test_channels_last_keeps_unet_images_and_batch_invariance(unet_pipe, dit_pip
     unet_pipe.unet.to(torch.bfloat16)
     unet_pipe.unet.to(memory_format=torch.contiguous_format)
     assert not channels_last(unet_pipe) and unet_pipe.unet.conv_in.weight.is_contiguous()
+
+
+def test_bf16_without_native_support_warns(dit_pipe, caplog, monkeypatch):
+    from gen.generation import core
+    from gen.generation.options import Options
+
+    monkeypatch.setattr(core, "bf16_native", lambda device: False)
+    with caplog.at_level(logging.WARNING):
+        core.prepare(dit_pipe, Options(dtype="bf16"))
+    assert "no native bf16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(core, "bf16_native", lambda device: True)
+    with caplog.at_level(logging.WARNING):
+        core.prepare(dit_pipe, Options(dtype="bf16"))
+        core.prepare(dit_pipe, Options(dtype="fp32"))
+    assert "no native bf16" not in caplog.text

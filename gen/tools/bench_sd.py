@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gen.generation.core import bf16_native
+
 logger = logging.getLogger(__name__)
 
 
@@ -236,16 +238,6 @@ def _diffusers_obvious(folder: Path, device: str):
     sd = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None).to(device)
     sd.set_progress_bar_config(disable=True)
     return sd
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Does this device compute bf16 natively (CUDA, or a CPU with AVX-512 BF16 / AMX as oneDNN sees it)?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # -- the benchmark -------------------------------------------------------------------------------------------

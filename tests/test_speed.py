@@ -86,3 +86,49 @@ def test_fused_qkv_gives_the_same_output():
     model.fuse_qkv_projections()
     assert model.blocks[0].attn1.to_qkv is not None and model.blocks[0].attn2.to_kv is not None
     torch.testing.assert_close(model(x, 7, c).sample, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_channels_last_keeps_unet_images_and_batch_invariance(unet_pipe, dit_pipe):
+    from gen.generation.core import channels_last
+    from gen.generation.metadata import PIXEL_TOLERANCE
+
+    def images(pipe, seeds, prompt="a red circle"):
+        out = pipe(
+            [prompt] * len(seeds),
+            num_inference_steps=4,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            output_type="np",
+        ).images
+        return np.round(out * 255).astype(int)  # (B, H, W, 3) levels as saved
+
+    unet_pipe.vae.enable_slicing()  # as prepare() does
+    before = images(unet_pipe, [12])[0]
+    assert channels_last(unet_pipe)
+    conv = unet_pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert unet_pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    alone = images(unet_pipe, [12])[0]
+    assert np.abs(alone - before).max() <= PIXEL_TOLERANCE
+    batch = images(unet_pipe, [10, 11, 12])
+    assert np.abs(batch[2] - alone).max() <= PIXEL_TOLERANCE  # image k of a run = the image made alone
+    # The DiT pipeline and low precision are left as they were.
+    assert not channels_last(dit_pipe) and dit_pipe.vae.decoder.conv_in.weight.is_contiguous()
+    unet_pipe.unet.to(torch.bfloat16)
+    unet_pipe.unet.to(memory_format=torch.contiguous_format)
+    assert not channels_last(unet_pipe) and unet_pipe.unet.conv_in.weight.is_contiguous()
+
+
+def test_bf16_without_native_support_warns(dit_pipe, caplog, monkeypatch):
+    from gen.generation import core
+    from gen.generation.options import Options
+
+    monkeypatch.setattr(core, "bf16_native", lambda device: False)
+    with caplog.at_level(logging.WARNING):
+        core.prepare(dit_pipe, Options(dtype="bf16"))
+    assert "no native bf16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(core, "bf16_native", lambda device: True)
+    with caplog.at_level(logging.WARNING):
+        core.prepare(dit_pipe, Options(dtype="bf16"))
+        core.prepare(dit_pipe, Options(dtype="fp32"))
+    assert "no native bf16" not in caplog.text

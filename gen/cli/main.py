@@ -385,7 +385,22 @@ def cmd_bench(argv: list[str]) -> int:
         "--serve", action="store_true", help="load-test `gen serve` instead (gen bench --serve --help)"
     )
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="precision (default: %(default)s)")
+    p.add_argument(
+        "--arch",
+        default="dit",
+        choices=("dit", "sd15"),
+        help="dit: the model given (default: the embedded one); sd15: the SD 1.5 architecture, random weights unless"
+        " --model is an SD folder, gen against diffusers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=PRECISIONS,
+        help="precision (default: fp32; with --arch sd15, fp32 rows and bf16 rows where the hardware has bf16)",
+    )
+    p.add_argument(
+        "--size", type=int, default=512, help="--arch sd15: pixels per side (default: %(default)s)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="(default: %(default)s)")
     p.add_argument(
@@ -396,7 +411,7 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument(
         "--reps", type=int, default=5, help="timed repetitions after warm-up (default: %(default)s)"
     )
-    p.add_argument("--pairs", type=int, default=5, help="paired gen/diffusers runs (default: %(default)s)")
+    p.add_argument("--pairs", type=int, default=None, help="paired gen/diffusers runs (default: 5; sd15: 3)")
     p.add_argument("--no-unet", action="store_true", help="skip the SD-architecture UNet comparison")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
@@ -404,15 +419,18 @@ def cmd_bench(argv: list[str]) -> int:
         batches = tuple(int(b) for b in args.batch.split(","))
     except ValueError:
         raise CliError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,16") from None
+    args.pairs = args.pairs if args.pairs is not None else (3 if args.arch == "sd15" else 5)
     if min(batches) < 1 or args.steps < 1 or args.reps < 1 or args.pairs < 1:
         raise CliError("--batch, --steps, --reps and --pairs must be >= 1")
-    check_precision(args.dtype, args.device)
+    check_precision(args.dtype or "fp32", args.device)
+    if args.arch == "sd15":
+        return _bench_sd(args)
     _quiet_libraries()
     from gen.tools import bench
 
     report = bench.benchmark(
         args.model,
-        dtype=args.dtype,
+        dtype=args.dtype or "fp32",
         device=args.device,
         attention=args.attention,
         compile=args.compile,
@@ -549,6 +567,24 @@ def cmd_bench_serve(argv: list[str]) -> int:
     )
     print(json.dumps(report, indent=2) if args.json else serve_bench.format_report(report))
     return 0 if report["ok"] else 1
+
+
+def _bench_sd(args: argparse.Namespace) -> int:
+    if args.size < 64 or args.size % 8:
+        raise CliError(f"--size {args.size} must be a multiple of 8, at least 64")
+    _quiet_libraries()
+    from gen.tools import bench_sd
+
+    report = bench_sd.benchmark_sd(
+        args.model,
+        size=args.size,
+        steps=args.steps,
+        pairs=args.pairs,
+        dtypes=(args.dtype,) if args.dtype else None,
+        device=args.device,
+    )
+    print(json.dumps(report, indent=2) if args.json else bench_sd.format_report(report))
+    return 0
 
 
 def cmd_convert(argv: list[str]) -> int:

@@ -105,7 +105,8 @@ def a1111_parameters(record: dict) -> str:
         "Model": record["model_name"],
     }
     if o.get("clip_skip"):
-        pairs["Clip skip"] = o["clip_skip"]
+        # A1111 counts the last layer as 1 (its "Clip skip: 2" is the penultimate layer, gen's clip_skip=1)
+        pairs["Clip skip"] = o["clip_skip"] + 1
     if o.get("guidance_rescale"):
         pairs["CFG rescale"] = o["guidance_rescale"]
     if o.get("init_image"):  # A1111's img2img keys

@@ -266,6 +266,17 @@ class LatentDiffusionPipeline(
         stride = self.latent_stride
         return height or size[1] // stride * stride, width or size[0] // stride * stride
 
+    def _check_plain_denoiser(self) -> None:
+        """Text-to-image and image-to-image need a denoiser that takes the VAE's latents alone; an inpainting
+        checkpoint's (latents, mask and masked image) is for InpaintPipeline."""
+        latent = self.vae.config.latent_channels
+        channels = self.denoiser.config.in_channels
+        if channels == 2 * latent + 1:
+            raise ValueError(
+                f"this {self.denoiser_name} is an inpainting model ({channels} input channels: latents, mask and"
+                " masked image): use InpaintPipeline, or on the command line --init-image and --mask"
+            )
+
     @staticmethod
     def _check_generators(generator, batch_size: int) -> None:
         if isinstance(generator, list) and len(generator) != batch_size:

@@ -79,6 +79,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             guidance_interval=guidance_interval,
         )
         check_strength(strength, num_inference_steps, timesteps, sigmas)
+        self._check_plain_denoiser()
         device = self._begin(guidance_scale, cross_attention_kwargs)
 
         # 2. Encode the prompt and the negative prompt.

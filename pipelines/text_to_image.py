@@ -96,6 +96,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt,
             guidance_interval=guidance_interval,
         )
+        self._check_plain_denoiser()
         device = self._begin(guidance_scale, cross_attention_kwargs)
 
         # 2. Encode the prompt and the negative prompt.

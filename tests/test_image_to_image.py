@@ -200,3 +200,24 @@ def test_bad_input_is_one_clear_line(tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         call(pipe, **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_an_inpainting_checkpoint_is_recognised(tokenizer, tmp_path):
+    """A 9-channel UNet is refused by text-to-image and img2img with a pointer to inpainting; an SD-inpainting
+    single file gets the shipped configs with in_channels 9."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from gen.loading.single_file import config_folder, unet_in_channels
+
+    pipe = gen_pipe(InpaintPipeline, tokenizer, in_channels=9)
+    with pytest.raises(ValueError, match="is an inpainting model .*use InpaintPipeline"):
+        TextToImagePipeline.from_pipe(pipe)(PROMPT, num_inference_steps=2)
+    with pytest.raises(ValueError, match="is an inpainting model .*use InpaintPipeline"):
+        call(ImageToImagePipeline.from_pipe(pipe))
+    checkpoint = tmp_path / "inpainting.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)}, str(checkpoint))
+    assert unet_in_channels(checkpoint) == 9
+    folder = config_folder("v1", tmp_path / "config", unet_in_channels(checkpoint))
+    assert json.loads((folder / "unet" / "config.json").read_text())["in_channels"] == 9

@@ -191,9 +191,22 @@ def detect_version(path: str | Path) -> str:
     )
 
 
-def config_folder(version: str, into: Path) -> Path:
-    """Lay out a diffusers config folder for an SD version from the shipped JSON and tokenizer files."""
+def unet_in_channels(path: str | Path) -> int:
+    """The UNet's input channels from the checkpoint: 4, or 9 for an inpainting checkpoint (latents, mask and
+    masked-image latents), as SD-inpainting files are."""
+    path = Path(path)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    if path.suffix.lower() != ".safetensors":
+        return 4
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice(key).get_shape()[1] if key in f.keys() else 4
+
+
+def config_folder(version: str, into: Path, in_channels: int = 4) -> Path:
+    """Lay out a diffusers config folder for an SD version from the shipped JSON and tokenizer files (an
+    inpainting checkpoint's UNet takes `in_channels` 9)."""
     spec = json.loads((CONFIGS / f"{version}.json").read_text())
+    spec["unet"] = {**spec["unet"], "in_channels": in_channels}
     into.mkdir(parents=True, exist_ok=True)
     (into / "model_index.json").write_text(json.dumps(spec["model_index"]))
     for name, file in (
@@ -233,7 +246,9 @@ def load_single_file(
         )
     with tempfile.TemporaryDirectory(prefix="gen-sd-config-") as tmp:
         version = detect_version(path) if config is None else None
-        folder = Path(config) if config is not None else config_folder(version, Path(tmp))
+        folder = (
+            Path(config) if config is not None else config_folder(version, Path(tmp), unet_in_channels(path))
+        )
         try:
             return TextToImagePipeline.from_single_file(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=torch_dtype

@@ -74,14 +74,17 @@ class PromptEncodingMixin:
         clip_skip: int | None = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
-        **xl,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple:
         """Embeddings for the prompt and (with CFG) the negative prompt, repeated per image: (B*n, L*K, D).
 
         Prompts use A1111's syntax (weights, BREAK) and may be longer than the encoder's window of L tokens
         (77 for SD): every prompt is chunked, and all are padded to the same number of chunks K (see gen.text.encode).
-        An SDXL pipeline also takes prompt_2, negative_prompt_2 and pooled embeddings as keywords and returns
-        four tensors, as StableDiffusionXLPipeline.encode_prompt: the two above and the pooled ones (B*n, P).
+        An SDXL pipeline also takes prompt_2, negative_prompt_2 and pooled embeddings and returns four
+        tensors, as StableDiffusionXLPipeline.encode_prompt: the two above and the pooled ones (B*n, P).
         """
         text = self._encode_text(
             prompt,
@@ -93,7 +96,12 @@ class PromptEncodingMixin:
             clip_skip=clip_skip,
             truncate=truncate_long_prompts,
             weighting=prompt_weighting,
-            xl=xl,
+            xl={
+                "prompt_2": prompt_2,
+                "negative_prompt_2": negative_prompt_2,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
+            },
         )
         text = text.repeat(num_images_per_prompt)
         # Named returns: diffusers' test mixins read these names to pass the results back into __call__.

@@ -269,9 +269,8 @@ class LatentDiffusionPipeline(
     def _check_plain_denoiser(self) -> None:
         """Text-to-image and image-to-image need a denoiser that takes the VAE's latents alone; an inpainting
         checkpoint's (latents, mask and masked image) is for InpaintPipeline."""
-        latent = self.vae.config.latent_channels
-        channels = self.denoiser.config.in_channels
-        if channels == 2 * latent + 1:
+        channels = self.denoiser.config.in_channels  # first: a text-only pipeline's own clear error
+        if self.vae is not None and channels == 2 * self.vae.config.latent_channels + 1:
             raise ValueError(
                 f"this {self.denoiser_name} is an inpainting model ({channels} input channels: latents, mask and"
                 " masked image): use InpaintPipeline, or on the command line --init-image and --mask"
@@ -313,6 +312,67 @@ class LatentDiffusionPipeline(
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         return self._execution_device
+
+    def _check_and_encode(
+        self,
+        *,
+        height: int,
+        width: int,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_rescale: float,
+        guidance_interval,
+        num_images_per_prompt: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        cross_attention_kwargs: dict[str, Any] | None,
+        clip_skip: int | None,
+        truncate_long_prompts: bool,
+        prompt_weighting: bool,
+        generator=None,
+        xl: dict | None = None,
+        sizes: dict | None = None,
+    ) -> tuple[torch.device, TextContext, list[str]]:
+        """Steps 1 and 2 of every task's call (after the task's own checks): check the shared inputs, set the
+        call's state, encode the prompts and negatives (repeated per image), add SDXL's size conditioning
+        (`sizes`: StableDiffusionXLPipeline's size arguments, default the image's). Returns the device, the text
+        context and the callback's tensor names."""
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
+            num_images_per_prompt=num_images_per_prompt,
+            guidance_interval=guidance_interval,
+        )
+        device = self._begin(guidance_scale, cross_attention_kwargs)
+        text = self._text(
+            prompt,
+            device,
+            num_images_per_prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+            truncate=truncate_long_prompts,
+            weighting=prompt_weighting,
+            xl=xl,
+        )
+        self._add_time_ids(text, height, width, **(sizes or {}))
+        self._check_generators(generator, text.prompt_embeds.shape[0])
+        return device, text, tensor_inputs
 
     def _text(self, prompt, device: torch.device, num_images_per_prompt: int, **encode: Any) -> TextContext:
         """Encode the prompts and negatives, each prompt's entries repeated per image. A LoRA scale in

@@ -89,42 +89,32 @@ class InpaintPipeline(LatentDiffusionPipeline):
         image, mask_image = I.as_float(image), I.as_mask(mask_image)
         self._check_crop(padding_mask_crop, image, mask_image, output_type)
         height, width = self._size_of(image, height, width)
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
+        check_strength(strength, num_inference_steps, timesteps, sigmas)
+        conditioned = self.conditioned  # checks the denoiser's input channels
+
+        # 2. The checks every task shares; encode the prompt and negative prompt (and SDXL's size conditioning).
+        device, text, tensor_inputs = self._check_and_encode(
             height=height,
             width=width,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
-            callback_on_step_end_tensor_inputs=tensor_inputs,
-            num_images_per_prompt=num_images_per_prompt,
             guidance_interval=guidance_interval,
-        )
-        check_strength(strength, num_inference_steps, timesteps, sigmas)
-        conditioned = self.conditioned
-        device = self._begin(guidance_scale, cross_attention_kwargs)
-
-        # 2. Encode the prompt and the negative prompt.
-        text = self._text(
-            prompt,
-            device,
-            num_images_per_prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs=cross_attention_kwargs,
             clip_skip=clip_skip,
-            truncate=truncate_long_prompts,
-            weighting=prompt_weighting,
+            truncate_long_prompts=truncate_long_prompts,
+            prompt_weighting=prompt_weighting,
+            generator=generator,
             xl={"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2},
         )
-        self._add_time_ids(text, height, width)  # SDXL: the base model's size conditioning
         batch = text.prompt_embeds.shape[0]
-        self._check_generators(generator, batch)
 
         # 3. The last `strength` of the schedule.
         steps = self._timesteps(num_inference_steps, device, timesteps, sigmas, strength)

@@ -80,53 +80,42 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         # 1. Check the inputs, with the model's own size as the default.
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
+        self._check_plain_denoiser()
+
+        # 2. The checks every task shares; encode the prompt and negative prompt (and SDXL's size conditioning).
+        device, text, tensor_inputs = self._check_and_encode(
             height=height,
             width=width,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            output_type=output_type,
-            callback_on_step_end_tensor_inputs=tensor_inputs,
-            num_images_per_prompt=num_images_per_prompt,
             guidance_interval=guidance_interval,
-        )
-        self._check_plain_denoiser()
-        device = self._begin(guidance_scale, cross_attention_kwargs)
-
-        # 2. Encode the prompt and the negative prompt.
-        text = self._text(
-            prompt,
-            device,
-            num_images_per_prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs=cross_attention_kwargs,
             clip_skip=clip_skip,
-            truncate=truncate_long_prompts,
-            weighting=prompt_weighting,
+            truncate_long_prompts=truncate_long_prompts,
+            prompt_weighting=prompt_weighting,
+            generator=generator,
             xl={
                 "prompt_2": prompt_2,
                 "negative_prompt_2": negative_prompt_2,
                 "pooled_prompt_embeds": pooled_prompt_embeds,
                 "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
             },
-        )
-        self._add_time_ids(
-            text,
-            height,
-            width,
-            original_size,
-            crops_coords_top_left,
-            target_size,
-            negative_original_size,
-            negative_crops_coords_top_left,
-            negative_target_size,
+            sizes={
+                "original_size": original_size,
+                "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size,
+                "negative_original_size": negative_original_size,
+                "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                "negative_target_size": negative_target_size,
+            },
         )
 
         # 3. Timesteps (SDXL's denoising_end stops early, for a refiner to finish).

@@ -132,3 +132,17 @@ def wait_until(condition, timeout: float = 30, every: float = 0.02) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(every)
+
+
+def init_pictures(folder: Path) -> tuple[Image.Image, Image.Image]:
+    """An init image (a red disc on blue, 64x48) and a mask over its left part, also saved as in.png and
+    mask.png in `folder`, for the img2img and inpainting tests."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (64, 48), (20, 40, 200))
+    ImageDraw.Draw(image).ellipse([8, 8, 40, 40], fill=(220, 30, 30))
+    mask = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(mask).rectangle([4, 4, 44, 44], fill=255)
+    image.save(folder / "in.png")
+    mask.save(folder / "mask.png")
+    return image, mask

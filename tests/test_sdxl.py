@@ -4,25 +4,13 @@ prompt variants), A1111's prompt semantics on both encoders, and loading SDXL fo
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import EulerDiscreteScheduler
 
 import gen
 from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 from tests import components
+from tests.test_image_to_image import SAMPLERS  # the five of the core equivalence tests
 
-SAMPLERS = [
-    DDIMScheduler,
-    EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler,
-    DPMSolverMultistepScheduler,
-    UniPCMultistepScheduler,
-]
 VARIANTS = {
     "plain": {},
     "negative": {"negative_prompt": "a blue square"},

@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 import webuiapi
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from gen.cli import main
-from tests.serve_support import cli_image, pixels, serving, shared_models
+from tests.serve_support import cli_image, init_pictures, pixels, serving, shared_models
 
 STEPS = ["--steps", "6", "--sampler", "euler_a", "--cfg", "5"]
 
@@ -25,13 +25,7 @@ def server():
 
 @pytest.fixture
 def pictures(tmp_path):
-    image = Image.new("RGB", (64, 48), (20, 40, 200))
-    ImageDraw.Draw(image).ellipse([8, 8, 40, 40], fill=(220, 30, 30))
-    mask = Image.new("L", (64, 48), 0)
-    ImageDraw.Draw(mask).rectangle([4, 4, 44, 44], fill=255)
-    image.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
-    return image, mask
+    return init_pictures(tmp_path)
 
 
 def webui(server) -> webuiapi.WebUIApi:

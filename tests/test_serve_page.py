@@ -3,23 +3,24 @@ driven by Playwright. Type a prompt, click, wait for the image, check its PNG pa
 
 import io
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve_support import cli_image, pixels, serving, shared_models
+from tests.serve_support import cli_image, init_pictures, pixels, serving, shared_models
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
 
-def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
+@contextmanager
+def page_of(server):
+    """The page at / in headless Chromium, loaded (its sampler list filled); yields (page, page errors)."""
     from playwright.sync_api import expect, sync_playwright
 
-    shared_models()
-    prompt = "a small yellow star in the top left on a black background"
-    with serving() as server, sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
@@ -27,21 +28,30 @@ def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url + "/")
             expect(page.locator("#sampler option")).to_have_count(18)  # "model default" + gen's 17
-            page.fill("#prompt", prompt)
-            page.fill("#seed", "4")
-            page.fill("#steps", "4")
-            page.fill("#batch", "2")
-            page.select_option("#sampler", "euler")
-            page.click("#generate")
-            expect(page.locator("#gallery figure")).to_have_count(2, timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("done: 2 image(s), seed 4", timeout=30_000)
-            captions = page.locator("#gallery .parameters").all_inner_texts()
-            links = [a.get_attribute("href") for a in page.locator("#gallery a[download]").all()]
-            screenshot = tmp_path / "page.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            downloaded = [page.request.get(server.url + href).body() for href in links]
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
+    from playwright.sync_api import expect
+
+    shared_models()
+    prompt = "a small yellow star in the top left on a black background"
+    with serving() as server, page_of(server) as (page, errors):
+        page.fill("#prompt", prompt)
+        page.fill("#seed", "4")
+        page.fill("#steps", "4")
+        page.fill("#batch", "2")
+        page.select_option("#sampler", "euler")
+        page.click("#generate")
+        expect(page.locator("#gallery figure")).to_have_count(2, timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("done: 2 image(s), seed 4", timeout=30_000)
+        captions = page.locator("#gallery .parameters").all_inner_texts()
+        links = [a.get_attribute("href") for a in page.locator("#gallery a[download]").all()]
+        screenshot = tmp_path / "page.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        downloaded = [page.request.get(server.url + href).body() for href in links]
     assert not errors, errors
     print(f"screenshot: {screenshot}")
     newest = Image.open(io.BytesIO(downloaded[0]))  # the gallery shows the newest first
@@ -58,39 +68,24 @@ def test_page_generates_an_image_with_its_parameters_and_a_download(tmp_path):
 
 def test_page_img2img_upload(tmp_path):
     """Choose an init image and a mask, click: the inpainted image is the CLI's for the same inputs."""
-    from PIL import ImageDraw
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     shared_models()
-    picture = Image.new("RGB", (64, 48), (20, 40, 200))
-    ImageDraw.Draw(picture).ellipse([8, 8, 40, 40], fill=(220, 30, 30))
-    mask = Image.new("L", (64, 48), 0)
-    ImageDraw.Draw(mask).rectangle([4, 4, 44, 44], fill=255)
-    picture.save(tmp_path / "in.png")
-    mask.save(tmp_path / "mask.png")
+    init_pictures(tmp_path)
     prompt = "a yellow star on a blue background"
-    with serving() as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            expect(page.locator("#sampler option")).to_have_count(18)
-            page.fill("#prompt", prompt)
-            page.fill("#seed", "6")
-            page.fill("#steps", "6")
-            page.fill("#strength", "0.8")
-            page.select_option("#sampler", "euler")
-            page.set_input_files("#init", str(tmp_path / "in.png"))
-            page.set_input_files("#mask", str(tmp_path / "mask.png"))
-            page.click("#generate")
-            expect(page.locator("#status")).to_contain_text("done: 1 image(s), seed 6", timeout=60_000)
-            href = page.locator("#gallery a[download]").first.get_attribute("href")
-            made = Image.open(io.BytesIO(page.request.get(server.url + href).body()))
-            page.screenshot(path=str(tmp_path / "img2img.png"), full_page=True)
-        finally:
-            browser.close()
+    with serving() as server, page_of(server) as (page, errors):
+        page.fill("#prompt", prompt)
+        page.fill("#seed", "6")
+        page.fill("#steps", "6")
+        page.fill("#strength", "0.8")
+        page.select_option("#sampler", "euler")
+        page.set_input_files("#init", str(tmp_path / "in.png"))
+        page.set_input_files("#mask", str(tmp_path / "mask.png"))
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done: 1 image(s), seed 6", timeout=60_000)
+        href = page.locator("#gallery a[download]").first.get_attribute("href")
+        made = Image.open(io.BytesIO(page.request.get(server.url + href).body()))
+        page.screenshot(path=str(tmp_path / "img2img.png"), full_page=True)
     assert not errors, errors
     assert made.size == (64, 48) and "Denoising strength: 0.8" in made.text["parameters"]
     args = ["--steps", "6", "--sampler", "euler", "--strength", "0.8"]

@@ -24,10 +24,6 @@ class InitImages:
     mask: Image.Image | None = None  # L, after --invert-mask and --mask-blur
     mask_hash: str | None = None
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
-
     def hashes(self) -> dict[str, str]:
         """What a PNG's JSON record says of its inputs (`gen reproduce` checks them)."""
         out = {"init_image_hash": self.image_hash}
@@ -76,7 +72,8 @@ def as_mask(image: Image.Image, name: str = "mask") -> Image.Image:
 def init_images(
     image: Image.Image, mask: Image.Image | None = None, mask_blur: int = 4, invert_mask: bool = False
 ) -> InitImages:
-    """Check and prepare in-memory inputs (a mask must have the image's size)."""
+    """Check and prepare in-memory inputs (a mask must have the image's size; the blur, >= 0, is checked with
+    the other options: gen.generation.options.check_init, the server's request models)."""
     rgb = as_rgb(image)
     if mask is None:
         return InitImages(rgb, pixel_hash(rgb))
@@ -85,8 +82,6 @@ def init_images(
         raise ValueError(
             f"the mask is {gray.width}x{gray.height} but the init image is {rgb.width}x{rgb.height}; they must match"
         )
-    if mask_blur < 0:
-        raise ValueError(f"mask blur {mask_blur} must be >= 0 (pixels)")
     prepared = ImageOps.invert(gray) if invert_mask else gray
     if mask_blur:
         prepared = prepared.filter(ImageFilter.GaussianBlur(mask_blur))
@@ -96,10 +91,9 @@ def init_images(
 def read_init_images(
     image: str | Path | None, mask: str | Path | None = None, mask_blur: int = 4, invert_mask: bool = False
 ) -> InitImages | None:
-    """The CLI's --init-image and --mask files (None without an init image)."""
+    """The CLI's --init-image and --mask files (None without an init image; a mask alone is refused with the
+    other options, gen.generation.options.check_init)."""
     if image is None:
-        if mask is not None:
-            raise ValueError("--mask needs --init-image (the picture to inpaint)")
         return None
     return init_images(
         read_image(image), None if mask is None else read_image(mask, "mask"), mask_blur, invert_mask

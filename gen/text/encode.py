@@ -88,21 +88,8 @@ def embed(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each prompt's own chunks, unpadded, (K_i*L, D), and the empty chunk's embedding (L, D) to pad with;
     one text-encoder call for all of them."""
-    length = chunk_length(tokenizer, text_encoder)
-    chunked = [
-        tokenize_weighted(tokenizer, p, truncate=truncate, weighting=weighting, length=length)
-        for p in prompts
-    ]
-    for c in chunked:
-        if c.cut:
-            text = tokenizer.decode(c.cut)
-            logger.warning(
-                "The prompt is longer than the text encoder's %d-token window; this part was cut: %r",
-                length - 2,
-                text,
-            )
-    empty = tokenize_weighted(tokenizer, "", truncate=False, weighting=False, length=length)
-    rows = embed_chunks(text_encoder, [*chunked, empty], device, clip_skip)  # one call: the empty chunk too
+    chunked = _chunked(tokenizer, text_encoder, prompts, truncate, weighting)  # the empty prompt's last
+    rows = embed_chunks(text_encoder, chunked, device, clip_skip)  # one call: the empty chunk too
     return rows[:-1], rows[-1]
 
 

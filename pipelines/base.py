@@ -28,6 +28,7 @@ from gen.pipelines.checks import check_call
 from gen.pipelines.lora import LoraMixin
 from gen.pipelines.prompting import PromptEncodingMixin, TextContext
 from gen.pipelines.sdxl import SDXLMixin
+from gen.text.encode import ClipSkip
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ class LatentDiffusionPipeline(
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str] | None,
         cross_attention_kwargs: dict[str, Any] | None,
-        clip_skip: int | None,
+        clip_skip: ClipSkip,
         truncate_long_prompts: bool,
         prompt_weighting: bool,
         generator=None,
@@ -356,6 +357,7 @@ class LatentDiffusionPipeline(
             callback_on_step_end_tensor_inputs=tensor_inputs,
             num_images_per_prompt=num_images_per_prompt,
             guidance_interval=guidance_interval,
+            clip_skip=clip_skip,
         )
         device = self._begin(guidance_scale, cross_attention_kwargs)
         text = self._text(

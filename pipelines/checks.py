@@ -27,12 +27,14 @@ def check_call(
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     num_images_per_prompt: int = 1,
     guidance_interval: tuple[float, float] | None = None,
+    clip_skip: int | tuple[int | None, int | None] | None = None,
 ) -> None:
     """Refuse bad input before any work, naming the value and the rule."""
     check_size(pipe, height, width)
     check_counts(num_inference_steps, num_images_per_prompt)
     check_guidance(guidance_scale, guidance_rescale, guidance_interval)
     check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    check_clip_skip(pipe, clip_skip)
     check_outputs(pipe, output_type, callback_on_step_end_tensor_inputs)
 
 
@@ -92,6 +94,38 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
             f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds"
             f" {tuple(negative_prompt_embeds.shape)} must have the same shape"
         )
+
+
+def check_clip_skip(pipe, clip_skip) -> None:
+    """clip_skip counts layers before the one a pipeline reads by default: an SD encoder's last (then its final
+    layer norm), each SDXL encoder's penultimate (no norm), as diffusers counts. At least one layer must stay, and
+    on SDXL -1 reads the last layer. SDXL also takes a pair, one value (or None) per encoder: A1111's "Clip skip
+    SDXL" reads the first encoder's layer alone."""
+    if clip_skip is None:
+        return
+    sdxl = pipe.is_sdxl
+    pair = isinstance(clip_skip, (tuple, list))
+    if pair and not sdxl:
+        raise ValueError(
+            f"clip_skip={clip_skip!r}: one value per text encoder is for SDXL's two; this pipeline has one text"
+            " encoder, give an int"
+        )
+    if pair and len(clip_skip) != 2:
+        raise ValueError(f"clip_skip={clip_skip!r} must be an int, or a pair (first encoder, second) on SDXL")
+    values = tuple(clip_skip) if pair else (clip_skip, clip_skip) if sdxl else (clip_skip,)
+    encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    names = ("text_encoder", "text_encoder_2")
+    for value, encoder, name in zip(values, encoders, names, strict=False):  # SD: one value
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"clip_skip={clip_skip!r} must be an integer (layers skipped) or None")
+        low = -1 if sdxl else 0
+        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        high = None if layers is None else layers - (2 if sdxl else 1)
+        if value < low or (high is not None and value > high):
+            has = f": {name} has {layers} layers" if high is not None else ""
+            raise ValueError(f"clip_skip={value!r} must be between {low} and {high}{has}")
 
 
 def _is_prompt(prompt) -> bool:

@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from gen.pipelines import images as I
 from gen.pipelines.base import LatentDiffusionPipeline
 from gen.pipelines.checks import check_strength
+from gen.text.encode import ClipSkip
 
 
 class ImageToImagePipeline(LatentDiffusionPipeline):
@@ -43,7 +44,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
+        clip_skip: ClipSkip = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         height: int | None = None,

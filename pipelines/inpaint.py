@@ -15,6 +15,7 @@ from gen.pipelines import images as I
 from gen.pipelines.base import LatentDiffusionPipeline
 from gen.pipelines.checks import check_strength
 from gen.pipelines.prompting import TextContext
+from gen.text.encode import ClipSkip
 
 
 class InpaintPipeline(LatentDiffusionPipeline):
@@ -69,7 +70,7 @@ class InpaintPipeline(LatentDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
+        clip_skip: ClipSkip = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         guidance_rescale: float = 0.0,

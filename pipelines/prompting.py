@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gen.text.encode import embed, pad_chunks
+from gen.pipelines.checks import check_clip_skip
+from gen.text.encode import ClipSkip, embed, pad_chunks
 
 
 @dataclass
@@ -71,7 +72,7 @@ class PromptEncodingMixin:
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        clip_skip: int | None = None,
+        clip_skip: ClipSkip = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
         prompt_2: str | list[str] | None = None,
@@ -86,6 +87,7 @@ class PromptEncodingMixin:
         An SDXL pipeline also takes prompt_2, negative_prompt_2 and pooled embeddings and returns four
         tensors, as StableDiffusionXLPipeline.encode_prompt: the two above and the pooled ones (B*n, P).
         """
+        check_clip_skip(self, clip_skip)  # __call__ checks it with its other inputs
         text = self._encode_text(
             prompt,
             device,

@@ -14,6 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from gen.generation.attention import set_attention  # noqa: F401  (re-exported: pipelines users import it here)
 from gen.pipelines.base import LatentDiffusionPipeline
+from gen.text.encode import ClipSkip
 
 
 class TextToImagePipeline(LatentDiffusionPipeline):
@@ -48,7 +49,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        clip_skip: int | None = None,
+        clip_skip: ClipSkip = None,
         truncate_long_prompts: bool = False,
         prompt_weighting: bool = True,
         # SDXL (a pipeline with text_encoder_2), as StableDiffusionXLPipeline takes them

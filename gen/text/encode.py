@@ -21,6 +21,10 @@ from gen.text.prompts import Chunks, tokenize_weighted, window
 
 logger = logging.getLogger(__name__)
 
+# Layers skipped before the one a pipeline reads by default (see gen.pipelines.checks.check_clip_skip); on SDXL a
+# pair gives each of its two encoders its own.
+ClipSkip = int | tuple[int | None, int | None] | None
+
 
 def final_layer_norm(text_encoder) -> torch.nn.Module:
     # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it.
@@ -113,9 +117,9 @@ def _chunked(tokenizer, text_encoder, prompts: list[str], truncate: bool, weight
 def _penultimate(
     text_encoder, chunked: list[Chunks], device, clip_skip: int | None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """SDXL's reading of one encoder: the hidden states `clip_skip` layers before the penultimate (no final
-    layer norm), weighted, per prompt (K_i*L, D); and each prompt's pooled embedding from its first chunk
-    (the projected one of a CLIPTextModelWithProjection; None for a plain CLIPTextModel)."""
+    """SDXL's reading of one encoder: the hidden states `clip_skip` layers before the penultimate (-1: the last
+    layer; no final layer norm), weighted, per prompt (K_i*L, D); and each prompt's pooled embedding from its
+    first chunk (the projected one of a CLIPTextModelWithProjection; None for a plain CLIPTextModel)."""
     ids = torch.tensor([row for c in chunked for row in c.ids], device=device)  # (sum K, L)
     out = text_encoder(ids, output_hidden_states=True)
     z = out.hidden_states[-(clip_skip or 0) - 2]  # (sum K, L, D)
@@ -136,7 +140,7 @@ def embed_sdxl(
     prompts: list[str],
     prompts_2: list[str],
     device: torch.device | str,
-    clip_skip: int | None = None,
+    clip_skip: ClipSkip = None,
     truncate: bool = False,
     weighting: bool = True,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,10 +150,13 @@ def embed_sdxl(
     Returns each prompt's chunks (K_i*L, D1+D2) (the encoder needing fewer chunks padded with its empty chunk),
     the empty chunk (L, D1+D2), each prompt's pooled embedding (B, P) — the second encoder's, of the prompt's
     first chunk, as A1111 takes it (diffusers truncates the prompt to one window, which gives the same) —
-    and the empty prompt's pooled embedding (P)."""
+    and the empty prompt's pooled embedding (P). `clip_skip` applies to both encoders, or a pair to each its own."""
+    skips = tuple(clip_skip) if isinstance(clip_skip, (tuple, list)) else (clip_skip, clip_skip)
     read = [
-        _penultimate(encoder, _chunked(tokenizer, encoder, texts, truncate, weighting), device, clip_skip)
-        for tokenizer, encoder, texts in zip(tokenizers, text_encoders, (prompts, prompts_2), strict=True)
+        _penultimate(encoder, _chunked(tokenizer, encoder, texts, truncate, weighting), device, skip)
+        for tokenizer, encoder, texts, skip in zip(
+            tokenizers, text_encoders, (prompts, prompts_2), skips, strict=True
+        )
     ]
     (rows_1, _), (rows_2, pooled) = read
     if pooled is None:

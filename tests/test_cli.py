@@ -316,20 +316,3 @@ def test_help_samplers_and_argument_errors_load_no_torch(argv):
     )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:] + done.stderr[-500:]
-
-
-def test_clip_skip_is_written_in_a1111s_numbering():
-    """A1111's "Clip skip: 2" is the penultimate layer, which is gen's (and diffusers') clip_skip=1."""
-    record = {
-        "prompt": "x",
-        "seed": 1,
-        "options": {"steps": 4, "guidance": 5.0, "clip_skip": 1},
-        "sampler_label": "Euler",
-        "width": 64,
-        "height": 64,
-        "model_hash": "0" * 64,
-        "model_name": "m",
-    }
-    assert "Clip skip: 2" in metadata.a1111_parameters(record)
-    record["options"]["clip_skip"] = None
-    assert "Clip skip" not in metadata.a1111_parameters(record)

@@ -107,6 +107,28 @@ def test_models_options_and_util_set_model(server):
     assert api.get_options()["any_setting"] == 3
 
 
+def test_clip_skip_setting_is_honoured_as_a1111s(server, tmp_path):
+    """CLIP_stop_at_last_layers from override_settings or /options: the CLI's --clip-skip image, recorded."""
+    api = webui(server, sampler="Euler", steps=STEPS)
+    ask = {"prompt": PROMPT, "seed": 3, "width": 64, "height": 64, "cfg_scale": 5.0}
+    result = api.txt2img(**ask, override_settings={"CLIP_stop_at_last_layers": 2})
+    assert result.info["clip_skip"] == 2 and "Clip skip: 2" in result.image.text["parameters"]
+    cli = cli_image(tmp_path, PROMPT, 3, "--steps", str(STEPS), "--sampler", "euler", "--clip-skip", "2")
+    assert np.array_equal(pixels(result.image), cli)
+    assert not np.array_equal(pixels(api.txt2img(**ask).image), cli)  # the default, 1: the last layer
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    try:
+        assert np.array_equal(pixels(api.txt2img(**ask).image), cli)
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+    bad = api.session.post(api.baseurl + "/options", json={"CLIP_stop_at_last_layers": 0})
+    assert bad.status_code == 422 and "clip-skip 0 must be an integer >= 1" in bad.json()["detail"]
+    too_deep = api.session.post(
+        api.baseurl + "/txt2img", json={**ask, "override_settings": {"CLIP_stop_at_last_layers": 40}}
+    )
+    assert too_deep.status_code == 422 and "clip-skip 40 must be between 1 and" in too_deep.json()["detail"]
+
+
 def test_progress_and_interrupt(server):
     api = webui(server)
     idle = api.get_progress()
@@ -205,11 +227,12 @@ def test_streamed_job_on_the_post_connection(server):
     with (
         server.client() as http,
         http.stream(
-            "POST", "/gen/v1/jobs?stream=true", json={"prompt": PROMPT, "seed": 2, "steps": 2}
+            "POST", "/gen/v1/jobs?stream=true", json={"prompt": PROMPT, "seed": 2, "steps": 2, "clip_skip": 2}
         ) as stream,
     ):
         text = "".join(stream.iter_text())
     assert "event: image" in text and text.rstrip().splitlines()[-2] == "event: done"
+    assert "Clip skip: 2" in text  # A1111's numbering, as on the A1111 route
 
 
 def png_bytes_parameters(data: bytes) -> str:

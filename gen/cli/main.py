@@ -117,7 +117,14 @@ def generate_parser() -> argparse.ArgumentParser:
         "--clip-skip",
         type=int,
         default=None,
-        help="use the text encoder's output this many layers before the last",
+        metavar="N",
+        help="A1111's Clip skip: read the text encoder's Nth layer from the end (1 the last, 2 the penultimate);"
+        " as in A1111, not applied to SD 2.x, nor to SDXL without --sdxl-clip-l-skip",
+    )
+    a(
+        "--sdxl-clip-l-skip",
+        action="store_true",
+        help="SDXL: apply --clip-skip to the first text encoder (CLIP-L), A1111's 'Clip skip SDXL' setting",
     )
     a(
         "--model",
@@ -226,6 +233,7 @@ def _options(args):
         device=args.device,
         dtype=args.dtype,
         clip_skip=args.clip_skip,
+        sdxl_clip_l_skip=args.sdxl_clip_l_skip,
         attention=args.attention,
         compile=args.compile,
         guidance_interval=args.guidance_interval,

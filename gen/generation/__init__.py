@@ -3,6 +3,7 @@
 options.py    what decides the pictures, checked before anything loads (torch-free)
 inputs.py     init images and masks for image-to-image and inpainting: read, checked, hashed (torch-free)
 core.py       load and prepare a pipeline, render batches of jobs, gen.generate
+clip_skip.py  A1111's Clip skip number and which encoders it applies to, as the pipelines take it
 attention.py  the pipeline-wide attention switch
 metadata.py   what each PNG records, and how far an image made again may differ
 
@@ -20,6 +21,7 @@ from gen.generation.options import (
     Job,
     Options,
     batches,
+    check_clip_skip,
     check_options,
     check_precision,
     parse_lora,
@@ -48,6 +50,7 @@ __all__ = [
     "Job",
     "Options",
     "batches",
+    "check_clip_skip",
     "check_options",
     "check_precision",
     "parse_lora",

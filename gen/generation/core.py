@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from gen.diffusion.samplers import make_scheduler
+from gen.generation.clip_skip import not_applied, pipeline_clip_skip
 from gen.generation.inputs import InitImages, paste_back, read_init_images
 from gen.generation.options import Job, Options, batches, check_options, parse_lora, pick_seed, plan
 
@@ -109,7 +110,7 @@ def render(
         "guidance_rescale": o.guidance_rescale,
         "width": o.width,
         "height": o.height,
-        "clip_skip": o.clip_skip,
+        "clip_skip": pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip),
         "guidance_interval": tuple(o.guidance_interval) if o.guidance_interval else None,
         "generator": [torch.Generator().manual_seed(j.seed) for j in batch],
         "callback_on_step_end": callback,
@@ -147,7 +148,11 @@ def validate(pipe, o: Options, init: InitImages | None = None) -> None:
         num_inference_steps=o.steps,
         guidance_scale=o.guidance,
         guidance_rescale=o.guidance_rescale,
+        clip_skip=pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip),
     )
+    note = not_applied(pipe, o.clip_skip, o.sdxl_clip_l_skip)
+    if note:
+        logger.warning(note)
     need = memory_estimate(pipe, o.batch_size, height, width)
     free = available_memory()
     if free and need > free:

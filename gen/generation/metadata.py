@@ -19,6 +19,9 @@ A1111_KEY = "parameters"
 # count (AVX2 machines measured so), one level on a few pixels where they do (seen on an AVX-512 machine).
 PIXEL_TOLERANCE = 1
 _CHUNK = 1 << 20
+# The JSON record's layout. 2: options.clip_skip in A1111's numbering (records without "format" held the
+# pipeline's, one less); `read` turns older records into the current layout.
+FORMAT = 2
 
 
 def _cache_file() -> Path:
@@ -67,6 +70,7 @@ def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
     sampler = sampler_name(pipe.scheduler)
     folder = Path(o.model) if o.model else _default_model()
     return {
+        "format": FORMAT,
         "prompt": job.prompt,
         "seed": job.seed,
         "index": job.index,
@@ -104,9 +108,8 @@ def a1111_parameters(record: dict) -> str:
         "Model hash": record["model_hash"][:10],
         "Model": record["model_name"],
     }
-    if o.get("clip_skip"):
-        # A1111 counts the last layer as 1 (its "Clip skip: 2" is the penultimate layer, gen's clip_skip=1)
-        pairs["Clip skip"] = o["clip_skip"] + 1
+    if (o.get("clip_skip") or 1) > 1:  # A1111's numbering, as options hold it; A1111 leaves 1 out too
+        pairs["Clip skip"] = o["clip_skip"]
     if o.get("guidance_rescale"):
         pairs["CFG rescale"] = o["guidance_rescale"]
     if o.get("init_image"):  # A1111's img2img keys
@@ -144,9 +147,17 @@ def read(path: str | Path) -> dict:
     if text is None:
         raise ValueError(f"{path}: has no gen metadata (was it made by gen?)")
     try:
-        return json.loads(text)
+        return current(json.loads(text))
     except ValueError:
         raise ValueError(f"{path}: the gen metadata is not valid JSON") from None
+
+
+def current(record: dict) -> dict:
+    """A record of any earlier format in the current one."""
+    options = dict(record.get("options") or {})
+    if record.get("format", 1) < 2 and options.get("clip_skip"):
+        options["clip_skip"] += 1  # the pipeline's count of layers skipped, as A1111 numbers it
+    return {**record, "options": options, "format": FORMAT}
 
 
 def versions() -> dict[str, str]:

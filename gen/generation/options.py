@@ -35,7 +35,8 @@ class Options:
     height: int | None = None
     device: str = "cpu"
     dtype: str = "fp32"
-    clip_skip: int | None = None
+    clip_skip: int | None = None  # A1111's: 1 the last layer, 2 the penultimate (gen.generation.clip_skip)
+    sdxl_clip_l_skip: bool = False  # A1111's "Clip skip SDXL": apply clip_skip to SDXL's first encoder
     attention: str = "sdpa"
     compile: bool = False
     guidance_interval: tuple[float, float] | None = None
@@ -75,6 +76,7 @@ def check_options(o: Options) -> None:
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
     check_precision(o.dtype, o.device)
+    check_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
     if o.attention not in ATTENTION:
         raise ValueError(f"attention {o.attention!r} must be one of {list(ATTENTION)}")
     for name in ("guidance", "guidance_rescale"):
@@ -82,6 +84,19 @@ def check_options(o: Options) -> None:
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
     check_init(o)
+
+
+def check_clip_skip(clip_skip, sdxl_clip_l_skip=False) -> None:
+    """A1111's Clip skip: a whole number from 1 (the last layer); its upper bound is the model's layer count
+    (gen.generation.clip_skip)."""
+    whole = isinstance(clip_skip, int) and not isinstance(clip_skip, bool)
+    if clip_skip is not None and (not whole or clip_skip < 1):
+        raise ValueError(
+            f"clip-skip {clip_skip!r} must be an integer >= 1 (A1111's numbering: 1 is the text encoder's last"
+            " layer, 2 the penultimate)"
+        )
+    if not isinstance(sdxl_clip_l_skip, bool):
+        raise ValueError(f"sdxl-clip-l-skip {sdxl_clip_l_skip!r} must be true or false")
 
 
 def check_init(o: Options) -> None:

@@ -15,6 +15,7 @@ from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 import gen
+from gen import generation as G
 from gen.diffusion.samplers import SAMPLERS
 from gen.serve import samplers
 from gen.serve.results import decode_image, parse_parameters
@@ -70,9 +71,11 @@ class PngInfoRequest(BaseModel):
 
 
 def to_request(state: State, body: GenerationFields) -> Request:
-    """A1111's fields in gen's terms; the checkpoint from override_settings, else from /options."""
+    """A1111's fields in gen's terms; the checkpoint and Clip skip settings from override_settings, else from
+    /options."""
     overrides = body.override_settings or {}
     checkpoint = overrides.get("sd_model_checkpoint") or state.options.get("sd_model_checkpoint")
+    settings = {**state.options, **overrides}
     try:
         sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
     except ValueError as e:
@@ -88,6 +91,8 @@ def to_request(state: State, body: GenerationFields) -> Request:
         width=body.width,
         height=body.height,
         model=checkpoint,
+        clip_skip=settings.get("CLIP_stop_at_last_layers"),
+        sdxl_clip_l_skip=settings.get("sdxl_clip_l_skip", False),
     )
 
 
@@ -136,7 +141,7 @@ def info(task: Task, body: GenerationFields) -> dict:
         "infotexts": [r.parameters for r in made],
         "styles": body.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)),
-        "clip_skip": 1,
+        "clip_skip": o.clip_skip or 1,
         "is_using_inpainting_conditioning": task.init is not None and task.init.mask is not None,
         "version": f"gen {gen.__version__}",
         "status": task.status,  # gen's: "interrupted" when /interrupt stopped it (finished images only)
@@ -232,6 +237,10 @@ def _other_routes(api: APIRouter, state: State) -> None:
             except ValueError as e:
                 raise ServeError(422, str(e)) from None
             body = {**body, "sd_model_checkpoint": model.title, "sd_checkpoint_hash": model.sha256}
+        try:  # checked when set, as the checkpoint is: a bad value fails here, not in every later request
+            G.check_clip_skip(body.get("CLIP_stop_at_last_layers"), body.get("sdxl_clip_l_skip", False))
+        except ValueError as e:
+            raise ServeError(422, str(e)) from None
         state.options.update(body)
         return None
 

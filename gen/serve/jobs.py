@@ -44,6 +44,8 @@ class JobRequest(BaseModel):
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     model: str | None = None
+    clip_skip: int | None = Field(None, ge=1)  # A1111's numbering: 1 the last layer, 2 the penultimate
+    sdxl_clip_l_skip: bool = False  # apply clip_skip to SDXL's first encoder (A1111's "Clip skip SDXL")
     # Image-to-image and inpainting: pictures as raw base64 or data: URLs; mask white = repaint
     init_image: str | None = None
     mask: str | None = None
@@ -140,6 +142,8 @@ def router(state: State) -> APIRouter:
             width=body.width,
             height=body.height,
             model=body.model,
+            clip_skip=body.clip_skip,
+            sdxl_clip_l_skip=body.sdxl_clip_l_skip,
         )
         if body.init_image:
             add_init(request, body.init_image, body.mask, body.strength, body.mask_blur, body.invert_mask)

@@ -23,11 +23,13 @@ class State:
     def __init__(self, config: ServeConfig, models: Models):
         self.config, self.models = config, models
         self.queue: Queue | None = None
-        self.options = {  # A1111's /options: the checkpoint is honoured, any other key is kept and echoed
+        # A1111's /options: the checkpoint and the Clip skip settings are honoured, any other key kept and echoed
+        self.options = {
             "sd_model_checkpoint": models.default.title,
             "sd_checkpoint_hash": models.default.sha256,
             "samples_format": "png",
-            "CLIP_stop_at_last_layers": 1,
+            "CLIP_stop_at_last_layers": 1,  # A1111's Clip skip, honoured (gen.generation.clip_skip)
+            "sdxl_clip_l_skip": False,
             "sd_vae": "Automatic",
         }
         self.jobs: OrderedDict[str, Task] = OrderedDict()  # native jobs, newest last

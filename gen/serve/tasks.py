@@ -46,6 +46,8 @@ class Request:
     strength: float = 0.75
     mask_blur: int = 4  # recorded; the blur itself is applied when `init` is made
     invert: bool = False
+    clip_skip: int | None = None  # A1111's numbering (gen.generation.clip_skip)
+    sdxl_clip_l_skip: bool = False
 
 
 class Task:
@@ -172,6 +174,8 @@ def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
         device=config.device,
         dtype=config.dtype,
         attention=config.attention,
+        clip_skip=r.clip_skip,
+        sdxl_clip_l_skip=r.sdxl_clip_l_skip,
         **_init_options(r),
     )
 

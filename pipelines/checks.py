@@ -1,12 +1,16 @@
 """The pipeline's input checks: every bad value refused before any work, with the value and the rule.
 
-One function per concern (sizes, step and image counts, guidance, prompts and embeddings, outputs), called in
-that order by `check_call`.
+One function per concern (sizes, step and image counts, guidance, prompts and embeddings, clip skip, outputs),
+called in that order by `check_call`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gen.text.encode import ClipSkip
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -27,7 +31,7 @@ def check_call(
     callback_on_step_end_tensor_inputs: list[str] | None = None,
     num_images_per_prompt: int = 1,
     guidance_interval: tuple[float, float] | None = None,
-    clip_skip: int | tuple[int | None, int | None] | None = None,
+    clip_skip: ClipSkip = None,
 ) -> None:
     """Refuse bad input before any work, naming the value and the rule."""
     check_size(pipe, height, width)
@@ -96,36 +100,44 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
 
 
-def check_clip_skip(pipe, clip_skip) -> None:
+def check_clip_skip(pipe, clip_skip: ClipSkip) -> None:
     """clip_skip counts layers before the one a pipeline reads by default: an SD encoder's last (then its final
     layer norm), each SDXL encoder's penultimate (no norm), as diffusers counts. At least one layer must stay, and
     on SDXL -1 reads the last layer. SDXL also takes a pair, one value (or None) per encoder: A1111's "Clip skip
     SDXL" reads the first encoder's layer alone."""
     if clip_skip is None:
         return
-    sdxl = pipe.is_sdxl
-    pair = isinstance(clip_skip, (tuple, list))
-    if pair and not sdxl:
+    encoders = {"text_encoder": pipe.text_encoder}
+    if pipe.is_sdxl:
+        encoders["text_encoder_2"] = pipe.text_encoder_2
+    for value, (name, encoder) in zip(_per_encoder(clip_skip, len(encoders)), encoders.items(), strict=True):
+        if value is not None:
+            _check_layers(value, clip_skip, name, encoder, low=-1 if pipe.is_sdxl else 0)
+
+
+def _per_encoder(clip_skip, encoders: int) -> tuple:
+    if not isinstance(clip_skip, (tuple, list)):
+        return (clip_skip,) * encoders
+    if encoders == 1:
         raise ValueError(
             f"clip_skip={clip_skip!r}: one value per text encoder is for SDXL's two; this pipeline has one text"
             " encoder, give an int"
         )
-    if pair and len(clip_skip) != 2:
+    if len(clip_skip) != encoders:
         raise ValueError(f"clip_skip={clip_skip!r} must be an int, or a pair (first encoder, second) on SDXL")
-    values = tuple(clip_skip) if pair else (clip_skip, clip_skip) if sdxl else (clip_skip,)
-    encoders = (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-    names = ("text_encoder", "text_encoder_2")
-    for value, encoder, name in zip(values, encoders, names, strict=False):  # SD: one value
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"clip_skip={clip_skip!r} must be an integer (layers skipped) or None")
-        low = -1 if sdxl else 0
-        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
-        high = None if layers is None else layers - (2 if sdxl else 1)
-        if value < low or (high is not None and value > high):
-            has = f": {name} has {layers} layers" if high is not None else ""
-            raise ValueError(f"clip_skip={value!r} must be between {low} and {high}{has}")
+    return tuple(clip_skip)
+
+
+def _check_layers(value, clip_skip, name: str, encoder, low: int) -> None:
+    """One encoder's value: an integer from `low`, leaving at least one of the encoder's layers."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"clip_skip={clip_skip!r} must be an integer (layers skipped) or None")
+    layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)  # None: no encoder loaded
+    high = None if layers is None else layers - 1 + low  # SD: layers - 1; SDXL (from the penultimate): - 2
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"clip_skip={value!r} must be between {low} and {high}: {name} has {layers} layers")
+    if value < low:
+        raise ValueError(f"clip_skip={value!r} must be >= {low}")
 
 
 def _is_prompt(prompt) -> bool:

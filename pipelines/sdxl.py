@@ -7,7 +7,7 @@ Prompts keep A1111's semantics on both encoders (weights, BREAK, chunks of any l
 embed_sdxl). Where gen differs from diffusers' StableDiffusionXLPipeline: `clip_skip` applies to the negative
 prompt too (diffusers reads the negative's penultimate layer whatever clip_skip says), and prompts longer than
 one window are chunked rather than truncated; for prompts of one window the images are diffusers'.
-`clip_skip` may also be a pair, one value per encoder (-1 there is the last layer): A1111 ignores Clip skip on
+`clip_skip` may also be a pair, one value (or None) per encoder; -1 reads the last layer. A1111 ignores Clip skip on
 SDXL unless its sdxl_clip_l_skip setting is on, and then reads the first encoder's layer alone; the CLI and the
 server turn A1111's number into that pair (gen.generation.clip_skip).
 """

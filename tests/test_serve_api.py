@@ -4,6 +4,7 @@ Every served image is compared with the CLI's image for the same prompt, seed an
 and serving must not change a picture (README, "Seeds you can reproduce")."""
 
 import base64
+import io
 import json
 import threading
 
@@ -11,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 import webuiapi
+from PIL import Image
 
 from gen.cli import main
 from tests.serve_support import PROMPT, cli_image, pixels, png, serving, shared_models, wait_until
@@ -121,12 +123,23 @@ def test_clip_skip_setting_is_honoured_as_a1111s(server, tmp_path):
         assert np.array_equal(pixels(api.txt2img(**ask).image), cli)
     finally:
         api.set_options({"CLIP_stop_at_last_layers": 1})
-    bad = api.session.post(api.baseurl + "/options", json={"CLIP_stop_at_last_layers": 0})
-    assert bad.status_code == 422 and "clip-skip 0 must be an integer >= 1" in bad.json()["detail"]
-    too_deep = api.session.post(
-        api.baseurl + "/txt2img", json={**ask, "override_settings": {"CLIP_stop_at_last_layers": 40}}
-    )
-    assert too_deep.status_code == 422 and "clip-skip 40 must be between 1 and" in too_deep.json()["detail"]
+    for value, message in (
+        (0, "clip skip 0 must be an integer >= 1"),
+        (40, "clip skip 40 must be between 1 and"),
+    ):
+        bad = api.session.post(api.baseurl + "/options", json={"CLIP_stop_at_last_layers": value})
+        assert bad.status_code == 422 and message in bad.json()["detail"], bad.text
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 1  # nothing set
+        override = api.session.post(
+            api.baseurl + "/txt2img", json={**ask, "override_settings": {"CLIP_stop_at_last_layers": value}}
+        )
+        assert override.status_code == 422 and message in override.json()["detail"], override.text
+    job = {"prompt": PROMPT, "seed": 3, "width": 64, "height": 64, "guidance": 5.0, "steps": STEPS}
+    with server.client() as http:  # the jobs API: the same number, the same picture
+        events = http.post("/gen/v1/jobs?stream=true", json={**job, "sampler": "euler", "clip_skip": 2}).text
+        image = next(json.loads(line[6:]) for line in events.splitlines() if '"url"' in line)
+        assert "Clip skip: 2" in image["parameters"]
+        assert np.array_equal(pixels(Image.open(io.BytesIO(http.get(image["url"]).content))), cli)
 
 
 def test_progress_and_interrupt(server):
@@ -227,12 +240,11 @@ def test_streamed_job_on_the_post_connection(server):
     with (
         server.client() as http,
         http.stream(
-            "POST", "/gen/v1/jobs?stream=true", json={"prompt": PROMPT, "seed": 2, "steps": 2, "clip_skip": 2}
+            "POST", "/gen/v1/jobs?stream=true", json={"prompt": PROMPT, "seed": 2, "steps": 2}
         ) as stream,
     ):
         text = "".join(stream.iter_text())
     assert "event: image" in text and text.rstrip().splitlines()[-2] == "event: done"
-    assert "Clip skip: 2" in text  # A1111's numbering, as on the A1111 route
 
 
 def png_bytes_parameters(data: bytes) -> str:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from gen import generation as G
 from gen.cli import outputs
 from gen.generation import metadata
+from gen.generation.clip_skip import check_recorded
 from gen.generation.inputs import InitImages, read_init_images
 from gen.images import contact_sheet
 
@@ -138,6 +139,10 @@ def reproduce(args) -> int:
     G.check_options(o)
     init = _given_inputs(record, o, args)
     pipe = G.task_pipeline(G.load(o), init)
+    try:
+        check_recorded(pipe, o.clip_skip, record["read_from_format"])
+    except ValueError as e:
+        raise ValueError(f"{args.image}: {e}") from None
     G.validate(pipe, o, init)
     image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)], init=init)[0]
     if args.output:

@@ -147,17 +147,19 @@ def read(path: str | Path) -> dict:
     if text is None:
         raise ValueError(f"{path}: has no gen metadata (was it made by gen?)")
     try:
-        return current(json.loads(text))
+        record = json.loads(text)
     except ValueError:
         raise ValueError(f"{path}: the gen metadata is not valid JSON") from None
+    return current(record)
 
 
 def current(record: dict) -> dict:
-    """A record of any earlier format in the current one."""
+    """A record of any earlier format in the current one; "read_from_format" says which it was."""
     options = dict(record.get("options") or {})
-    if record.get("format", 1) < 2 and options.get("clip_skip"):
+    was = record.get("format", 1)
+    if was < 2 and isinstance(options.get("clip_skip"), int):
         options["clip_skip"] += 1  # the pipeline's count of layers skipped, as A1111 numbers it
-    return {**record, "options": options, "format": FORMAT}
+    return {**record, "options": options, "format": FORMAT, "read_from_format": was}
 
 
 def versions() -> dict[str, str]:

@@ -76,7 +76,7 @@ def check_options(o: Options) -> None:
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
     check_precision(o.dtype, o.device)
-    check_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
+    check_a1111_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
     if o.attention not in ATTENTION:
         raise ValueError(f"attention {o.attention!r} must be one of {list(ATTENTION)}")
     for name in ("guidance", "guidance_rescale"):
@@ -86,13 +86,13 @@ def check_options(o: Options) -> None:
     check_init(o)
 
 
-def check_clip_skip(clip_skip, sdxl_clip_l_skip=False) -> None:
+def check_a1111_clip_skip(clip_skip: int | None, sdxl_clip_l_skip: bool = False) -> None:
     """A1111's Clip skip: a whole number from 1 (the last layer); its upper bound is the model's layer count
-    (gen.generation.clip_skip)."""
+    (gen.generation.clip_skip). Not the pipelines' clip_skip (gen.pipelines.checks), which counts layers skipped."""
     whole = isinstance(clip_skip, int) and not isinstance(clip_skip, bool)
     if clip_skip is not None and (not whole or clip_skip < 1):
         raise ValueError(
-            f"clip-skip {clip_skip!r} must be an integer >= 1 (A1111's numbering: 1 is the text encoder's last"
+            f"clip skip {clip_skip!r} must be an integer >= 1 (A1111's numbering: 1 is the text encoder's last"
             " layer, 2 the penultimate)"
         )
     if not isinstance(sdxl_clip_l_skip, bool):

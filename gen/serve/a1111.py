@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import gen
 from gen import generation as G
 from gen.diffusion.samplers import SAMPLERS
+from gen.generation.clip_skip import DEFAULT as DEFAULT_CLIP_SKIP
+from gen.generation.clip_skip import pipeline_clip_skip
 from gen.serve import samplers
 from gen.serve.results import decode_image, parse_parameters
 from gen.serve.state import State
@@ -76,6 +78,7 @@ def to_request(state: State, body: GenerationFields) -> Request:
     overrides = body.override_settings or {}
     checkpoint = overrides.get("sd_model_checkpoint") or state.options.get("sd_model_checkpoint")
     settings = {**state.options, **overrides}
+    clip_skip = settings.get("CLIP_stop_at_last_layers")
     try:
         sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
     except ValueError as e:
@@ -91,7 +94,8 @@ def to_request(state: State, body: GenerationFields) -> Request:
         width=body.width,
         height=body.height,
         model=checkpoint,
-        clip_skip=settings.get("CLIP_stop_at_last_layers"),
+        # A1111's default as None: these requests share batches with the other APIs' (the same pictures)
+        clip_skip=None if type(clip_skip) is int and clip_skip == DEFAULT_CLIP_SKIP else clip_skip,
         sdxl_clip_l_skip=settings.get("sdxl_clip_l_skip", False),
     )
 
@@ -141,7 +145,7 @@ def info(task: Task, body: GenerationFields) -> dict:
         "infotexts": [r.parameters for r in made],
         "styles": body.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.created)),
-        "clip_skip": o.clip_skip or 1,
+        "clip_skip": o.clip_skip or DEFAULT_CLIP_SKIP,
         "is_using_inpainting_conditioning": task.init is not None and task.init.mask is not None,
         "version": f"gen {gen.__version__}",
         "status": task.status,  # gen's: "interrupted" when /interrupt stopped it (finished images only)
@@ -237,8 +241,11 @@ def _other_routes(api: APIRouter, state: State) -> None:
             except ValueError as e:
                 raise ServeError(422, str(e)) from None
             body = {**body, "sd_model_checkpoint": model.title, "sd_checkpoint_hash": model.sha256}
+        settings = {**state.options, **body}
         try:  # checked when set, as the checkpoint is: a bad value fails here, not in every later request
-            G.check_clip_skip(body.get("CLIP_stop_at_last_layers"), body.get("sdxl_clip_l_skip", False))
+            clip_skip, flag = settings["CLIP_stop_at_last_layers"], settings["sdxl_clip_l_skip"]
+            G.check_a1111_clip_skip(clip_skip, flag)
+            pipeline_clip_skip(state.models.find(settings["sd_model_checkpoint"]).pipe, clip_skip, flag)
         except ValueError as e:
             raise ServeError(422, str(e)) from None
         state.options.update(body)

@@ -205,7 +205,7 @@ def test_vae_slicing_and_tiling_keep_the_image(dit_pipe):
     np.testing.assert_allclose(run(dit_pipe, prompt=["a", "b"]), ref, atol=1e-5)
 
 
-def test_fp16_vae_decodes_in_fp32_and_nan_is_an_error(dit_pipe):
+def test_fp16_vae_decodes_in_fp32_unless_fixed_and_nan_is_an_error(dit_pipe):
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ref = dit_pipe.decode_latents(latents)
     dit_pipe.vae.to(torch.float16)
@@ -213,6 +213,10 @@ def test_fp16_vae_decodes_in_fp32_and_nan_is_an_error(dit_pipe):
     assert dit_pipe.vae.dtype == torch.float16  # restored after the fp32 decode
     assert out.dtype == torch.float32  # fp16 weights rounded once, the decode itself ran in fp32
     torch.testing.assert_close(out, ref, atol=3e-3, rtol=0)
+    dit_pipe.vae.register_to_config(force_upcast=False)  # a fixed fp16 VAE's config (SDXL's fp16-fix) says so
+    fixed = dit_pipe.decode_latents(latents)
+    assert fixed.dtype == torch.float16  # decoded as given
+    torch.testing.assert_close(fixed.float(), ref, atol=5e-3, rtol=0)
     with pytest.raises(FloatingPointError, match="contains NaN"):
         dit_pipe.decode_latents(torch.full((1, 4, 16, 16), float("nan")))
 

@@ -32,6 +32,14 @@ from gen.text.encode import ClipSkip
 
 logger = logging.getLogger(__name__)
 
+GUIDANCE_USUAL = 30.0  # A1111's CFG slider ends here; far above it the latents overflow
+
+
+class NotFiniteError(ValueError, FloatingPointError):
+    """A generated picture with NaN or infinite values: a ValueError, since a request's settings (a huge guidance
+    scale) cause it as often as broken weights, so front-ends answer it as bad input, in one line."""
+
+
 
 def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool:
     """Is this step inside the guidance interval (fractions of the schedule, start inclusive)?"""
@@ -265,6 +273,11 @@ class LatentDiffusionPipeline(
             first = image[0] if isinstance(image, list) else image
             size = (first.shape[-1] * self.vae_scale_factor, first.shape[-2] * self.vae_scale_factor)
         stride = self.latent_stride
+        if (not height and size[1] < stride) or (not width and size[0] < stride):
+            raise ValueError(
+                f"the image is {size[0]}x{size[1]}, smaller than this model's stride of {stride} pixels; give an"
+                f" image of at least {stride}x{stride}, or the size (height, width)"
+            )
         return height or size[1] // stride * stride, width or size[0] // stride * stride
 
     def _check_plain_denoiser(self) -> None:
@@ -482,16 +495,26 @@ class LatentDiffusionPipeline(
         dtype = vae.dtype
         if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
             dtype = torch.float32
+        if not torch.isfinite(x).all():
+            raise self._not_finite("the denoised latents contain NaN or infinite values", dtype)
         image = self._vae_decode(x, dtype, generator)
-        if torch.isnan(image).any() and dtype != torch.float32:
+        if not torch.isfinite(image).all() and dtype != torch.float32:
             logger.warning("VAE decode in %s gave NaN; retrying in float32", dtype)
             image = self._vae_decode(x, torch.float32, generator)
-        if torch.isnan(image).any():
-            raise FloatingPointError(
-                "the decoded image contains NaN (the latents or the VAE weights are not finite); try float32,"
-                " fewer steps or another sampler"
-            )
+        if not torch.isfinite(image).all():
+            raise self._not_finite("the decoded image contains NaN or infinite values", torch.float32)
         return image
+
+    def _not_finite(self, what: str, dtype: torch.dtype) -> NotFiniteError:
+        """The error for a picture that is not finite, naming the likeliest cause: a guidance scale far beyond the
+        usual range (finite, yet it overflows the latents), else the weights or the precision."""
+        scale = getattr(self, "_guidance_scale", None)
+        if scale is not None and abs(scale) > GUIDANCE_USUAL:
+            return NotFiniteError(f"{what}: guidance_scale {scale:g} is far beyond the usual 1-{GUIDANCE_USUAL:g}")
+        hint = "" if dtype == torch.float32 else "try float32, "
+        return NotFiniteError(
+            f"{what} (the latents or the VAE weights are not finite); {hint}fewer steps or another sampler"
+        )
 
     def _vae_decode(self, x: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
         original = self.vae.dtype
@@ -556,7 +579,13 @@ class LatentDiffusionPipeline(
             "prompt_embeds": text.prompt_embeds,
             "negative_prompt_embeds": text.negative_prompt_embeds,
         }
-        out = callback(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+        out = callback(self, i, t, {k: local[k] for k in tensor_inputs})
+        if out is None:
+            out = {}
+        elif not isinstance(out, dict):  # diffusers would fail later with "argument of type ... not iterable"
+            raise TypeError(
+                f"callback_on_step_end must return a dict of tensors (or None), got {type(out).__name__}"
+            )
         if "prompt_embeds" in out or "negative_prompt_embeds" in out:
             text.prompt_embeds = out.pop("prompt_embeds", text.prompt_embeds)
             text.negative_prompt_embeds = out.pop("negative_prompt_embeds", text.negative_prompt_embeds)

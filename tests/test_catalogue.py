@@ -33,6 +33,21 @@ CATALOGUE = [
     ("empty prompt", [""], 0, None),  # unconditional: a valid request
     ("10,000-character prompt", [LONG], 0, None),  # chunked, nothing cut
     ("control characters in prompt", ["a red\x01 circle"], 0, None),  # dropped from the PNG text chunk
+    ("lone surrogate in prompt", ["a red circle \udcff"], 2, "prompt has an invalid character \\udcff"),
+    (
+        "guidance 1e30",
+        ["x", "--guidance", "1e30", "--seed", "1"],
+        2,
+        "guidance_scale 1e+30 is far beyond the usual 1-30",
+    ),
+    (
+        "device tpu",
+        ["x", "--device", "tpu"],
+        2,
+        "device 'tpu' is not available on this machine; allowed: cpu",
+    ),
+    ("device cuda", ["x", "--device", "cuda"], 2, "device 'cuda' is not available on this machine; allowed"),
+    ("device mps", ["x", "--device", "mps"], 2, "device 'mps' is not available on this machine; allowed"),
 ]
 
 

@@ -105,3 +105,20 @@ def test_training_never_imports_the_command():
         assert "gen.cli.loop" not in text and "gen.cli" not in text and "from gen import run" not in text, (
             script
         )
+
+
+def test_a_second_run_into_a_folder_follows_the_first_in_order(tmp_path):
+    from gen.cli import outputs
+
+    image = Image.new("RGB", (4, 4))
+    for k in range(4):
+        outputs.save(image, outputs.namer(f"{tmp_path}/out/"), k=k, total=4, overwrite=False)
+    name = outputs.namer(f"{tmp_path}/out/")
+    paths = [outputs.save(image, name, k=k, total=6, overwrite=False).name for k in range(6)]
+    assert paths == [f"{n:05d}.png" for n in range(4, 10)]  # image k of the second run is number 4 + k
+    single = outputs.namer(tmp_path / "a.png")
+    assert [outputs.save(image, single, k=0, total=1, overwrite=False).name for _ in range(3)] == [
+        "a.png",
+        "a-00001.png",
+        "a-00002.png",
+    ]

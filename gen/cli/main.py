@@ -197,7 +197,8 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(path: Path):
-    """Stream prompts (a file of a million lines is not read at once); bad bytes name their line."""
+    """Stream prompts, one a line (a file of a million lines is not read at once); blank lines and lines starting
+    with # are skipped; bad bytes name their line."""
     try:
         f = path.open("rb")
     except OSError as e:
@@ -210,8 +211,10 @@ def read_prompts(path: Path):
                 raise CliError(f"{path}:{number}: not valid UTF-8 text") from None
             if any(ord(c) < 32 and c != "\t" for c in line):
                 raise CliError(f"{path}:{number}: contains control characters")
+            if line.lstrip().startswith("#"):  # a comment; a prompt that starts with # is written \#
+                continue
             if line.strip():
-                yield line
+                yield line[1:] if line.startswith("\\#") else line
 
 
 def _options(args):

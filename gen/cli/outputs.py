@@ -4,7 +4,8 @@ Naming (documented in `gen --help`):
   -o out.png -n 1   -> out.png
   -o out.png -n 4   -> out-00000.png ... out-00003.png      (image k of the run is number k)
   -o DIR/           -> DIR/00000.png ...                     (a folder: an existing one, or a path ending in /)
-A name already taken gets the next free number at or above the run's size instead, unless --overwrite.
+A name already taken gets the number after the highest one already in the folder instead (unless --overwrite),
+so a second run into a folder follows the first, its images in their own order.
 Each PNG is written to a temporary file in the target folder and then linked into place, which fails rather
 than replaces if the name was taken meanwhile (so parallel processes never clobber each other).
 """
@@ -13,21 +14,55 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gen.files import atomic_write, fsync, temporary_sibling
 
 
-def namer(output: str | Path, total: int) -> Callable[[int | None], Path]:
-    """A function from image number (None: the plain name of a single-image run) to a path."""
-    text = str(output)
-    path = Path(output)
-    if text.endswith(("/", os.sep)) or path.is_dir():
-        return lambda n: path / f"{n or 0:05d}.png"
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"output {text!r} must be a .png file or a folder (end it with / to create one)")
-    return lambda n: path if n is None else path.with_name(f"{path.stem}-{n:05d}{path.suffix}")
+class Namer:
+    """Image number (None: the plain name of a single-image run) -> path; and where a run whose names are taken
+    goes on: after the highest number already there (the plain name counts as 0)."""
+
+    def __init__(self, output: str | Path):
+        text = str(output)
+        path = Path(output)
+        if text.endswith(("/", os.sep)) or path.is_dir():
+            self.folder, self.plain, self.pattern = path, None, re.compile(r"(\d{5,})\.png")
+            self._name = lambda n: path / f"{n or 0:05d}.png"
+        elif path.suffix.lower() != ".png":
+            raise ValueError(f"output {text!r} must be a .png file or a folder (end it with / to create one)")
+        else:
+            self.folder, self.plain = path.parent, path
+            self.pattern = re.compile(re.escape(path.stem) + r"-(\d{5,})" + re.escape(path.suffix))
+            self._name = lambda n: path if n is None else path.with_name(f"{path.stem}-{n:05d}{path.suffix}")
+        self._next: int | None = None  # the next number to try once names collide; scanned once
+
+    def __call__(self, n: int | None) -> Path:
+        return self._name(n)
+
+    def free(self) -> Iterator[Path]:
+        """Candidates for an image whose own name is taken, in increasing number."""
+        if self._next is None:
+            self._next = self._highest() + 1
+        while True:
+            yield self._name(self._next)
+            self._next += 1
+
+    def _highest(self) -> int:
+        numbers = [0] if self.plain is not None and self.plain.exists() else []
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            names = []
+        numbers += [int(m.group(1)) for m in map(self.pattern.fullmatch, names) if m]
+        return max(numbers, default=-1)
+
+
+def namer(output: str | Path, total: int = 1) -> Namer:
+    """A Namer for `output` (`total` is kept for callers; the naming does not depend on it)."""
+    return Namer(output)
 
 
 def check_writable(output: str | Path) -> None:
@@ -44,7 +79,8 @@ def check_writable(output: str | Path) -> None:
 def save(
     image, name: Callable[[int | None], Path], k: int, total: int, overwrite: bool, pnginfo=None
 ) -> Path:
-    """Write image k atomically under its name, or the next free number if that is taken; return the path."""
+    """Write image k atomically under its name, or, if that is taken, the number after the highest one there
+    (a plain function as `name`: the next free number from `total`); return the path."""
     first = name(None if total == 1 else k)
     first.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -54,7 +90,8 @@ def save(
     with temporary_sibling(first) as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
         fsync(tmp)
-        for candidate in itertools.chain([first], (name(n) for n in itertools.count(max(total, 1)))):
+        rest = name.free() if isinstance(name, Namer) else (name(n) for n in itertools.count(max(total, 1)))
+        for candidate in itertools.chain([first], rest):
             if _link(tmp, candidate):
                 return candidate
     raise AssertionError("unreachable")

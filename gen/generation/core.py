@@ -100,7 +100,7 @@ def render(
 ) -> list:
     """PIL images for one batch of jobs, one generator per image; from `init` (image-to-image, inpainting)
     when given, the original pasted back outside an inpainting mask."""
-    callback = (lambda p, i, t, kw: on_step() or {}) if on_step else None  # noqa: E731
+    callback = _step_callback(on_step) if on_step else None
     kwargs = {
         # No negative prompt: None, which SDXL models configured so (force_zeros_for_empty_prompt) read as zeros,
         # as they were trained; SD 1.x/2.x read None as "".
@@ -123,6 +123,17 @@ def render(
         return task_pipeline(pipe, init)(prompts, **kwargs).images
     images = task_pipeline(pipe, init)(prompts, mask_image=init.mask, **kwargs).images
     return [paste_back(init, image) for image in images]
+
+
+def _step_callback(on_step: Callable[[], object]) -> Callable:
+    """diffusers' callback_on_step_end around a plain per-step hook. The hook's return value is dropped: a
+    progress bar's update (tqdm returns True when it redraws, as in a terminal) is not the pipeline's business."""
+
+    def callback(pipe, i: int, t, tensors: dict) -> dict:
+        on_step()
+        return {}
+
+    return callback
 
 
 def size_of(pipe, o: Options, init: InitImages | None = None) -> tuple[int, int]:
@@ -187,8 +198,36 @@ def available_memory() -> int:
         return 0
 
 
+def available_devices() -> list[str]:
+    """The devices torch can run on here: cpu, each CUDA GPU, mps and xpu where present."""
+    devices = ["cpu"] + [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        devices += [f"xpu:{k}" for k in range(torch.xpu.device_count())]
+    return devices
+
+
+def check_device(device: str) -> None:
+    """A device this machine has (torch's own errors for "tpu" or a CPU-only build are tracebacks)."""
+    allowed = available_devices()
+    name = str(device)
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is not None:
+        index = parsed.index if parsed.index is not None else 0
+        full = parsed.type if parsed.type in ("cpu", "mps") else f"{parsed.type}:{index}"
+        if full in allowed:
+            return
+    raise ValueError(f"device {name!r} is not available on this machine; allowed: {', '.join(allowed)}")
+
+
 def load(o: Options):
     from gen.loading.pipeline import load_pipeline
+
+    check_device(o.device)
 
     pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle)
     return prepare(pipe, o)

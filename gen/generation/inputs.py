@@ -48,6 +48,8 @@ def read_image(path: str | Path, what: str = "init image") -> Image.Image:
             return image.copy()
     except FileNotFoundError:
         raise ValueError(f"{what} {path}: no such file") from None
+    except Image.DecompressionBombError as e:  # not an OSError: PIL's guard against decompression bombs
+        raise ValueError(f"{what} {path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         reason = "not an image file PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
         raise ValueError(f"{what} {path}: {reason}") from None

@@ -75,6 +75,8 @@ def check_options(o: Options) -> None:
             raise unknown_sampler(o.sampler)
     if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
         raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
+    for name in ("prompt", "negative"):
+        check_text(getattr(o, name), name.replace("negative", "negative prompt"))
     check_precision(o.dtype, o.device)
     check_a1111_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
     if o.attention not in ATTENTION:
@@ -84,6 +86,22 @@ def check_options(o: Options) -> None:
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
     check_init(o)
+
+
+def check_text(text: str, name: str = "prompt") -> None:
+    """Text the tokenizer can take: a str that is valid Unicode. A lone surrogate (JSON's "\\ud83d" without its
+    pair, or undecodable bytes in argv) passes JSON parsing and argparse but fails in the tokenizer, in the middle
+    of a batch that other requests share, and cannot be written into a PNG's metadata."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} {text!r} must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("utf-8", "backslashreplace").decode("ascii")
+        raise ValueError(
+            f"{name} has an invalid character {bad} at position {e.start} (a lone UTF-16 surrogate); send valid"
+            " Unicode text"
+        ) from None
 
 
 def check_a1111_clip_skip(clip_skip: int | None, sdxl_clip_l_skip: bool = False) -> None:

@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from tests.images import pixels  # noqa: F401 (the serve tests import it from here)
+
 PROMPT = "a red circle on a blue background"
 
 
@@ -110,12 +112,6 @@ def wait_ready(url: str, process, timeout: float = 120) -> None:
 
 def png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def pixels(image) -> np.ndarray:
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    return np.asarray(image.convert("RGB"))
 
 
 def cli_image(tmp_path: Path, prompt: str, seed: int, *args: str) -> np.ndarray:

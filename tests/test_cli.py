@@ -14,24 +14,9 @@ from gen.cli import main
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation import metadata
 from tests import components
+from tests.images import assert_same_image, pixels
 
 STEPS = ["--steps", "4"]
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def assert_same_image(a, b):
-    """gen's promise for one seed across batch sizes, batch-mates and processes: bit-identical where the CPU's
-    matrix kernels do not depend on the batch shape or thread count (this machine class), else at most 1/255
-    on a few pixels (README, "Seeds you can reproduce"; `gen reproduce --verify` allows the same)."""
-    a, b = (pixels(x) if not isinstance(x, np.ndarray) else x for x in (a, b))
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() <= metadata.PIXEL_TOLERANCE and (diff > 0).mean() < 1e-3, (
-        diff.max(),
-        (diff > 0).mean(),
-    )
 
 
 def test_generate_writes_png_prints_path_and_numbers_around_existing(tmp_path, capsys):

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from gen.cli import main
 from gen.generation import metadata
-from tests.test_cli import assert_same_image, pixels
+from tests.images import assert_same_image, pixels
 
 STEPS = ["--steps", "6"]
 

@@ -1,6 +1,8 @@
 """Bad input gets a 4xx JSON error of one line and the server keeps serving; auth answers 401 before routing."""
 
 import base64
+import io
+import json
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import httpx
 import openai
 import pytest
 import webuiapi
+from PIL import Image
 
 from gen.serve import samplers
 from gen.serve.config import ServeConfig
@@ -16,6 +19,30 @@ from gen.serve.results import parse_parameters
 from tests.serve_support import PROMPT, serving, shared_models
 
 BIG = 10 * 2**20  # 10 MB
+SURROGATE = b'{"prompt": "a red circle \\ud83d", "steps": 1}'  # JSON's escape for half a UTF-16 pair
+
+
+def png_header(width: int, height: int) -> str:
+    """A PNG that says it is width x height (1-bit grey) and holds no pixel data: what a decompression bomb's
+    header looks like, without building one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    return base64.b64encode(data).decode()
+
+
+def real_png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BOMB_20K, BOMB_12K, TINY_1X1 = png_header(20000, 20000), png_header(12000, 12000), real_png(1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +86,56 @@ def basic(user: str, password: str) -> dict:
         ("/gen/v1/jobs", {"prompt": "x", "steps": -1}, 422, "steps=-1: Input should be greater"),
         ("/v1/images/generations", {"prompt": "x", "n": -1}, 400, "n=-1: Input should be greater"),
         ("/v1/images/generations", {"prompt": "x", "size": "16384x16384"}, 400, "size 16384x16384"),
+        # A lone surrogate is valid JSON but not text: refused before it joins (and fails) a batch
+        ("/sdapi/v1/txt2img", SURROGATE, 422, "prompt has an invalid character \\ud83d at position 13"),
+        ("/gen/v1/jobs", SURROGATE, 422, "prompt has an invalid character \\ud83d"),
+        ("/v1/images/generations", SURROGATE, 400, "prompt has an invalid character \\ud83d"),
+        (
+            "/sdapi/v1/txt2img",
+            b'{"prompt": "x", "negative_prompt": "\\udcff"}',
+            422,
+            "negative prompt has an",
+        ),
+        # Finite, yet it overflows the latents: the sender's fault, named
+        (
+            "/sdapi/v1/txt2img",
+            {"prompt": "x", "steps": 2, "cfg_scale": 1e30},
+            422,
+            "guidance_scale 1e+30 is far",
+        ),
+        (
+            "/gen/v1/jobs?stream=true",
+            {"prompt": "x", "steps": 2, "guidance": 1e30},
+            200,
+            "guidance_scale 1e+30",
+        ),
+        (
+            "/v1/images/generations",
+            {"prompt": "x", "steps": 2, "guidance_scale": 1e30},
+            400,
+            "guidance_scale 1e+30",
+        ),
+        # Decompression bombs: the header's size is checked before a pixel is decoded
+        (
+            "/sdapi/v1/img2img",
+            {"init_images": [BOMB_20K]},
+            422,
+            "init image has more than this server allows",
+        ),
+        (
+            "/sdapi/v1/img2img",
+            {"init_images": [BOMB_12K]},
+            422,
+            "init image is 12000x12000 = 144000000 pixels, more",
+        ),
+        ("/gen/v1/jobs", {"prompt": "x", "init_image": BOMB_12K}, 422, "init image is 12000x12000"),
+        ("/sdapi/v1/png-info", {"image": BOMB_20K}, 422, "image has more than this server allows"),
+        (
+            "/sdapi/v1/img2img",
+            {"init_images": [TINY_1X1]},
+            422,
+            "the image is 1x1, smaller than this model's stride",
+        ),
     ],
 )
 def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, path, body, status, message):
@@ -68,10 +145,15 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, path
         else:
             r = http.post(path, json=body)
         assert r.status_code == status, r.text
-        error = r.json()["error"]
-        detail = error["message"] if path.startswith("/v1") else r.json()["detail"]
+        if path.endswith("stream=true"):  # accepted, then the job's own stream says why it failed
+            failed = r.text.split("event: failed\ndata: ")[1].split("\n")[0]
+            detail = json.loads(failed)["error"]
+        else:
+            error = r.json()["error"]
+            detail = error["message"] if path.startswith("/v1") else r.json()["detail"]
         assert message in detail and "\n" not in detail, detail
         assert http.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 1}).status_code == 200
+        assert http.get("/gen/v1/info").json()["queue"]["waiting"] == 0  # nothing refused was queued
 
 
 def test_a_streamed_10mb_body_without_length_is_refused_too(server):

@@ -7,14 +7,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
+from tests.images import assert_same_image
 from tests.serve_support import (
     cli_image,
     gen_serve_process,
-    pixels,
     png,
     serving,
     shared_models,
@@ -64,10 +63,7 @@ def test_concurrent_requests_share_a_batch_and_equal_the_cli(tmp_path):
     for (prompt, seed), answer in zip(requests, answers, strict=True):
         served = png(answer["images"][0])
         assert f"Seed: {seed}" in served.text["parameters"] and served.text["parameters"].startswith(prompt)
-        assert np.array_equal(pixels(served), cli_image(tmp_path, prompt, seed, "--steps", "4")), (
-            prompt,
-            seed,
-        )
+        assert_same_image(served, cli_image(tmp_path, prompt, seed, "--steps", "4"))  # in a batch of 6
 
 
 def test_incompatible_requests_are_not_batched_and_long_requests_split():
@@ -162,3 +158,48 @@ def test_finished_jobs_are_forgotten_beyond_keep_jobs():
             ids.append(http.post("/gen/v1/jobs", json={"prompt": "x", "steps": 1, "seed": k}).json()["id"])
             wait_until(lambda i=ids[-1]: http.get(f"/gen/v1/jobs/{i}").json()["status"] == "done")
         assert [http.get(f"/gen/v1/jobs/{i}").status_code for i in ids] == [404, 200, 200]
+
+
+def test_a_request_whose_render_fails_fails_alone(tmp_path, monkeypatch):
+    """A batch that fails for one member is rendered again request by request: the others get their images
+    (each now made alone: the CLI's, bit for bit), the culprit a one-line error."""
+    from gen.serve import queue
+
+    real = queue.render_batch
+
+    def fragile(model, o, jobs, on_step, init=None):
+        if any("boom" in job.prompt for job in jobs):
+            raise RuntimeError("the text encoder choked")
+        return real(model, o, jobs, on_step, init)
+
+    monkeypatch.setattr(queue, "render_batch", fragile)
+    requests = [("a red circle", 1), ("boom", 2), ("a blue star", 3)]
+    with serving(max_batch=8) as server, server.client() as http:
+        block = blocker(http)
+        with ThreadPoolExecutor(3) as pool:
+            body = {"steps": 4, "cfg_scale": 5}
+            futures = [
+                pool.submit(http.post, "/sdapi/v1/txt2img", json={"prompt": p, "seed": s, **body})
+                for p, s in requests
+            ]
+            wait_until(lambda: len(server.state.queue.queued_tasks()) == 3)
+            http.delete(f"/gen/v1/jobs/{block}")
+            answers = [f.result() for f in futures]
+        assert http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}).status_code == 200
+    assert [a.status_code for a in answers] == [200, 500, 200], [a.text for a in answers]
+    assert answers[1].json()["detail"] == "generation failed: the text encoder choked"
+    for (prompt, seed), answer in zip(requests, answers, strict=True):
+        if answer.status_code == 200:
+            cli = cli_image(tmp_path, prompt, seed, "--steps", "4")
+            assert_same_image(png(answer.json()["images"][0]), cli, exact=True)
+
+
+def test_max_steps_bounds_the_default_steps():
+    with serving(max_steps=3) as server, server.client() as http:
+        assert http.get("/gen/v1/info").json()["defaults"]["steps"] == 3  # the web page shows this
+        a1111 = http.post("/sdapi/v1/txt2img", json={"prompt": "x"})
+        assert a1111.status_code == 200 and "Steps: 3," in png(a1111.json()["images"][0]).text["parameters"]
+        openai_style = http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+        assert "Steps: 3," in png(openai_style.json()["data"][0]["b64_json"]).text["parameters"]
+        events = http.post("/gen/v1/jobs?stream=true", json={"prompt": "x"}).text
+        assert "Steps: 3," in events

@@ -21,6 +21,7 @@ from gen.generation.clip_skip import DEFAULT as DEFAULT_CLIP_SKIP
 from gen.generation.clip_skip import pipeline_clip_skip
 from gen.serve import samplers
 from gen.serve.results import decode_image, parse_parameters
+from gen.serve.schema import Number
 from gen.serve.state import State
 from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
 
@@ -28,7 +29,8 @@ from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
 class GenerationFields(BaseModel):
     """What every A1111 generation request may say (A1111's names). None: gen's default."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: `"seed": false` or `"steps": "20"` is refused, not read as 0 and 20
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     prompt: str = ""
     negative_prompt: str | None = ""
@@ -40,7 +42,7 @@ class GenerationFields(BaseModel):
     batch_size: int | None = Field(1, ge=1)
     n_iter: int | None = Field(1, ge=1)
     steps: int | None = Field(None, ge=1)
-    cfg_scale: float | None = Field(None, allow_inf_nan=False)
+    cfg_scale: Number | None = Field(None, allow_inf_nan=False)
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     override_settings: dict | None = None
@@ -55,8 +57,8 @@ class Img2ImgRequest(GenerationFields):
     """A1111's img2img fields gen reads: the first of `init_images`, `mask` (white = repaint), `mask_blur`,
     `inpainting_mask_invert`, `denoising_strength`. Images as raw base64 or data: URLs."""
 
-    init_images: list[str] | None = Field(default_factory=list)
-    denoising_strength: float | None = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    init_images: list[str] = Field(min_length=1)  # gen reads the first; A1111 clients always send it
+    denoising_strength: Number | None = Field(0.75, ge=0, le=1, allow_inf_nan=False)
     mask: str | None = None
     mask_blur: int | None = Field(4, ge=0)
     inpainting_mask_invert: int | None = 0
@@ -102,12 +104,18 @@ def to_request(state: State, body: GenerationFields) -> Request:
 
 def to_img2img_request(state: State, body: Img2ImgRequest) -> Request:
     """The txt2img fields plus the first init image and the mask, decoded and checked before queueing."""
-    if not body.init_images:
-        raise ServeError(422, "init_images is empty: img2img needs a picture (base64 PNG or data: URL)")
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
     blur = 4 if body.mask_blur is None else body.mask_blur
     invert = bool(body.inpainting_mask_invert)
-    return add_init(to_request(state, body), body.init_images[0], body.mask, strength, blur, invert)
+    return add_init(
+        to_request(state, body),
+        body.init_images[0],
+        body.mask,
+        strength,
+        blur,
+        invert,
+        state.config.max_pixels,
+    )
 
 
 def info(task: Task, body: GenerationFields) -> dict:
@@ -265,7 +273,7 @@ def _other_routes(api: APIRouter, state: State) -> None:
         if not body.image.strip():
             return {"info": "", "items": {}, "parameters": {}}
         try:
-            image = decode_image(body.image)
+            image = decode_image(body.image, state.config.max_pixels)
         except ValueError as e:
             raise ServeError(422, str(e)) from None
         text = {k: v for k, v in getattr(image, "text", {}).items() if isinstance(v, str)}

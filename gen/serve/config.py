@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_state_dir() -> Path:
+    """Where `gen serve` keeps its jobs unless told otherwise: the user's cache, as the model-hash cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gen" / "serve"
 
 
 @dataclass
@@ -28,8 +37,12 @@ class ServeConfig:
     max_images: int = 16  # images in one request (batch_size x n_iter, n)
     max_body: int = 8 * 2**20  # bytes in one request body
     max_prompt: int = 20_000  # characters in one prompt
-    keep_jobs: int = 256  # finished native jobs kept for GET /gen/v1/jobs/{id} ...
-    keep_bytes: int = 256 * 2**20  # ... and at most this much of their PNGs
+    # Native jobs: stored here (SQLite + PNG files) to survive a crash; None keeps them in memory only. None is
+    # the library's default (tests, embedding); `gen serve` defaults to default_state_dir().
+    state_dir: str | None = None
+    keep_hours: float = 24.0  # finished native jobs stay fetchable this long ...
+    keep_jobs: int = 256  # ... and in memory at most this many finished ones (older ones reload from the store;
+    keep_bytes: int = 256 * 2**20  # without a store they are forgotten) holding at most this much of PNGs
 
     def credentials(self) -> list[tuple[str, str]]:
         """--api-auth as (user, password) pairs; ValueError naming a malformed entry."""
@@ -48,6 +61,7 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1")
+        self._check_jobs()
         if not 0 <= self.batch_wait_ms <= 10_000:
             raise ValueError(f"--batch-wait-ms {self.batch_wait_ms} must be between 0 and 10000")
         if not 0 <= self.port < 65536:
@@ -55,3 +69,16 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key must not be empty")
         self.credentials()
+
+    def _check_jobs(self) -> None:
+        """The native jobs' store and how long finished ones are kept."""
+        for name in ("keep_jobs", "keep_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name.replace('_', '-')} {value!r} must be an integer >= 0")
+        hours = self.keep_hours
+        if not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0:
+            raise ValueError(f"--keep-jobs {hours!r} must be a number of hours > 0")
+        folder = None if self.state_dir is None else Path(self.state_dir)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ValueError(f"--state-dir {folder} is a file; give a folder (or none: memory only)")

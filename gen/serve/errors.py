@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from gen.serve.tasks import ServeError
 
@@ -76,9 +77,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return error_response(request.url.path, e.status_code, str(e.detail), headers=e.headers)
+        headers, status = dict(e.headers or {}), e.status_code
+        if status == 400 and not is_openai(request.url.path):  # a body FastAPI cannot parse: as bad JSON, 422
+            status = 422
+        if status == 405:  # Starlette names the first matching route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return error_response(request.url.path, status, str(e.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         logger.exception("unhandled error on %s", request.url.path)
         return error_response(request.url.path, 500, f"internal error: {type(e).__name__}", "internal")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route takes at this path (FastAPI makes one route per method)."""
+    methods = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 import gen
 from gen.diffusion.samplers import SAMPLERS
 from gen.serve import samplers
+from gen.serve.schema import Number
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
+from gen.serve.tasks import Request, ServeError, Task, add_init, build_task, request_defaults
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 
@@ -31,7 +32,7 @@ KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a qui
 class JobRequest(BaseModel):
     """Unknown fields are refused here (unlike the A1111 and OpenAI routes): a typo should not pass silently."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `"seed": false` is refused, not read as 0
 
     prompt: str
     negative_prompt: str = ""
@@ -40,7 +41,7 @@ class JobRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     sampler: str | None = None  # gen's or A1111's name
     scheduler: str | None = None  # A1111's: automatic or karras
-    guidance: float | None = Field(None, allow_inf_nan=False)
+    guidance: Number | None = Field(None, allow_inf_nan=False)
     width: int | None = Field(None, ge=1)
     height: int | None = Field(None, ge=1)
     model: str | None = None
@@ -49,7 +50,7 @@ class JobRequest(BaseModel):
     # Image-to-image and inpainting: pictures as raw base64 or data: URLs; mask white = repaint
     init_image: str | None = None
     mask: str | None = None
-    strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    strength: Number = Field(0.75, ge=0, le=1, allow_inf_nan=False)
     mask_blur: int = Field(4, ge=0)
     invert_mask: bool = False
 
@@ -146,7 +147,15 @@ def router(state: State) -> APIRouter:
             sdxl_clip_l_skip=body.sdxl_clip_l_skip,
         )
         if body.init_image:
-            add_init(request, body.init_image, body.mask, body.strength, body.mask_blur, body.invert_mask)
+            add_init(
+                request,
+                body.init_image,
+                body.mask,
+                body.strength,
+                body.mask_blur,
+                body.invert_mask,
+                state.config.max_pixels,
+            )
         elif body.mask:
             raise ServeError(422, "mask needs init_image (the picture to inpaint)")
         task = build_task(state.config, state.models, request)
@@ -190,6 +199,7 @@ def router(state: State) -> APIRouter:
                 {"title": m.title, "name": m.name, "default_size": m.default_size} for m in state.models
             ],
             "samplers": [{"name": n, "label": s.a1111} for n, s in SAMPLERS.items()],
+            "defaults": request_defaults(c),
             "limits": {
                 k: getattr(c, k) for k in ("max_batch", "max_queue", "max_pixels", "max_steps", "max_images")
             },

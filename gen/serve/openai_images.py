@@ -15,6 +15,7 @@ from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 from gen.serve import samplers
+from gen.serve.schema import Number
 from gen.serve.state import State
 from gen.serve.tasks import Request, ServeError, build_task
 
@@ -23,7 +24,7 @@ OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-[\w.-]+)$")
 
 
 class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # `"seed": false` is refused, not read as 0
 
     prompt: str
     model: str | None = None
@@ -33,7 +34,7 @@ class ImageRequest(BaseModel):
     seed: int | None = None
     negative_prompt: str | None = None
     steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, allow_inf_nan=False)
+    guidance_scale: Number | None = Field(None, allow_inf_nan=False)
     sampler: str | None = None
 
 

@@ -176,6 +176,29 @@ class Queue:
         return batch
 
     async def _render(self, batch: list[tuple[Task, int]]) -> None:
+        """Render a batch; if it fails and holds several requests, render each request on its own, so one
+        request's failure (a prompt or setting that breaks the pipeline) is answered to that request alone."""
+        try:
+            await self._render_once(batch)
+        except Interrupted:
+            pass
+        except Exception as e:
+            groups = _by_task(batch)
+            if len(groups) == 1:
+                self._fail(groups[0][0][0], e)
+                return
+            logger.warning("a batch of %d requests failed (%s); rendering each alone", len(groups), e)
+            for group in groups:
+                if group[0][0].done:  # cancelled meanwhile
+                    continue
+                try:
+                    await self._render_once(group)
+                except Interrupted:
+                    pass
+                except Exception as alone:
+                    self._fail(group[0][0], alone)
+
+    async def _render_once(self, batch: list[tuple[Task, int]]) -> None:
         first = batch[0][0]
         steps = G.steps_run(first.options)  # fewer than options.steps from an init image
         self.running, self._abort, self.interrupted = batch, False, False
@@ -191,23 +214,24 @@ class Queue:
             made = await self._loop.run_in_executor(
                 self._executor, render_batch, first.model, first.options, jobs, self._on_step, first.init
             )
-        except Interrupted:
-            made = None
-        except Exception as e:  # a failed batch answers its requests and the server keeps serving
-            logger.exception("generation failed")
-            error = ServeError(500, f"generation failed: {' '.join(str(e).split())}", "internal")
-            for task in self.running_tasks():
-                if task in self.waiting:
-                    self.waiting.remove(task)
-                if not task.done:
-                    task.finish("failed", error)
-            made = None
         finally:
             self.running = []
             self._last_batch_end = self._loop.time()
-        if made is not None:
-            self._account(len(batch), time.monotonic() - start)
-            self._deliver(batch, made)
+        self._account(len(batch), time.monotonic() - start)
+        self._deliver(batch, made)
+
+    def _fail(self, task: Task, e: Exception) -> None:
+        """Answer a request whose render failed: its settings' fault (ValueError: a guidance scale that
+        overflows the latents, ...) is a 422 naming it; anything else a 500, logged. The server keeps serving."""
+        if isinstance(e, ValueError):
+            error = ServeError(422, " ".join(str(e).split()))
+        else:
+            logger.error("generation failed", exc_info=e)
+            error = ServeError(500, f"generation failed: {' '.join(str(e).split())}", "internal")
+        if task in self.waiting:
+            self.waiting.remove(task)
+        if not task.done:
+            task.finish("failed", error)
 
     def _account(self, size: int, seconds: float) -> None:
         self.stats["batches"] += 1
@@ -238,3 +262,11 @@ class Queue:
         for task in self.running_tasks():
             task.step = min(self.step, task.steps)
             task.notify()
+
+
+def _by_task(batch: list[tuple[Task, int]]) -> list[list[tuple[Task, int]]]:
+    """The batch's entries grouped by request, in the batch's order."""
+    groups: dict[Task, list[tuple[Task, int]]] = {}
+    for task, i in batch:
+        groups.setdefault(task, []).append((task, i))
+    return list(groups.values())

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image
@@ -35,16 +36,31 @@ def encode(pipe, o, job, image, model_hash: str, init=None) -> Result:
     return Result(job.index, job.seed, job.prompt, buffer.getvalue(), parameters, record["sampler_label"])
 
 
-def decode_image(text: str) -> Image.Image:
-    """An image sent as raw base64 or a data: URL (A1111 clients send both); ValueError if it is neither."""
+def decode_image(text: str, max_pixels: int | None = None, what: str = "image") -> Image.Image:
+    """An image sent as raw base64 or a data: URL (A1111 clients send both); ValueError if it is neither, or if
+    its header says it has more than `max_pixels` pixels: checked before decoding, since a 65 KB PNG can hold
+    a 20000x20000 picture that would take gigabytes to decode. (Not by setting PIL's global MAX_IMAGE_PIXELS:
+    this check names the size and the server's limit, and leaves PIL's guard for everything else.)"""
     data = text.strip()
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{what} is not a base64-encoded picture or data: URL ({e})") from None
+    too_large = f"more than this server allows (--max-pixels {max_pixels})"
+    try:
+        with warnings.catch_warnings():  # PIL warns of large images; the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))  # reads the header only
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(f"{what} is {width}x{height} = {width * height} pixels, {too_large}")
         image.load()
-    except (binascii.Error, ValueError, OSError) as e:
-        raise ValueError(f"image is not a base64-encoded picture or data: URL ({e})") from None
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice Image.MAX_IMAGE_PIXELS
+        raise ValueError(f"{what} has {too_large}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{what} is not a base64-encoded picture or data: URL ({e})") from None
     return image
 
 

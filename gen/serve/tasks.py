@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from gen import generation as G
@@ -68,6 +69,8 @@ class Task:
         self.step, self.steps = 0, G.steps_run(options)
         self.created, self.started, self.finished = time.time(), None, None
         self._changed = asyncio.Event()
+        # Called on every change before anyone is woken (gen.serve.state stores native jobs from it)
+        self.listener: Callable[[Task], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -78,6 +81,8 @@ class Task:
 
     def notify(self) -> None:
         """Wake everyone waiting on this task (event-loop thread only)."""
+        if self.listener is not None:
+            self.listener(self)
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -103,6 +108,7 @@ def add_init(
     strength: float = 0.75,
     blur: int = 4,
     invert: bool = False,
+    max_pixels: int | None = None,
 ) -> Request:
     """Image-to-image (and, with a mask, inpainting) from uploads sent as raw base64 or data: URLs, checked
     (decodable pictures, mask and image of one size) before the request queues; ServeError(422) otherwise."""
@@ -110,9 +116,12 @@ def add_init(
     from gen.serve.results import decode_image
 
     try:
-        decoded = decode_image(image)
+        decoded = decode_image(image, max_pixels, "init image")
         r.init = init_images(
-            decoded, decode_image(mask) if mask else None, mask_blur=blur, invert_mask=invert
+            decoded,
+            decode_image(mask, max_pixels, "mask") if mask else None,
+            mask_blur=blur,
+            invert_mask=invert,
         )
     except ValueError as e:
         raise ServeError(422, " ".join(str(e).split())) from None
@@ -166,7 +175,7 @@ def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
         model=model.path,
         num_images=r.n,
         seed=seed,
-        steps=G.Options.steps if r.steps is None else r.steps,
+        steps=default_steps(config) if r.steps is None else r.steps,
         sampler=r.sampler,
         guidance=G.Options.guidance if r.guidance is None else r.guidance,
         width=width,
@@ -178,6 +187,17 @@ def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
         sdxl_clip_l_skip=r.sdxl_clip_l_skip,
         **_init_options(r),
     )
+
+
+def default_steps(config: ServeConfig) -> int:
+    """Steps for a request that names none: gen's default, clamped to --max-steps (a server started with
+    --max-steps 8 must not run 20 for a request that left steps out)."""
+    return min(G.Options.steps, config.max_steps)
+
+
+def request_defaults(config: ServeConfig) -> dict:
+    """What a request that leaves a field out gets (the web page shows these)."""
+    return {"steps": default_steps(config), "guidance": G.Options.guidance}
 
 
 def _init_options(r: Request) -> dict:

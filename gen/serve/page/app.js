@@ -30,6 +30,8 @@ async function init() {
   const size = info.models[0].default_size;
   $("width").value = $("height").value = size;
   $("steps").max = info.limits.max_steps;
+  $("steps").value = info.defaults.steps;  // the server's default, within its --max-steps
+  $("guidance").value = info.defaults.guidance;
   $("batch").max = info.limits.max_images;
 }
 

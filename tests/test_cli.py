@@ -301,3 +301,12 @@ def test_help_samplers_and_argument_errors_load_no_torch(argv):
     )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:] + done.stderr[-500:]
+
+
+def test_help_names_every_command(capsys):
+    from gen.cli.main import SUBCOMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"\n  {name} " in text for name in SUBCOMMANDS if name != "generate"), text

@@ -126,7 +126,7 @@ def test_cancel_a_running_job_stops_its_batch():
 
 def test_sigterm_finishes_the_running_batch_answers_the_queue_503_and_exits_0():
     with (
-        gen_serve_process("--max-batch", "1") as (url, process),
+        gen_serve_process("--max-batch", "1", "--state-dir", "none") as (url, process),
         httpx.Client(base_url=url, timeout=120) as http,
     ):
         answers = {}

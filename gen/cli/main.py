@@ -21,8 +21,18 @@ from gen.generation.options import ATTENTION, PRECISIONS, check_precision
 SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench", "serve")
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
-A taken name gets the next free number unless --overwrite. Other commands: gen samplers | info PATH | eval |
-reproduce IMAGE.png | serve (HTTP server: A1111 and OpenAI APIs, a web page). Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
+If names are taken, the run goes on after the highest number there, unless --overwrite.
+
+other commands (gen COMMAND --help for each):
+  samplers              the sampler names (A1111's and ComfyUI's)
+  info [MODEL]          a model's components, sizes, dtypes and scheduler
+  prompt PROMPT         how a prompt is tokenized, weighted and chunked
+  eval                  does the embedded model obey its prompts? (a judge network scores the images)
+  reproduce IMAGE.png   make a PNG's image again from its metadata (--verify: exit 1 if it differs)
+  convert MODEL         convert between model formats (--to-single-file)
+  bench                 speed: gen against diffusers (--arch sd15), the server under load (--serve)
+  serve                 HTTP server: A1111's, OpenAI's and a jobs API, and a web page
+Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
 
 
 class CliError(Exception):
@@ -457,6 +467,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 def serve_parser() -> argparse.ArgumentParser:
     from gen.serve.config import ServeConfig as C  # torch- and FastAPI-free: the defaults live there
+    from gen.serve.config import default_state_dir
 
     p = Parser(
         prog="gen serve",
@@ -514,6 +525,20 @@ def serve_parser() -> argparse.ArgumentParser:
         default=C.max_body / 2**20,
         help="request body size in MiB (default: %(default)s)",
     )
+    a(
+        "--state-dir",
+        default=str(default_state_dir()),
+        metavar="DIR",
+        help="store jobs of /gen/v1/jobs here (SQLite + PNGs), so a restart or crash resumes them; none: memory"
+        " only (default: %(default)s)",
+    )
+    a(
+        "--keep-jobs",
+        type=float,
+        default=C.keep_hours,
+        metavar="HOURS",
+        help="finished jobs stay fetchable this long, then are deleted (default: %(default)s)",
+    )
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -539,6 +564,8 @@ def cmd_serve(argv: list[str]) -> int:
         max_steps=args.max_steps,
         max_images=args.max_images,
         max_body=int(args.max_body_mb * 2**20),
+        state_dir=None if args.state_dir.strip().lower() == "none" else args.state_dir,
+        keep_hours=args.keep_jobs,
     )
     config.check()
     check_precision(args.dtype, args.device)
@@ -554,27 +581,52 @@ def cmd_serve(argv: list[str]) -> int:
 def cmd_bench_serve(argv: list[str]) -> int:
     p = Parser(
         prog="gen bench --serve",
-        description="Load-test `gen serve`: C clients x R requests, batching vs --max-batch 1, images vs the CLI's.",
+        description="Load-test `gen serve`: C clients x R requests, batching vs --max-batch 1, images vs the CLI's;"
+        " or, with --minutes M, a soak of M minutes with the server's memory.",
     )
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
-    p.add_argument("--requests", type=int, default=4, help="requests per client (default: %(default)s)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=4,
+        help="requests per client (default: %(default)s; not used by --minutes)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="soak instead: one server, the clients sending mixed requests (every API, 1-4 images, bad ones)"
+        " for this many minutes (0.1 allowed); adds the server's memory and its bound",
+    )
     p.add_argument("--steps", type=int, default=8, help="sampling steps (default: %(default)s)")
     p.add_argument(
         "--max-batch", type=int, default=8, help="the batching run's --max-batch (default: %(default)s)"
     )
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument(
-        "--timeout", type=float, default=900, help="give up after this many seconds (default: %(default)s)"
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default: 900; with --minutes M, M minutes + 600)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
-    if min(args.clients, args.requests, args.steps, args.max_batch) < 1 or args.timeout < 1:
+    timeout = 1 if args.timeout is None else args.timeout  # None: the run's own default
+    if min(args.clients, args.requests, args.steps, args.max_batch, timeout) < 1:
         raise CliError("--clients, --requests, --steps, --max-batch and --timeout must be >= 1")
+    if args.minutes is not None and not 0 < args.minutes * 60 < (args.timeout or float("inf")):
+        raise CliError(f"--minutes {args.minutes} must be > 0 and end within --timeout")
     _quiet_libraries()
-    from gen.tools import serve_bench
+    from gen.tools import serve_bench, serve_soak
 
+    if args.minutes is not None:
+        report = serve_soak.soak_benchmark(
+            args.model, args.clients, args.minutes, args.steps, args.max_batch, timeout=args.timeout
+        )
+        print(json.dumps(report, indent=2) if args.json else serve_soak.format_soak(report))
+        return 0 if report["ok"] else 1
     report = serve_bench.benchmark(
-        args.model, args.clients, args.requests, args.steps, args.max_batch, timeout=args.timeout
+        args.model, args.clients, args.requests, args.steps, args.max_batch, timeout=args.timeout or 900
     )
     print(json.dumps(report, indent=2) if args.json else serve_bench.format_report(report))
     return 0 if report["ok"] else 1

@@ -8,6 +8,7 @@ queue.py       the one worker: batching, progress, cancel and interrupt, 429 whe
 results.py     images to PNG bytes carrying the CLI's metadata; base64 and data: URLs in
 samplers.py    A1111 sampler and scheduler names and aliases
 state.py       what a running server holds (queue, A1111 options, native jobs); queue-and-wait with hang-up
+store.py       where native jobs are kept: memory, or SQLite + PNG files that survive a crash (--state-dir)
 errors.py      one-line JSON errors (OpenAI's error shape under /v1)
 middleware.py  HTTP Basic / Bearer auth (401 before routing) and the request body limit
 a1111.py, openai_images.py, jobs.py   the three APIs; page.py and page/ the web page at /

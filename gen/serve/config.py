@@ -37,12 +37,14 @@ class ServeConfig:
     max_images: int = 16  # images in one request (batch_size x n_iter, n)
     max_body: int = 8 * 2**20  # bytes in one request body
     max_prompt: int = 20_000  # characters in one prompt
-    # Native jobs: stored here (SQLite + PNG files) to survive a crash; None keeps them in memory only. None is
-    # the library's default (tests, embedding); `gen serve` defaults to default_state_dir().
+    # Native jobs: stored here (SQLite + PNG files) to survive a crash; None keeps them in memory only. None
+    # is the library's default (tests, embedding); `gen serve` defaults to default_state_dir().
     state_dir: str | None = None
-    keep_hours: float = 24.0  # finished native jobs stay fetchable this long ...
-    keep_jobs: int = 256  # ... and in memory at most this many finished ones (older ones reload from the store;
-    keep_bytes: int = 256 * 2**20  # without a store they are forgotten) holding at most this much of PNGs
+    keep_hours: float = 24.0  # finished native jobs stay fetchable this long (--keep-jobs HOURS)
+    # Finished jobs held in memory, at most this many, with at most this much of PNGs; beyond, the oldest are
+    # dropped from memory (read back from the store when asked for; without a store they are forgotten).
+    keep_jobs: int = 256
+    keep_bytes: int = 256 * 2**20
 
     def credentials(self) -> list[tuple[str, str]]:
         """--api-auth as (user, password) pairs; ValueError naming a malformed entry."""
@@ -79,6 +81,8 @@ class ServeConfig:
         hours = self.keep_hours
         if not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0:
             raise ValueError(f"--keep-jobs {hours!r} must be a number of hours > 0")
+        if self.state_dir is not None and not str(self.state_dir).strip():
+            raise ValueError("--state-dir must not be empty (none: memory only)")
         folder = None if self.state_dir is None else Path(self.state_dir)
         if folder is not None and folder.exists() and not folder.is_dir():
             raise ValueError(f"--state-dir {folder} is a file; give a folder (or none: memory only)")

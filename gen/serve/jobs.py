@@ -1,12 +1,16 @@
 """gen's own jobs API: submit and get an id and queue position at once, then poll, stream progress and results
-as server-sent events, download PNGs, cancel.
+as server-sent events, download PNGs, cancel. Jobs are stored (gen.serve.store) before the 202, so a restart
+resumes them; finished ones stay for --keep-jobs hours.
 
     POST   /gen/v1/jobs                      -> 202 {id, status, position, ...}
     POST   /gen/v1/jobs?stream=true          -> the job's events on this connection (hanging up cancels it)
     GET    /gen/v1/jobs/{id}                 -> status, position, progress, images (URLs and parameters)
     GET    /gen/v1/jobs/{id}/events          -> text/event-stream: state, progress, image, then done|failed|...
     GET    /gen/v1/jobs/{id}/images/{k}.png  -> the PNG, with the CLI's metadata
-    DELETE /gen/v1/jobs/{id}                 -> cancel (queued images dropped; running ones stop if alone)
+    POST   /gen/v1/jobs/{id}/cancel          -> stop it (queued images dropped, running ones stop if alone);
+                                                the job and its finished images stay
+    DELETE /gen/v1/jobs/{id}                 -> cancel if unfinished (running images stop if alone), then
+                                                forget: its final description; GET is 404 from then on
     GET    /gen/v1/info                      -> models, samplers, limits, queue statistics (the web page reads it)
 """
 
@@ -119,10 +123,10 @@ def router(state: State) -> APIRouter:
     api = APIRouter(prefix="/gen/v1", tags=["gen jobs"])
 
     def find(job_id: str) -> Task:
-        task = state.jobs.get(job_id)
+        task = state.job(job_id)
         if task is None:
             raise ServeError(
-                404, f"no job {job_id!r} here (finished jobs are kept for a while, then forgotten)"
+                404, f"no job {job_id!r} here (deleted, or finished more than --keep-jobs hours ago)"
             )
         return task
 
@@ -159,8 +163,7 @@ def router(state: State) -> APIRouter:
         elif body.mask:
             raise ServeError(422, "mask needs init_image (the picture to inpaint)")
         task = build_task(state.config, state.models, request)
-        state.queue.submit(task)
-        state.keep(task)
+        state.accept(task)  # stored (with --state-dir) before this answers
         if stream:
             return _stream(events(state, task, cancel_on_close=True))
         return JSONResponse(
@@ -171,11 +174,17 @@ def router(state: State) -> APIRouter:
     async def get(job_id: str):
         return describe(state, find(job_id))
 
-    @api.delete("/jobs/{job_id}")
+    @api.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: str):
         task = find(job_id)
         state.queue.cancel(task)
-        return describe(state, task)
+        return describe(state, task)  # kept: its finished images stay downloadable
+
+    @api.delete("/jobs/{job_id}")
+    async def delete(job_id: str):
+        task = find(job_id)
+        state.forget(task)
+        return describe(state, task)  # its final state; a GET now is 404
 
     @api.get("/jobs/{job_id}/events")
     async def job_events(job_id: str):

@@ -101,27 +101,42 @@ def _responses(path: str, method: str, operation: dict, config: ServeConfig) -> 
     responses = operation.setdefault("responses", {})
     responses.pop("422", None)  # FastAPI's validation shape; gen's is declared below
     openai = path == "/v1" or path.startswith("/v1/")
+    ref = {"$ref": "#/components/schemas/" + ("OpenAIError" if openai else "Error")}
+    for status in sorted(_error_statuses(path, method, operation, config)):
+        responses[str(status)] = {
+            "description": WHY[status],
+            "content": {"application/json": {"schema": ref}},
+        }
+    if (method, path) in MEDIA:
+        _media(responses, method, path)
+
+
+def _error_statuses(path: str, method: str, operation: dict, config: ServeConfig) -> set[int]:
+    """The error statuses this operation can answer (gen.serve.errors, the routes, the middleware)."""
+    openai = path == "/v1" or path.startswith("/v1/")
+    generation = (method, path) in GENERATION
     statuses = set()
     if operation.get("parameters") or operation.get("requestBody"):
         statuses.add(400 if openai else 422)
-    if any(p.get("in") == "path" for p in operation.get("parameters", [])) or (method, path) in GENERATION:
+    if generation or any(p.get("in") == "path" for p in operation.get("parameters", [])):
         statuses.add(404)
     if operation.get("requestBody"):
         statuses.add(413)
-    if (method, path) in GENERATION:
+    if generation:
         statuses |= {429, 503}
     if config.api_auth or (config.api_key and openai):
         statuses.add(401)
-    ref = {"$ref": "#/components/schemas/" + ("OpenAIError" if openai else "Error")}
-    for status in sorted(statuses):
-        responses[str(status)] = {"description": WHY[status], "content": {"application/json": {"schema": ref}}}
-    if (method, path) in MEDIA:
-        status, media, description = MEDIA[(method, path)]
-        body = {"schema": EVENT if media == "text/event-stream" else {"type": "string", "format": "binary"}}
-        entry = responses.setdefault(status, {"description": description, "content": {}})
-        if status == "200" and (method, path) != ("post", "/gen/v1/jobs"):
-            entry["content"] = {}  # the route returns this media type only
-        entry["content"][media] = body
+    return statuses
+
+
+def _media(responses: dict, method: str, path: str) -> None:
+    """A stream or image response: its media type replaces JSON, or (POST /gen/v1/jobs?stream=true) joins it."""
+    status, media, description = MEDIA[(method, path)]
+    body = {"schema": EVENT if media == "text/event-stream" else {"type": "string", "format": "binary"}}
+    entry = responses.setdefault(status, {"description": description, "content": {}})
+    if (method, path) != ("post", "/gen/v1/jobs"):
+        entry["content"] = {}  # the route returns this media type only
+    entry["content"][media] = body
 
 
 def _limits(schema: dict[str, Any], config: ServeConfig) -> None:

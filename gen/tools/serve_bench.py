@@ -2,6 +2,8 @@
 image, its own prompt and seed) to a real server process, first with batching (--max-batch N), then with
 --max-batch 1; it checks that nothing was lost or duplicated and that every image equals its CLI twin (the image
 `gen PROMPT --seed S --steps K` makes), and reports latency percentiles and images/s for both.
+
+The soak (`--minutes M`) is gen.tools.serve_soak, on the same machinery.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def _start(max_batch: int, model: str | None, queue: int, deadline: float) -> tu
     port = _free_port()
     cmd = [sys.executable, "-m", "gen", "serve", "--port", str(port), "--max-batch", str(max_batch)]
     cmd += ["--max-queue", str(queue)] + (["--model", model] if model else [])
+    cmd += ["--state-dir", "none"]  # a bench's jobs are not the user's: none in ~/.cache, no lock held there
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() < deadline:
@@ -126,8 +129,8 @@ def serve_and_load(
     return run
 
 
-def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, object]:
-    """The CLI's image for every request: the generation core's CLI path (load, validate, one job a batch)."""
+def render_alone(model: str | None, steps: int, pairs: list[tuple[str, int]]) -> list:
+    """The CLI's image for each (prompt, seed): the generation core's CLI path (load, validate, one job a batch)."""
     import numpy as np
 
     from gen import generation as G
@@ -135,12 +138,13 @@ def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, obj
     o = G.Options(model=model, steps=steps, guidance=5.0)
     pipe = G.load(o)
     G.validate(pipe, o)
-    out = {}
-    for k in range(total):
-        body = request_body(k, seed, steps)
-        image = G.render(pipe, o, [G.Job(0, body["prompt"], body["seed"])])[0]
-        out[k] = np.asarray(image.convert("RGB"))
-    return out
+    return [np.asarray(G.render(pipe, o, [G.Job(0, p, s)])[0].convert("RGB")) for p, s in pairs]
+
+
+def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, object]:
+    """The CLI's image for every request."""
+    bodies = [request_body(k, seed, steps) for k in range(total)]
+    return dict(enumerate(render_alone(model, steps, [(b["prompt"], b["seed"]) for b in bodies])))
 
 
 def check(run: Run, expected: dict[int, object], seed: int) -> dict:
@@ -165,9 +169,13 @@ def check(run: Run, expected: dict[int, object], seed: int) -> dict:
     }
 
 
-def summarize(run: Run, checked: dict) -> dict:
-    lat = sorted(run.latencies)
+def percentiles(latencies: list[float]) -> dict:
+    lat = sorted(latencies)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
+    return {"p50_s": round(q[49], 3) if q else None, "p95_s": round(q[94], 3) if q else None}
+
+
+def summarize(run: Run, checked: dict) -> dict:
     return {
         "max_batch": run.max_batch,
         "requests": len(run.answers) + len(run.failures),
@@ -176,8 +184,7 @@ def summarize(run: Run, checked: dict) -> dict:
         **checked,
         "wall_s": round(run.wall_s, 2),
         "images_per_s": round(len(run.answers) / run.wall_s, 3) if run.wall_s else 0.0,
-        "p50_s": round(q[49], 3) if q else None,
-        "p95_s": round(q[94], 3) if q else None,
+        **percentiles(run.latencies),
         **run.stats,
         "exit_code": run.exit_code,
     }

@@ -134,7 +134,8 @@ $("form").addEventListener("submit", async (event) => {
 });
 
 $("cancel").addEventListener("click", async () => {
-  if (current) await api(`/gen/v1/jobs/${current.id}`, { method: "DELETE" }).catch((e) => status(e.message, true));
+  // cancel, not DELETE: the images already in the gallery stay downloadable
+  if (current) await api(`/gen/v1/jobs/${current.id}/cancel`, { method: "POST" }).catch((e) => status(e.message, true));
 });
 
 // An init image brings its own size: empty width/height fields let the server use it (type one to resize).

@@ -40,7 +40,6 @@ class NotFiniteError(ValueError, FloatingPointError):
     scale) cause it as often as broken weights, so front-ends answer it as bad input, in one line."""
 
 
-
 def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool:
     """Is this step inside the guidance interval (fractions of the schedule, start inclusive)?"""
     if interval is None:
@@ -510,7 +509,9 @@ class LatentDiffusionPipeline(
         usual range (finite, yet it overflows the latents), else the weights or the precision."""
         scale = getattr(self, "_guidance_scale", None)
         if scale is not None and abs(scale) > GUIDANCE_USUAL:
-            return NotFiniteError(f"{what}: guidance_scale {scale:g} is far beyond the usual 1-{GUIDANCE_USUAL:g}")
+            return NotFiniteError(
+                f"{what}: guidance_scale {scale:g} is far beyond the usual 1-{GUIDANCE_USUAL:g}"
+            )
         hint = "" if dtype == torch.float32 else "try float32, "
         return NotFiniteError(
             f"{what} (the latents or the VAE weights are not finite); {hint}fewer steps or another sampler"

@@ -459,27 +459,40 @@ class LatentDiffusionPipeline(
         context: torch.Tensor,
         chunks: list[int] | None = None,
         added: dict[str, torch.Tensor] | None = None,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
-        """One denoiser call (both denoisers share UNet2DConditionModel's calling convention).
+        """The denoiser on the step's batch (both denoisers share UNet2DConditionModel's calling convention);
+        `rows`: which rows of the step's batch `x` holds (None: all of them, in order).
 
         With `chunks` (each row's own number of text chunks), rows of equal count run together with the
         batch's padding chunks cut off: attention would otherwise attend to them, and a prompt's image would
         depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
         computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
         if chunks is None:
-            kw = {"cross_attention_kwargs": self.cross_attention_kwargs}  # {"scale": s}: the LoRA's weight
-            if added is not None:  # SDXL's pooled text and size conditioning
-                kw["added_cond_kwargs"] = added
-            return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False, **kw)[0]
+            return self._denoiser_call(x, t, context, added, rows)
         length = context.shape[1] // max(chunks)
         out: list[torch.Tensor | None] = [None] * len(chunks)
         for k in sorted(set(chunks)):
-            rows = [i for i, c in enumerate(chunks) if c == k]
-            part = None if added is None else {name: v[rows] for name, v in added.items()}
-            preds = self._denoise(x[rows], t, context[rows, : k * length], added=part)
-            for i, pred in zip(rows, preds, strict=True):
+            group = [i for i, c in enumerate(chunks) if c == k]
+            part = None if added is None else {name: v[group] for name, v in added.items()}
+            within = group if rows is None else [rows[i] for i in group]
+            preds = self._denoise(x[group], t, context[group, : k * length], added=part, rows=within)
+            for i, pred in zip(group, preds, strict=True):
                 out[i] = pred
         return torch.stack(out)  # (rows, C, h, w)
+
+    def _denoiser_call(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added=None, rows=None, **extra
+    ) -> torch.Tensor:
+        """One call of the denoiser on `rows` of the step's batch; a task adds inputs through `extra` (ControlNet's
+        residuals, gen.pipelines.controlnet)."""
+        kw = {
+            "cross_attention_kwargs": self.cross_attention_kwargs,
+            **extra,
+        }  # {"scale": s}: the LoRA's weight
+        if added is not None:  # SDXL's pooled text and size conditioning
+            kw["added_cond_kwargs"] = added
+        return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False, **kw)[0]
 
     def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
@@ -551,6 +564,7 @@ class LatentDiffusionPipeline(
                     break
                 # Outside the guidance interval only the text branch runs: half the denoiser work.
                 guided = cfg and _inside(i, len(steps), guidance_interval)
+                self._step = (i, guided)  # where the loop is, for what a task adds to each denoiser call
                 x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
                 x_in = self.scheduler.scale_model_input(x_in, t)
                 if condition is not None:

@@ -173,3 +173,43 @@ def check_strength(strength: float, num_inference_steps: int, timesteps=None, si
             f"strength={strength} of {count} steps runs no denoising step (int({count} x {strength}) = 0);"
             f" use strength >= {least} or more steps"
         )
+
+
+def check_control(unet, nets: list, images: list, scales: list, starts: list, ends: list) -> None:
+    """ControlNet inputs: a net per image, a scale and a [start, end) per net within the schedule, and nets made for
+    this UNet's base (the text width it attends to, SDXL's added conditioning)."""
+    n = len(nets)
+    for what, values in (("control images", images), ("controlnet_conditioning_scale", scales)):
+        if len(values) != n:
+            raise ValueError(f"{what}: {len(values)} given for {n} ControlNet(s); give one per net")
+    for what, values in (("control_guidance_start", starts), ("control_guidance_end", ends)):
+        if len(values) != n:
+            raise ValueError(f"{what}: {len(values)} values for {n} ControlNet(s); give one per net")
+    for k, scale in enumerate(scales):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"controlnet_conditioning_scale {scale!r} (net {k}) must be a finite number")
+    for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        if not 0 <= start < end <= 1:
+            raise ValueError(
+                f"control_guidance_start={start} and control_guidance_end={end} (net {k}) must satisfy"
+                " 0 <= start < end <= 1"
+            )
+    for k, net in enumerate(nets):
+        _check_base(unet, net, k)
+
+
+def _check_base(unet, net, k: int) -> None:
+    """A ControlNet of another base (an SD 1.5 net on SDXL) fails deep inside the UNet; name both instead."""
+
+    def base(config) -> str:
+        xl = getattr(config, "addition_embed_type", None) == "text_time"
+        return f"{'SDXL' if xl else 'SD'} (text width {config.cross_attention_dim})"
+
+    same = unet.config.cross_attention_dim == net.config.cross_attention_dim and getattr(
+        unet.config, "addition_embed_type", None
+    ) == getattr(net.config, "addition_embed_type", None)
+    if not same:
+        raise ValueError(
+            f"ControlNet {k} was made for {base(net.config)}, but this pipeline's UNet is {base(unet.config)};"
+            " use a ControlNet trained for this base model"
+        )

@@ -30,12 +30,13 @@ def test_import_gen_is_light():
 def test_saved_class_module_paths_are_pinned():
     # model_index.json records these; moving them breaks every saved pipeline.
     from gen.models import DiT
-    from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
+    from gen.pipelines import ControlNetPipeline, ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 
     assert DiT.__module__ == "gen.models.dit"
     assert TextToImagePipeline.__module__ == "gen.pipelines.text_to_image"
     assert ImageToImagePipeline.__module__ == "gen.pipelines.image_to_image"
     assert InpaintPipeline.__module__ == "gen.pipelines.inpaint"
+    assert ControlNetPipeline.__module__ == "gen.pipelines.controlnet"
 
 
 def test_wheel_carries_the_model_and_mapped_packages(tmp_path):

@@ -29,6 +29,9 @@ PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    "ControlNetPipeline",  # gen.pipelines.ControlNetPipeline.from_pretrained
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLControlNetPipeline",
 )
 LFS_MAGIC = b"version https://git-lfs"
 

@@ -18,7 +18,18 @@ from pathlib import Path
 
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision
 
-SUBCOMMANDS = ("generate", "samplers", "info", "eval", "reproduce", "prompt", "convert", "bench", "serve")
+SUBCOMMANDS = (
+    "generate",
+    "samplers",
+    "info",
+    "eval",
+    "reproduce",
+    "prompt",
+    "convert",
+    "bench",
+    "serve",
+    "control",
+)
 EPILOG = """output naming: -o out.png writes out.png; with -n/--from-file giving several images, out-00000.png,
 out-00001.png, ... (image k of the run is number k and gets seed S+k); -o DIR/ writes DIR/00000.png, ...
 If names are taken, the run goes on after the highest number there, unless --overwrite.
@@ -32,6 +43,7 @@ other commands (gen COMMAND --help for each):
   convert MODEL         convert between model formats (--to-single-file)
   bench                 speed: gen against diffusers (--arch sd15), the server under load (--serve)
   serve                 HTTP server: A1111's, OpenAI's and a jobs API, and a web page
+  control detect        a ControlNet's control image from a picture (canny, scribble_xdog, ...; `control modules`)
 Many images on several processes: accelerate launch -m gen --from-file prompts.txt ..."""
 
 
@@ -714,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": cmd_convert,
         "bench": cmd_bench,
         "serve": cmd_serve,
+        "control": _control,
     }
     try:
         return commands[command](rest)
@@ -732,6 +745,12 @@ def main(argv: list[str] | None = None) -> int:
             "error: out of memory; try a smaller --batch-size or size, --dtype bf16, or VAE tiling / CPU offload"
         )
         return 2
+
+
+def _control(argv: list[str]) -> int:
+    from gen.cli.control import cmd_control  # its own module: this one holds the generation command
+
+    return cmd_control(argv)
 
 
 def entry() -> None:

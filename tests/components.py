@@ -148,6 +148,18 @@ def accelerate_launch(module: str, processes: int = 2) -> list[str]:
     ]
 
 
+# The tiny SDXL UNet's text_time settings (a ControlNet for it copies them)
+XL_UNET = {
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": (1, 2),
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "cross_attention_dim": 32 + 48,
+}
+
+
 def sdxl_pipeline(folder: Path, scheduler=None, denoiser_kwargs: dict | None = None):
     """Tiny SDXL parts as diffusers' fast SDXL tests build them: two CLIP encoders (the second with a projection,
     its tokenizer padding with "!" as SDXL's does), a "text_time" UNet taking both encoders' hidden states."""
@@ -177,13 +189,7 @@ def sdxl_pipeline(folder: Path, scheduler=None, denoiser_kwargs: dict | None = N
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=32 + 48,
+        **XL_UNET,
         norm_num_groups=4,
         **(denoiser_kwargs or {}),
     ).eval()

@@ -176,15 +176,8 @@ def test_a_controlnet_of_another_base_is_named(t2i):
 
 
 def xl_controlnet() -> ControlNetModel:
-    return controlnet(
-        cross_dim=32 + 48,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
+    settings = dict(components.XL_UNET)
+    return controlnet(cross_dim=settings.pop("cross_attention_dim"), **settings)
 
 
 @pytest.mark.parametrize("variant", ["plain", "guess mode", "guidance 0.2-0.7"])

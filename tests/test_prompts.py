@@ -154,7 +154,7 @@ def test_single_file_round_trip_through_the_cli(tokenizer, tmp_path, capsys):
         ).images
 
     assert np.abs(image(loaded) - image(pipe)).max() == 0
-    with pytest.raises(ValueError, match="only .safetensors single files"):
+    with pytest.raises(ValueError, match="only .safetensors checkpoints are loaded"):
         load_single_file(tmp_path / "folder" / "model_index.json")
     from gen.pipelines import TextToImagePipeline
 

@@ -22,7 +22,7 @@ from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 from safetensors.torch import load_file
 
-from gen.loading.single_file import CONFIGS, _unet_key
+from gen.loading.single_file import CONFIGS, _unet_key, check_single_file
 
 PREFIX = "control_model."  # full checkpoints (ControlNet 1.0) keep the net under this; 1.1 files drop it
 # the conditioning embedding's convolutions, diffusers -> original (blocks.k is input_hint_block.2(k+1))
@@ -44,14 +44,7 @@ def load_controlnet(
     path = Path(path)
     if path.is_dir():
         return _from_folder(path, torch_dtype, allow_pickle)
-    if not path.is_file():
-        raise FileNotFoundError(f"ControlNet {str(path)!r} does not exist")
-    if path.suffix.lower() != ".safetensors" and not allow_pickle:
-        raise ValueError(
-            f"{path}: only .safetensors ControlNets are loaded (a .pth/.ckpt pickle can run code); convert it, or"
-            " pass allow_pickle=True (then read with torch.load(weights_only=True))"
-        )
-    state = _state(path)
+    state = _state(check_single_file(path, "ControlNet", allow_pickle))
     if config is not None:
         settings = json.loads((Path(config) / "config.json").read_text())
         what = f"the config in {config}"

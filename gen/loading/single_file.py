@@ -226,6 +226,19 @@ def config_folder(version: str, into: Path, in_channels: int = 4) -> Path:
     return into
 
 
+def check_single_file(path: str | Path, what: str, allow_pickle: bool) -> Path:
+    """An existing file, and a .safetensors one unless pickle is allowed; FileNotFoundError / ValueError else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    if path.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise ValueError(
+            f"{path}: only .safetensors {what}s are loaded (a pickle .ckpt/.pth can run code); convert it, or pass"
+            " --allow-pickle / allow_pickle=True (then read with torch.load(weights_only=True))"
+        )
+    return path
+
+
 def load_single_file(
     path: str | Path,
     config: str | Path | None = None,
@@ -236,14 +249,7 @@ def load_single_file(
     fit the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
     from gen.pipelines import TextToImagePipeline
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix.lower() != ".safetensors" and not allow_pickle:
-        raise ValueError(
-            f"{path}: only .safetensors single files are loaded (a pickle .ckpt can run code); convert it, or pass"
-            " --allow-pickle / allow_pickle=True (then read with torch.load(weights_only=True))"
-        )
+    path = check_single_file(path, "checkpoint", allow_pickle)
     with tempfile.TemporaryDirectory(prefix="gen-sd-config-") as tmp:
         version = detect_version(path) if config is None else None
         folder = (

@@ -121,12 +121,18 @@ def serve_and_load(
     try:
         load(run, url, clients, requests, seed, steps, deadline)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            run.exit_code = process.wait(max(5.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
+        run.exit_code = stop(process, deadline)
     return run
+
+
+def stop(process: subprocess.Popen, deadline: float) -> int | None:
+    """SIGTERM, as an operator stops it: its exit status (None, and killed, if it does not stop in time)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(max(5.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return None
 
 
 def render_alone(model: str | None, steps: int, pairs: list[tuple[str, int]]) -> list:

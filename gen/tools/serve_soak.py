@@ -11,8 +11,6 @@ import base64
 import io
 import json
 import os
-import signal
-import subprocess
 import threading
 import time
 import urllib.error
@@ -20,7 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from gen.tools.serve_bench import PROMPTS, _get, _post, _start, percentiles, render_alone
+from gen.tools.serve_bench import PROMPTS, _get, _post, _start, percentiles, render_alone, stop
 
 # The soak, `gen bench --serve --minutes M`: C clients keep sending a mix of requests for M minutes to one server
 # on 127.0.0.1, its resident memory sampled along the way.
@@ -266,11 +264,7 @@ def serve_and_soak(
         _warm_up(url, max_batch, seed, steps, deadline)
         soak_load(soak, url, process.pid, clients, seed, steps, deadline)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            soak.exit_code = process.wait(max(5.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
+        soak.exit_code = stop(process, deadline)
     return soak
 
 

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -296,3 +297,36 @@ def test_openapi_docs_and_cors_only_when_asked(server):
             "/sdapi/v1/txt2img", headers=preflight
         )  # answered before auth: browsers send no password
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu", "mps"])
+def test_serve_on_a_device_this_machine_lacks_is_one_line(device):
+    done = subprocess.run(
+        [sys.executable, "-m", "gen", "serve", "--device", device, "--state-dir", "none", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"gen: error: device '{device}' is not available on this machine; allowed: cpu" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/sdapi/v1/txt2img", {"prompt": PROMPT, "cfg_scale": 1e20, "steps": 6}),
+        ("/v1/images/generations", {"prompt": PROMPT, "guidance_scale": 1e20, "steps": 6}),
+        ("/gen/v1/jobs?stream=true", {"prompt": PROMPT, "guidance": 1e20, "steps": 6}),
+    ],
+)
+def test_a_huge_finite_guidance_is_a_valid_image_or_a_4xx_never_a_500(server, path, body):
+    """The issue's cfg_scale 1e20: whether the latents overflow depends on the sampler and the steps; either the
+    image is finite (a valid, if useless, picture) or the request is answered 4xx naming guidance_scale."""
+    with server.client() as http:
+        r = http.post(path, json=body)
+        assert r.status_code in (200, 400, 422), r.text
+        text = r.text
+        if r.status_code != 200 or "event: failed" in text:
+            assert "guidance_scale 1e+20 is far beyond the usual" in text, text[-500:]
+        assert http.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 1}).status_code == 200

@@ -91,3 +91,34 @@ def test_page_img2img_upload(tmp_path):
     args = ["--steps", "6", "--sampler", "euler", "--strength", "0.8"]
     args += ["--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")]
     assert_same_image(made, cli_image(tmp_path, prompt, 6, *args), exact=True)  # alone
+
+
+def test_page_cancel_keeps_the_finished_images():
+    """Cancel stops the job (POST .../cancel): the images already in the gallery stay downloadable."""
+    from playwright.sync_api import expect
+
+    shared_models()
+    with serving(max_batch=1) as server, page_of(server) as (page, errors):
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "30")
+        page.fill("#batch", "4")
+        page.click("#generate")
+        expect(page.locator("#gallery figure")).to_have_count(1, timeout=60_000)  # one of four made
+        page.click("#cancel")
+        expect(page.locator("#status")).to_contain_text("cancelled", timeout=30_000)
+        href = page.locator("#gallery a[download]").first.get_attribute("href")
+        assert page.request.get(server.url + href).status == 200
+        job = href.split("/")[4]
+        assert page.request.get(f"{server.url}/gen/v1/jobs/{job}").json()["status"] == "cancelled"
+    assert not errors, errors
+
+
+def test_page_shows_the_servers_default_steps():
+    """A server started with --max-steps 8: the page offers 8 steps, not gen's 20 that the server would refuse."""
+    from playwright.sync_api import expect
+
+    shared_models()
+    with serving(max_steps=8) as server, page_of(server) as (page, errors):
+        expect(page.locator("#steps")).to_have_value("8")
+        expect(page.locator("#guidance")).to_have_value("5")
+    assert not errors, errors

@@ -4,9 +4,10 @@ The map of the house (README's Layout section has the long form):
 
     library core     models/ (the DiT), diffusion/ (CFG, training targets, samplers), text/ (prompt ->
                      embeddings), loading/ (weights, safely), generation/ (options -> images + metadata: the
-                     core every front-end calls), data/ (datasets), files.py, images.py
+                     core every front-end calls), data/ (datasets), files.py, images.py, control.py
     pipelines        gen.pipelines: diffusers-compatible pipelines on top of the core
-    front-ends       cli/ (the `gen` command); the HTTP server comes next, on the same generation core
+    front-ends       cli/ (the `gen` command), serve/ (`gen serve`: A1111's, OpenAI's and a jobs API, a page),
+                     both on the same generation core
     tools            tools/ (the judge, `gen eval`, `gen bench`), beside the front-ends
     training         gen.train: the one training loop and the scripts on it
 

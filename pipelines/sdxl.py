@@ -19,8 +19,6 @@ import torch
 from gen.pipelines.prompting import TextContext
 from gen.text.encode import embed_sdxl, pad_chunks
 
-XL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
 
 def _listed(value, batch: int) -> list:
     return list(value) if isinstance(value, list) else [value] * batch

@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
@@ -30,7 +29,6 @@ class Data:
     images: torch.Tensor
     ids: torch.Tensor
     scenes: list[S.Scene]
-    empty_ids: torch.Tensor  # (L,) the empty caption, for caption dropout
 
     def batch(
         self, size: int, device: torch.device, g: torch.Generator
@@ -51,8 +49,7 @@ def render_data(
         max_length=tokenizer.model_max_length,
         return_tensors="pt",
     )
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    return Data(torch.from_numpy(images), tok.input_ids, scenes, empty.input_ids[0])
+    return Data(torch.from_numpy(images), tok.input_ids, scenes)
 
 
 def timed_steps(minutes: float, max_steps: int, desc: str) -> Iterator[int]:
@@ -280,9 +277,3 @@ def train_judge(
 
 def judge_report(judge: Judge) -> dict[str, dict[str, float]]:
     return judge_accuracy(judge.cpu().float(), count=1000)
-
-
-def seen_token_fraction(data: Data, keep: torch.Tensor) -> float:
-    """Sanity check that pruning keeps every token the training captions use."""
-    used = torch.unique(data.ids)
-    return float(np.isin(used.numpy(), keep.numpy()).mean())

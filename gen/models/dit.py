@@ -263,7 +263,3 @@ def dit_from_preset(name: str, **overrides) -> DiT:
     if name not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
     return DiT(**{**DIT_PRESETS[name], **overrides})
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

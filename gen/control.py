@@ -68,8 +68,8 @@ def invert(rgb: np.ndarray, a, b, rng) -> np.ndarray:
 
 
 def threshold(rgb: np.ndarray, a: float, b, rng) -> np.ndarray:
-    """Each channel white above `a`, black at or below it."""
-    return np.where(rgb > a, 255, 0).astype(np.uint8)
+    """White where every channel is above `a` (A1111's: the darkest channel decides), black elsewhere."""
+    return _rgb(np.where(rgb.min(axis=2) > a, 255, 0).astype(np.uint8))
 
 
 def binary(rgb: np.ndarray, a: float, b, rng) -> np.ndarray:

@@ -420,6 +420,9 @@ class LatentDiffusionPipeline(
             steps = self.scheduler.timesteps[start * order :]
             if hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(start * order)
+        self._scheduled_steps = len(
+            steps
+        )  # before denoising_end: ControlNet's guidance fractions count these
         if denoising_end is not None and 0 < denoising_end < 1:
             total = self.scheduler.config.num_train_timesteps
             cutoff = int(round(total - denoising_end * total))

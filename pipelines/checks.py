@@ -196,6 +196,11 @@ def check_control(unet, nets: list, images: list, scales: list, starts: list, en
             )
     for k, net in enumerate(nets):
         _check_base(unet, net, k)
+        if (net.dtype, net.device) != (unet.dtype, unet.device):
+            raise ValueError(
+                f"ControlNet {k} is {net.dtype} on {net.device} but the UNet is {unet.dtype} on {unet.device};"
+                " load it with the pipeline's torch_dtype, or .to() the pipeline after adding it"
+            )
 
 
 def _check_base(unet, net, k: int) -> None:

@@ -107,8 +107,12 @@ class ControlNetPipeline(TextToImagePipeline):
         images = _images_per_net(image, len(nets))
         check_control(self.unet_for_control(), nets, images, scales, starts, ends)
         guess = guess_mode or bool(nets[0].config.global_pool_conditions)
-        prepared = [self.control_image_processor.preprocess(im, height=height, width=width) for im in images]
-        height, width = prepared[0].shape[-2:]
+        # The first control image decides the size (unless given); the others are resized to it, as A1111 does
+        first = self.control_image_processor.preprocess(images[0], height=height, width=width)
+        height, width = first.shape[-2:]
+        prepared = [first] + [
+            self.control_image_processor.preprocess(im, height=height, width=width) for im in images[1:]
+        ]
         per_prompt = kwargs.get("num_images_per_prompt", 1)
         self._pending_control = (prepared, scales, starts, ends, guess, per_prompt)
         try:
@@ -128,12 +132,18 @@ class ControlNetPipeline(TextToImagePipeline):
         then the shared loop."""
         prepared, scales, starts, ends, guess, per_prompt = self._pending_control
         rows, dtype = text.prompt_embeds.shape[0], self.controlnet.dtype
+        prompts = rows // per_prompt
+        for k, im in enumerate(prepared):
+            if im.shape[0] not in (1, prompts):
+                raise ValueError(
+                    f"ControlNet {k} got {im.shape[0]} control images for {prompts} prompt(s); give one image for"
+                    " all prompts or one per prompt"
+                )
         images = [_repeat(im, rows, per_prompt).to(latents.device, dtype) for im in prepared]
+        # Over the whole schedule, as diffusers: SDXL's denoising_end cuts steps off its end, not the fractions
+        total = getattr(self, "_scheduled_steps", len(steps))
         keep = [
-            [
-                1.0 - float(i / len(steps) < s or (i + 1) / len(steps) > e)
-                for s, e in zip(starts, ends, strict=True)
-            ]
+            [1.0 - float(i / total < s or (i + 1) / total > e) for s, e in zip(starts, ends, strict=True)]
             for i in range(len(steps))
         ]
         self._control = Control(images, scales, keep, guess)

@@ -89,3 +89,9 @@ def test_gen_control_detect(tmp_path, capsys):
     )
     assert main(["control", "modules"]) == 0
     assert "canny" in capsys.readouterr().out
+
+
+def test_threshold_is_on_the_darkest_channel_as_a1111s():
+    red = Image.new("RGB", (8, 8), (200, 50, 50))
+    assert np.asarray(detect(red, "threshold", threshold_a=127)).max() == 0  # A1111: black, not red
+    assert np.asarray(detect(Image.new("RGB", (8, 8), (200, 200, 200)), "threshold")).min() == 255

@@ -214,3 +214,50 @@ def test_a_diffusers_controlnet_pipeline_folder_loads(t2i, tmp_path):
     loaded = ControlNetPipeline.from_pretrained(tmp_path / "sd-controlnet")
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(run(loaded, control_image()), run(theirs, control_image()), atol=1e-4)
+
+
+def test_control_images_must_be_one_or_one_per_prompt(t2i):
+    ours, _ = pipelines(t2i, controlnet())
+    two = torch.cat([control_image(0), control_image(1)])
+    with pytest.raises(ValueError, match=r"ControlNet 0 got 2 control images for 1 prompt\(s\)"):
+        ours("a red circle", image=two, num_inference_steps=2)
+    out = ours(["a red circle", "a star"], image=two, num_inference_steps=2, output_type="np").images
+    assert out.shape == (2, 32, 32, 3)
+
+
+def test_several_nets_take_control_images_of_other_sizes(t2i):
+    ours = ControlNetPipeline.from_pipe(t2i, controlnet=[controlnet(0), controlnet(1)])
+    ours.set_progress_bar_config(disable=True)
+    out = run(ours, [control_image(0), control_image(1, size=48)])  # the second resized to the first's size
+    assert out.shape == (1, 32, 32, 3)
+
+
+def test_a_net_in_another_precision_is_named(t2i):
+    ours, _ = pipelines(t2i, controlnet())
+    ours.controlnet.to(torch.float64)  # after from_pipe, which casts its components to the pipeline's dtype
+    with pytest.raises(
+        ValueError, match=r"ControlNet 0 is torch.float64 on cpu but the UNet is torch.float32"
+    ):
+        ours("a red circle", image=control_image(), num_inference_steps=2)
+
+
+def test_sdxl_guidance_fractions_count_the_whole_schedule_with_denoising_end(tmp_path):
+    """As diffusers' SDXL ControlNet pipeline: control_guidance_end is a fraction of all the steps, of which
+    denoising_end runs only the first part."""
+    xl = components.sdxl_pipeline(tmp_path)
+    net = xl_controlnet()
+    ours = ControlNetPipeline.from_pipe(xl, controlnet=net)
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    theirs = StableDiffusionXLControlNetPipeline(
+        **{k: getattr(xl, k) for k in names}, controlnet=net, add_watermarker=False
+    )
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    args = {
+        "num_inference_steps": 8,
+        "denoising_end": 0.5,
+        "control_guidance_end": 0.5,
+        "output_type": "latent",
+    }
+    a, b = (run(pipe, control_image(), **args) for pipe in (ours, theirs))
+    assert (a - b).abs().max() < 1e-4

@@ -94,3 +94,18 @@ def test_bad_files_are_one_line_errors(tmp_path):
             tmp_path / "t.safetensors",
         )
         load_controlnet(tmp_path / "t.safetensors")
+
+
+def test_the_shuffle_net_pools_its_condition_as_a1111_reads_it_from_the_name(tmp_path, monkeypatch):
+    from gen.loading import controlnet as L
+
+    pooled = []
+    monkeypatch.setattr(
+        L, "_build", lambda state, config, dtype, fails: pooled.append(config["global_pool_conditions"])
+    )
+    state = {k: v.contiguous() for k, v in to_original(controlnet(cross_dim=768)).items()}
+    for name in ("control_v11e_sd15_shuffle.safetensors", "control_v11p_sd15_canny.safetensors"):
+        save_file(state, tmp_path / name)
+        load_controlnet(tmp_path / name)
+    load_controlnet(tmp_path / "control_v11p_sd15_canny.safetensors", global_pool_conditions=True)
+    assert pooled == [True, False, True]

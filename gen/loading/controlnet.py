@@ -37,10 +37,12 @@ def load_controlnet(
     torch_dtype: torch.dtype = torch.float32,
     config: str | Path | None = None,
     allow_pickle: bool = False,
+    global_pool_conditions: bool | None = None,
 ) -> ControlNetModel:
     """A ControlNetModel from a diffusers folder or one original-layout file. `config`: a folder with a matching
     config.json for a file whose architecture the shipped configs do not describe (ControlNet-XS, SDXL's "small"
-    and "mid" nets); by default it is derived from the base the keys name."""
+    and "mid" nets); by default it is derived from the base the keys name, and `global_pool_conditions` (the
+    shuffle net's pooled condition, which puts it in guess mode) is read from the file's name as A1111 does."""
     path = Path(path)
     if path.is_dir():
         return _from_folder(path, torch_dtype, allow_pickle)
@@ -51,6 +53,10 @@ def load_controlnet(
     else:
         version = detect_version({k: tuple(v.shape) for k, v in state.items()}, str(path))
         settings, what = controlnet_config(version), f"a {version} ControlNet's architecture"
+        # The shuffle net pools its condition (A1111 reads that from control_v11e_sd15_shuffle.yaml, picked by the
+        # file's name; the weights do not say it)
+        pool = "shuffle" in path.name.lower() if global_pool_conditions is None else global_pool_conditions
+        settings["global_pool_conditions"] = pool
     return _build(state, settings, torch_dtype, f"{path} does not fit {what}")
 
 

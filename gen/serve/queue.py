@@ -224,6 +224,7 @@ class Queue:
         """Answer a request whose render failed: its settings' fault (ValueError: a guidance scale that
         overflows the latents, ...) is a 422 naming it; anything else a 500, logged. The server keeps serving."""
         if isinstance(e, ValueError):
+            logger.warning("request %s failed on its settings: %s", task.id, e)  # the operator sees it too
             error = ServeError(422, " ".join(str(e).split()))
         else:
             logger.error("generation failed", exc_info=e)

@@ -180,9 +180,9 @@ def xl_controlnet() -> ControlNetModel:
     return controlnet(cross_dim=settings.pop("cross_attention_dim"), **settings)
 
 
-@pytest.mark.parametrize("variant", ["plain", "guess mode", "guidance 0.2-0.7"])
-def test_same_images_as_stable_diffusion_xl_controlnet(tmp_path, variant):
-    xl = components.sdxl_pipeline(tmp_path)
+def xl_pipelines(folder):
+    """Tiny SDXL parts; gen's ControlNetPipeline and diffusers' StableDiffusionXLControlNetPipeline on them."""
+    xl = components.sdxl_pipeline(folder)
     net = xl_controlnet()
     ours = ControlNetPipeline.from_pipe(xl, controlnet=net)
     names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
@@ -191,6 +191,12 @@ def test_same_images_as_stable_diffusion_xl_controlnet(tmp_path, variant):
     )
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
+    return xl, ours, theirs
+
+
+@pytest.mark.parametrize("variant", ["plain", "guess mode", "guidance 0.2-0.7"])
+def test_same_images_as_stable_diffusion_xl_controlnet(tmp_path, variant):
+    xl, ours, theirs = xl_pipelines(tmp_path)
     image = control_image()
     a, b = run(ours, image, **VARIANTS[variant]), run(theirs, image, **VARIANTS[variant])
     assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
@@ -244,15 +250,7 @@ def test_a_net_in_another_precision_is_named(t2i):
 def test_sdxl_guidance_fractions_count_the_whole_schedule_with_denoising_end(tmp_path):
     """As diffusers' SDXL ControlNet pipeline: control_guidance_end is a fraction of all the steps, of which
     denoising_end runs only the first part."""
-    xl = components.sdxl_pipeline(tmp_path)
-    net = xl_controlnet()
-    ours = ControlNetPipeline.from_pipe(xl, controlnet=net)
-    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-    theirs = StableDiffusionXLControlNetPipeline(
-        **{k: getattr(xl, k) for k in names}, controlnet=net, add_watermarker=False
-    )
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
+    xl, ours, theirs = xl_pipelines(tmp_path)
     args = {
         "num_inference_steps": 8,
         "denoising_end": 0.5,

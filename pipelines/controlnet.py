@@ -89,6 +89,7 @@ class ControlNetPipeline(TextToImagePipeline):
         self,
         prompt: str | list[str] | None = None,
         image: Any = None,
+        *,  # the rest by name: diffusers' positional order past `image` is not this signature's
         height: int | None = None,
         width: int | None = None,
         controlnet_conditioning_scale: float | list[float] = 1.0,

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from gen.data import shapes as S
+from gen.evaluation import evaluate
 from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
-from gen.tools.eval import evaluate
-from gen.tools.judge import Judge, corrupt, to_tensor
+from gen.models.judge import Judge, corrupt, to_tensor
 from gen.train import dreambooth
 
 INSTANCE = "a sks shape on a white background"

@@ -11,7 +11,7 @@ import torch
 
 import gen
 from gen.data import captions, shapes
-from gen.images import contact_sheet
+from gen.pixels import contact_sheet
 
 ROWS = [  # (colour, shape, background, style); held-out: combinations never in training
     ("red", "circle", "blue", "short"),

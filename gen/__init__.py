@@ -1,15 +1,16 @@
 """gen: a small, honest latent-diffusion toolkit.
 
-The map of the house (README's Layout section has the long form):
+The map of the house, in its import layers from the top (README's Layout section has the long form; the layers
+are pyproject.toml's [tool.importlinter] contract, checked by tests/test_layers.py):
 
-    library core     models/ (the DiT), diffusion/ (CFG, training targets, samplers), text/ (prompt ->
-                     embeddings), loading/ (weights, safely), generation/ (options -> images + metadata: the
-                     core every front-end calls), data/ (datasets), files.py, images.py, control.py
-    pipelines        gen.pipelines: diffusers-compatible pipelines on top of the core
-    front-ends       cli/ (the `gen` command), serve/ (`gen serve`: A1111's, OpenAI's and a jobs API, a page),
-                     both on the same generation core
-    tools            tools/ (the judge, `gen eval`, `gen bench`), beside the front-ends
-    training         gen.train: the one training loop and the scripts on it
+    front-end        cli/ (the `gen` command: it starts the others)
+    beside it        serve/ (`gen serve`: A1111's, OpenAI's and a jobs API, a page), tools/ (`gen bench`,
+                     `gen eval --task img2img|inpaint`), gen.train (the one training loop and the scripts on it)
+    library core     evaluation.py (`gen eval`: the judge's exam), generation/ (options -> images + metadata:
+                     the core every front-end calls), loading/ (pipelines in: folders, single files, ControlNets),
+                     gen.pipelines (diffusers-compatible pipelines, their checked loaders), models/ (the DiT, the
+                     judge), diffusion/ (CFG, training targets, samplers), text/ (prompt -> embeddings), data/
+                     (the shapes data, captions, image folders), files.py, pixels.py, control.py
 
 Importing gen does no work: heavy modules (torch, diffusers) load on first use of a name below.
 """

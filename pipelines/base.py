@@ -1,50 +1,34 @@
-"""What gen's pipelines share: components, loading, prompt encoding (prompting.py), noise, the guided denoising
-loop with one CFG formula (gen.diffusion.guidance), and decoding. Each task's pipeline adds only its `__call__`."""
+"""What gen's pipelines share: components, checked loading (loaders.py), prompt encoding (prompting.py), noise and
+timesteps, the guided denoising loop (denoising.py) and decoding (decoding.py). Each task's pipeline adds only its
+`__call__`."""
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, TextualInversionLoaderMixin
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from gen.diffusion.guidance import guidance
-from gen.loading.safety import PICKLE
 from gen.models.dit import DiT
 from gen.pipelines.checks import check_call
+from gen.pipelines.decoding import DecodingMixin
+from gen.pipelines.denoising import DenoisingMixin
+from gen.pipelines.images import pixel_size, processors
+from gen.pipelines.loaders import SafeLoadersMixin
 from gen.pipelines.lora import LoraMixin
 from gen.pipelines.prompting import PromptEncodingMixin, TextContext
 from gen.pipelines.sdxl import SDXLMixin
 from gen.text.encode import ClipSkip
 
 logger = logging.getLogger(__name__)
-
-GUIDANCE_USUAL = 30.0  # A1111's CFG slider ends here; far above it the latents overflow
-
-
-class NotFiniteError(ValueError, FloatingPointError):
-    """A generated picture with NaN or infinite values: a ValueError, since a request's settings (a huge guidance
-    scale) cause it as often as broken weights, so front-ends answer it as bad input, in one line."""
-
-
-def _inside(step: int, total: int, interval: tuple[float, float] | None) -> bool:
-    """Is this step inside the guidance interval (fractions of the schedule, start inclusive)?"""
-    if interval is None:
-        return True
-    return interval[0] <= step / total < interval[1]
 
 
 def modernize_scheduler(scheduler) -> None:
@@ -66,13 +50,16 @@ def modernize_scheduler(scheduler) -> None:
             " `clip_sample` should be set to False; gen uses False, as StableDiffusionPipeline does."
         )
         deprecate("clip_sample not set", "1.0.0", message, standard_warn=False)
-    if fixes:
-        scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
+    if fixes:  # in place, by ConfigMixin's public setter (a scheduler reads its config at every call)
+        scheduler.register_to_config(**fixes)
 
 
 class LatentDiffusionPipeline(
+    SafeLoadersMixin,
     DiffusionPipeline,
     PromptEncodingMixin,
+    DenoisingMixin,
+    DecodingMixin,
     SDXLMixin,
     LoraMixin,
     TextualInversionLoaderMixin,
@@ -158,59 +145,6 @@ class LatentDiffusionPipeline(
         size = self.denoiser.config.sample_size if self.denoiser_name else 64
         return size * self.vae_scale_factor
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
-        """diffusers' loader behind gen's checks (gen.loading.safety): a local folder only, safetensors unless
-        allow_pickle, classes from diffusers/transformers/gen only, whole files, finite weights."""
-        from gen.loading.safety import check_finite, check_folder
-
-        folder = Path(pretrained_model_name_or_path)
-        check_folder(folder, allow_pickle)
-        kwargs.setdefault("local_files_only", True)
-        kwargs.setdefault(
-            "use_safetensors", None if allow_pickle else True
-        )  # None: safetensors first, then pickle
-        try:
-            pipe = super().from_pretrained(str(folder), **kwargs)
-        except (
-            ValueError,
-            RuntimeError,
-            OSError,
-        ) as e:  # a library's multi-line message, made one clear line
-            detail = str(e).split(". If you want")[0].replace("Cannot load because ", "")
-            raise ValueError(f"{folder}: could not load it: {' '.join(detail.split())}") from None
-        check_finite(pipe, folder)
-        return pipe
-
-    @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
-        """diffusers' single-file loader, offline: without `config=`, gen's shipped SD 1.x/2.x configs are used."""
-        if "config" not in kwargs:
-            from gen.loading.single_file import load_single_file
-
-            return load_single_file(
-                pretrained_model_link_or_path, torch_dtype=kwargs.get("torch_dtype", torch.float32)
-            )
-        kwargs.setdefault("local_files_only", True)
-        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
-
-    def load_textual_inversion(
-        self, pretrained_model_name_or_path, token=None, allow_pickle: bool = False, **kwargs
-    ):
-        """diffusers' loader (A1111 and diffusers embedding formats), refusing pickle files unless allow_pickle:
-        a .pt/.bin/.ckpt file can run code when unpickled. With allow_pickle, diffusers reads it with
-        torch.load(weights_only=True)."""
-        sources = pretrained_model_name_or_path
-        for source in sources if isinstance(sources, list) else [sources]:
-            suffix = Path(str(source)).suffix.lower() if isinstance(source, (str, Path)) else ""
-            if suffix in PICKLE and not allow_pickle:
-                raise ValueError(
-                    f"{source}: {suffix} embeddings are pickle files, which can run code when loaded; use a"
-                    " .safetensors file or pass allow_pickle=True"
-                )
-        kwargs.setdefault("local_files_only", True)
-        return super().load_textual_inversion(pretrained_model_name_or_path, token=token, **kwargs)
-
     # -- small wrappers users of StableDiffusionPipeline expect --------------------------------------------------
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()
@@ -252,21 +186,15 @@ class LatentDiffusionPipeline(
     @property
     def image_processor_for_stride(self) -> VaeImageProcessor:
         """diffusers' image processor at the denoiser's stride (a DiT's patch too), for image inputs."""
-        from gen.pipelines.images import processors
-
         return processors(self.latent_stride)[0]
 
     @property
     def mask_processor(self) -> VaeImageProcessor:
         """diffusers' inpainting mask processor (grayscale, binarized at 0.5) at the denoiser's stride."""
-        from gen.pipelines.images import processors
-
         return processors(self.latent_stride)[1]
 
     def _size_of(self, image, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width): as given, else the image's own, rounded down to a multiple of the stride."""
-        from gen.pipelines.images import pixel_size
-
         size = pixel_size(image, self.vae.config.latent_channels)
         if size is None:  # latents given as the image
             first = image[0] if isinstance(image, list) else image
@@ -429,183 +357,3 @@ class LatentDiffusionPipeline(
             steps = steps[: sum(1 for t in steps if t >= cutoff)]
         self._num_timesteps = len(steps)
         return steps
-
-    def _finish(self, latents: torch.Tensor, generator, output_type: str, return_dict: bool, overlay=None):
-        """Decode (unless output_type="latent"), post-process, free offload hooks, and wrap the result.
-        `overlay` (images -> images) runs on the post-processed images (the inpaint crop's paste-back)."""
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.image_processor.postprocess(
-                self.decode_latents(latents, generator), output_type=output_type
-            )
-            if overlay is not None:
-                image = overlay(image)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
-
-    def _step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
-
-    def _denoise(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        chunks: list[int] | None = None,
-        added: dict[str, torch.Tensor] | None = None,
-        rows: list[int] | None = None,
-    ) -> torch.Tensor:
-        """The denoiser on the step's batch (both denoisers share UNet2DConditionModel's calling convention);
-        `rows`: which rows of the step's batch `x` holds (None: all of them, in order).
-
-        With `chunks` (each row's own number of text chunks), rows of equal count run together with the
-        batch's padding chunks cut off: attention would otherwise attend to them, and a prompt's image would
-        depend on a longer prompt in its batch. Grouping rather than an attention mask keeps each row's
-        computation the same as in a run of its own (a mask changes the attention kernel), for any denoiser."""
-        if chunks is None:
-            return self._denoiser_call(x, t, context, added, rows)
-        length = context.shape[1] // max(chunks)
-        out: list[torch.Tensor | None] = [None] * len(chunks)
-        for k in sorted(set(chunks)):
-            group = [i for i, c in enumerate(chunks) if c == k]
-            part = None if added is None else {name: v[group] for name, v in added.items()}
-            within = group if rows is None else [rows[i] for i in group]
-            preds = self._denoise(x[group], t, context[group, : k * length], added=part, rows=within)
-            for i, pred in zip(group, preds, strict=True):
-                out[i] = pred
-        return torch.stack(out)  # (rows, C, h, w)
-
-    def _denoiser_call(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added=None, rows=None, **extra
-    ) -> torch.Tensor:
-        """One call of the denoiser on `rows` of the step's batch; a task adds inputs through `extra` (ControlNet's
-        residuals, gen.pipelines.controlnet)."""
-        kw = {
-            "cross_attention_kwargs": self.cross_attention_kwargs,
-            **extra,
-        }  # {"scale": s}: the LoRA's weight
-        if added is not None:  # SDXL's pooled text and size conditioning
-            kw["added_cond_kwargs"] = added
-        return self.denoiser(x, t, encoder_hidden_states=context, return_dict=False, **kw)[0]
-
-    def decode_latents(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        """Latents -> images in [-1, 1]. fp16 VAEs decode in fp32 (they overflow); NaN output is an error."""
-        vae = self.vae
-        x = latents / vae.config.scaling_factor  # (B, C, h, w)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if (
-            mean is not None and std is not None
-        ):  # VAEs with per-channel statistics, as SDXL's pipeline reads them
-            shape = (1, len(mean), 1, 1)
-            x = x * torch.tensor(std).view(shape).to(x) + torch.tensor(mean).view(shape).to(x)
-        dtype = vae.dtype
-        if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
-            dtype = torch.float32
-        if not torch.isfinite(x).all():
-            raise self._not_finite("the denoised latents contain NaN or infinite values", dtype)
-        image = self._vae_decode(x, dtype, generator)
-        if not torch.isfinite(image).all() and dtype != torch.float32:
-            logger.warning("VAE decode in %s gave NaN; retrying in float32", dtype)
-            image = self._vae_decode(x, torch.float32, generator)
-        if not torch.isfinite(image).all():
-            raise self._not_finite("the decoded image contains NaN or infinite values", torch.float32)
-        return image
-
-    def _not_finite(self, what: str, dtype: torch.dtype) -> NotFiniteError:
-        """The error for a picture that is not finite, naming the likeliest cause: a guidance scale far beyond the
-        usual range (finite, yet it overflows the latents), else the weights or the precision."""
-        scale = getattr(self, "_guidance_scale", None)
-        if scale is not None and abs(scale) > GUIDANCE_USUAL:
-            return NotFiniteError(
-                f"{what}: guidance_scale {scale:g} is far beyond the usual 1-{GUIDANCE_USUAL:g}"
-            )
-        hint = "" if dtype == torch.float32 else "try float32, "
-        return NotFiniteError(
-            f"{what} (the latents or the VAE weights are not finite); {hint}fewer steps or another sampler"
-        )
-
-    def _vae_decode(self, x: torch.Tensor, dtype: torch.dtype, generator) -> torch.Tensor:
-        original = self.vae.dtype
-        if dtype != original:
-            self.vae.to(dtype)
-        try:
-            return self.vae.decode(x.to(dtype), return_dict=False, generator=generator)[0]
-        finally:
-            if dtype != original:
-                self.vae.to(original)
-
-    def _denoising_loop(
-        self,
-        latents: torch.Tensor,  # (B, C, h, w)
-        steps: torch.Tensor,
-        text: TextContext,
-        step_kwargs: dict,
-        guidance_rescale: float,
-        guidance_interval: tuple[float, float] | None,
-        callback: Callable | None,
-        tensor_inputs: list[str],
-        condition: torch.Tensor | None = None,
-        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The guided loop. `condition` (B, c, h, w) is concatenated to the scaled latents as extra input
-        channels (an inpainting denoiser's mask and masked image); `after_step(i, latents)` runs after each
-        scheduler step, before the callback (inpainting's blend of the known region)."""
-        cfg = self.do_classifier_free_guidance
-        both = text.both() if cfg else None  # (2B, L*K, D), negatives first
-        with self.progress_bar(total=len(steps)) as progress:
-            for i, t in enumerate(steps):
-                if self.interrupt:
-                    break
-                # Outside the guidance interval only the text branch runs: half the denoiser work.
-                guided = cfg and _inside(i, len(steps), guidance_interval)
-                self._step = (i, guided)  # where the loop is, for what a task adds to each denoiser call
-                x_in = torch.cat([latents, latents]) if guided else latents  # (2B|B, C, h, w)
-                x_in = self.scheduler.scale_model_input(x_in, t)
-                if condition is not None:
-                    x_in = torch.cat([x_in, torch.cat([condition] * (2 if guided else 1))], dim=1)
-                if guided:
-                    pred_uncond, pred_text = self._denoise(
-                        x_in, t, both, text.rows(2), text.added(True)
-                    ).chunk(2)
-                    pred = guidance(pred_uncond, pred_text, self.guidance_scale, guidance_rescale)
-                else:
-                    pred = self._denoise(x_in, t, text.prompt_embeds, text.rows(1), text.added(False))
-                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-                if after_step is not None:
-                    latents = after_step(i, latents)
-                if callback is not None:
-                    latents = self._callback(
-                        callback, i, t=t, latents=latents, text=text, tensor_inputs=tensor_inputs
-                    )
-                    both = text.both() if cfg else None  # the callback may have replaced the embeddings
-                progress.update()
-        return latents
-
-    def _callback(self, callback: Callable, i: int, t, latents, text: TextContext, tensor_inputs: list[str]):
-        """diffusers' callback_on_step_end: it may replace the latents and the embeddings."""
-        local = {
-            "latents": latents,
-            "prompt_embeds": text.prompt_embeds,
-            "negative_prompt_embeds": text.negative_prompt_embeds,
-        }
-        out = callback(self, i, t, {k: local[k] for k in tensor_inputs})
-        if out is None:
-            out = {}
-        elif not isinstance(out, dict):  # diffusers would fail later with "argument of type ... not iterable"
-            raise TypeError(
-                f"callback_on_step_end must return a dict of tensors (or None), got {type(out).__name__}"
-            )
-        if "prompt_embeds" in out or "negative_prompt_embeds" in out:
-            text.prompt_embeds = out.pop("prompt_embeds", text.prompt_embeds)
-            text.negative_prompt_embeds = out.pop("negative_prompt_embeds", text.negative_prompt_embeds)
-            text.chunks = None  # the callback's embeddings: every token is attended to
-        return out.pop("latents", latents)

@@ -76,12 +76,7 @@ def check_guidance(scale: float, rescale: float, interval: tuple[float, float] |
 
 
 def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
-    if prompt is not None and prompt_embeds is not None:
-        raise ValueError("give prompt or prompt_embeds, not both")
-    if prompt is None and prompt_embeds is None:
-        raise ValueError("give a prompt (str or list of str) or prompt_embeds")
-    if prompt is not None and not _is_prompt(prompt):
-        raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
+    _check_prompt(prompt, prompt_embeds)
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
     n_prompts = (
@@ -92,6 +87,21 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
             f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; give one per prompt"
             " or a single string"
         )
+    _check_embeds_match(prompt_embeds, negative_prompt_embeds)
+
+
+def _check_prompt(prompt, prompt_embeds) -> None:
+    """Exactly one of the prompt and its embeddings, the prompt of a kind the encoder takes."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("give prompt or prompt_embeds, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a prompt (str or list of str) or prompt_embeds")
+    if prompt is not None and not _is_prompt(prompt):
+        raise ValueError(f"prompt must be a str or a non-empty list of str, got {type(prompt).__name__}")
+
+
+def _check_embeds_match(prompt_embeds, negative_prompt_embeds) -> None:
+    # CFG stacks the two in one batch, so they must be the same shape.
     both = prompt_embeds is not None and negative_prompt_embeds is not None
     if both and prompt_embeds.shape != negative_prompt_embeds.shape:
         raise ValueError(

@@ -1,6 +1,7 @@
 """Image and mask inputs of the image-to-image and inpainting pipelines: what diffusers accepts (PIL images,
 numpy arrays, tensors, or lists of them; masks white = repaint), checked with one clear line each, sized for
-the denoiser, and VAE-encoded with one generator per image.
+the denoiser, and VAE-encoded with one generator per image; and the latent scaling between the VAE and the
+denoiser (scale_latents, unscale_latents).
 
 Conversion itself is diffusers' VaeImageProcessor; this module adds the checks it lacks (it resizes a mask of
 another size silently, and misreads a uint8 array as [0, 255] floats) and the per-image encoding that keeps
@@ -130,6 +131,40 @@ def encode(vae, pixels: torch.Tensor, generator, batch: int) -> torch.Tensor:
     if isinstance(generator, list):
         pixels = expand(pixels, batch, "image")
         rows = [retrieve_latents(vae.encode(pixels[i : i + 1]), generator=generator[i]) for i in range(batch)]
-        return torch.cat(rows) * vae.config.scaling_factor
-    latents = retrieve_latents(vae.encode(pixels), generator=generator) * vae.config.scaling_factor
+        return scale_latents(vae, torch.cat(rows))
+    latents = scale_latents(vae, retrieve_latents(vae.encode(pixels), generator=generator))
     return expand(latents, batch, "image")
+
+
+# The latent space as the denoiser sees it, both ways: one formula each, for every pipeline and the trainer.
+
+
+def scale_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior's latents (B, C, h, w) -> the denoiser's: times `scaling_factor`, after the per-channel
+    `latents_mean` / `latents_std` normalisation where the VAE's config has them (as diffusers' SDXL pipelines
+    encode). unscale_latents undoes it."""
+    stats = _channel_stats(vae, x)
+    if stats is None:
+        return x * vae.config.scaling_factor
+    mean, std = stats
+    return (x - mean) * vae.config.scaling_factor / std
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The denoiser's latents (B, C, h, w) -> the VAE decoder's: scale_latents undone."""
+    x = latents / vae.config.scaling_factor
+    stats = _channel_stats(vae, x)
+    if stats is None:
+        return x
+    mean, std = stats
+    return x * std + mean
+
+
+def _channel_stats(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's per-channel (latents_mean, latents_std) as (1, C, 1, 1) tensors of x's dtype and device; None
+    where its config lacks either (SD's VAEs: scaling_factor alone)."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean), 1, 1)
+    return torch.tensor(mean).view(shape).to(x), torch.tensor(std).view(shape).to(x)

@@ -1,19 +1,18 @@
-"""LoRA on TextToImagePipeline for both denoisers, in diffusers' file format.
+"""LoRA on gen's pipelines for both denoisers, in diffusers' file format, through diffusers' loader mixin.
 
-diffusers' pipeline-level LoRA mixins each assume one architecture (`unet` for SD, `transformer` for SD3/Flux
-with their own key conversions). Ours delegates to the model-level PeftAdapterMixin that both the DiT and
-UNet2DConditionModel carry, and adds what gen promises: safetensors only, and a clear error for a LoRA made for
-another model. Files hold peft keys prefixed with the component name ("transformer." / "unet.", and
-"text_encoder." when the text encoder was adapted too) and the adapters' LoraConfig under the
-"lora_adapter_metadata" header key, as diffusers' `load_lora_weights` reads and writes them.
+The pipeline API is diffusers' StableDiffusionLoraLoaderMixin: set_adapters, fuse_lora / unfuse_lora,
+unload_lora_weights, delete_adapters, enable_lora / disable_lora and get_list_adapters are its LoraBaseMixin's,
+over the components in `_lora_loadable_modules`. On a UNet pipeline `load_lora_weights` ends in the mixin's own
+load_lora_weights (StableDiffusionXLLoraLoaderMixin's on SDXL), so kohya / A1111 files (`lora_unet_…` /
+`lora_te_…`, SDXL's `lora_te1_…` / `lora_te2_…`, with `.alpha`) and older diffusers files give the images
+StableDiffusion(XL)Pipeline gives.
 
-SDXL pipelines also adapt `text_encoder_2`; their kohya files (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`) go through
-diffusers' StableDiffusionXLLoraLoaderMixin converter.
-
-`load_lora_weights` takes what StableDiffusionPipeline's takes, from local paths only: a file, a folder (with
-`weight_name=`, default pytorch_lora_weights.safetensors) or a state dict. On a UNet pipeline, kohya / A1111 files
-(`lora_unet_…` / `lora_te_…` keys with `.alpha`) and older diffusers files go through diffusers' own converter
-(`StableDiffusionLoraLoaderMixin.lora_state_dict`), so they give the images StableDiffusionPipeline gives.
+What gen puts in front of it: local paths only (a file, a folder with `weight_name=`, default
+pytorch_lora_weights.safetensors, or a state dict; nothing is downloaded), safetensors only unless allow_pickle=True
+(pickle can run code), the file checked whole before it is read, one-line errors for a LoRA made for another model,
+and the DreamBooth identifier embedding beside the file. Files hold peft keys prefixed with the component name
+("transformer." / "unet.", and "text_encoder." / "text_encoder_2." when the text encoders were adapted too) and the
+adapters' LoraConfig under the "lora_adapter_metadata" header key, as diffusers reads and writes them.
 """
 
 from __future__ import annotations
@@ -24,16 +23,28 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, LORA_WEIGHT_NAME_SAFE
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from safetensors.torch import load_file, save_file
 
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the adapters' LoraConfig in the file header
+METADATA_KEY = LORA_ADAPTER_METADATA_KEY  # the adapters' LoraConfig in the file header
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second encoder
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name in a LoRA folder
-PICKLE_LORA_FILE = "pytorch_lora_weights.bin"  # its pickle twin, read only with allow_pickle
+LORA_FILE = LORA_WEIGHT_NAME_SAFE  # diffusers' default weight_name in a LoRA folder
+PICKLE_LORA_FILE = LORA_WEIGHT_NAME  # its pickle twin, read only with allow_pickle
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya-ss / A1111 key names
+READ_OPTIONS = ("weight_name", "subfolder", "use_safetensors")
 # diffusers' download options: no-ops for the local paths gen loads, accepted so diffusers code runs unchanged.
 HUB_OPTIONS = {"cache_dir", "force_download", "proxies", "local_files_only", "token", "revision"}
+
+
+def _weight_names(weight_name: str | None, use_safetensors: bool | None) -> list[str]:
+    """The names looked for in a folder, in diffusers' order."""
+    if weight_name:
+        return [weight_name]
+    if use_safetensors:
+        return [LORA_FILE]
+    return [PICKLE_LORA_FILE, LORA_FILE] if use_safetensors is False else [LORA_FILE, PICKLE_LORA_FILE]
 
 
 def _lora_file(
@@ -49,11 +60,7 @@ def _lora_file(
             f"LoRA {str(path)!r} does not exist; give a local file, a folder holding {LORA_FILE}, or a state dict"
             " (nothing is downloaded)"
         )
-    names = [weight_name] if weight_name else [LORA_FILE, PICKLE_LORA_FILE]
-    if use_safetensors is False and not weight_name:
-        names.reverse()
-    elif use_safetensors and not weight_name:
-        names = names[:1]
+    names = _weight_names(weight_name, use_safetensors)
     for name in names:
         if (path / name).is_file():
             return path / name
@@ -73,7 +80,7 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
         return torch.load(path, map_location="cpu", weights_only=True), None
     from safetensors import safe_open
 
-    from gen.loading.safety import check_weight_file
+    from gen.pipelines.safety import check_weight_file
 
     check_weight_file(path)
     with safe_open(str(path), framework="pt") as f:
@@ -85,19 +92,52 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
     return load_file(str(path)), metadata
 
 
-def _tuner_layers(module: torch.nn.Module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def _read_options(kwargs: dict) -> dict:
+    """load_lora_weights' reading options; anything else but diffusers' (unused) download options is refused."""
+    options = {name: kwargs.pop(name, None) for name in READ_OPTIONS}
+    unknown = sorted(set(kwargs) - HUB_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"load_lora_weights() got unexpected keyword arguments {unknown}; it takes adapter_name,"
+            " weight_name, subfolder, use_safetensors, allow_pickle (and diffusers' download options, unused)"
+        )
+    return options
 
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+def _lora_source(source, allow_pickle: bool, options: dict) -> tuple[dict, dict | None, Path | None, str]:
+    """The LoRA's state dict, its adapters' LoraConfig (None when the file has none), its file (None for a state
+    dict) and its name in errors."""
+    if isinstance(source, dict):
+        bad = next((k for k, v in source.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise ValueError(
+                f"the LoRA state dict's {bad!r} is not a tensor ({type(source[bad]).__name__}); give names -> tensors"
+            )
+        return dict(source), None, None, "the LoRA state dict"
+    if isinstance(source, (str, os.PathLike)):
+        path = _lora_file(Path(source), **options)
+        state, metadata = _read(path, allow_pickle)
+        return state, metadata, path, str(path)
+    raise TypeError(
+        f"load_lora_weights() takes a file, a folder or a state dict, got {type(source).__name__}"
+    )
 
 
-class LoraMixin:
-    def _lora_prefix(self) -> str:
-        return self.denoiser_name
+def _check_lora_keys(state: dict, label: str) -> None:
+    odd = next((k for k in state if "lora" not in k), None)
+    if odd is not None:
+        raise ValueError(f"{label} is not a LoRA: its key {odd!r} names no LoRA weight")
+    mixed = next((k for k in state if k.startswith(KOHYA_PREFIXES)), None)
+    if mixed is not None:
+        raise ValueError(
+            f"{label} mixes kohya keys ({mixed!r}) with other keys; diffusers converts only all-kohya files"
+        )
 
-    def _adapted(self) -> dict[str, torch.nn.Module]:
-        """Components that may carry adapters, by their prefix in LoRA files."""
-        return {self._lora_prefix(): self.denoiser, **self._text_encoders()}
+
+class LoraMixin(StableDiffusionLoraLoaderMixin):
+    # LoraBaseMixin's methods visit these by name and skip those the pipeline lacks: one of the two denoisers,
+    # SDXL's second encoder.
+    _lora_loadable_modules = ["transformer", "unet", TEXT_ENCODER, TEXT_ENCODER_2]
 
     def _text_encoders(self) -> dict[str, torch.nn.Module]:
         """The text encoders, by their prefix in LoRA files (SDXL has two)."""
@@ -106,8 +146,11 @@ class LoraMixin:
             encoders[TEXT_ENCODER_2] = self.text_encoder_2
         return encoders
 
-    def _text_encoder_adapters(self, encoder: torch.nn.Module | None = None) -> set[str]:
-        return set(getattr(encoder or self.text_encoder, "peft_config", None) or {})
+    def _unet_loader(self) -> tuple[type[StableDiffusionLoraLoaderMixin], dict]:
+        """diffusers' mixin for this UNet and what its load_lora_weights passes lora_state_dict."""
+        if self.is_sdxl:
+            return StableDiffusionXLLoraLoaderMixin, {"unet_config": self.unet.config}
+        return StableDiffusionLoraLoaderMixin, {}
 
     def load_lora_weights(
         self,
@@ -116,50 +159,88 @@ class LoraMixin:
         allow_pickle: bool = False,
         **kwargs,
     ) -> str:
-        """Load a LoRA (denoiser, and text encoder if it has one) as a named adapter; returns the name.
+        """Load a LoRA (denoiser, and text encoders if it has them) as a named adapter; returns the name.
 
         As StableDiffusionPipeline.load_lora_weights: a file, a folder (`weight_name=`, default
         pytorch_lora_weights.safetensors; `subfolder=`) or a state dict (dict of tensors); kohya / A1111 files on
         a UNet. Local paths only, safetensors only unless allow_pickle=True (pickle can run code). A DreamBooth
         identifier embedding `<stem>_emb.safetensors` beside the file is loaded with it.
         """
-        weight_name = kwargs.pop("weight_name", None)
-        subfolder = kwargs.pop("subfolder", None)
-        use_safetensors = kwargs.pop("use_safetensors", None)
-        unknown = sorted(set(kwargs) - HUB_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"load_lora_weights() got unexpected keyword arguments {unknown}; it takes adapter_name,"
-                " weight_name, subfolder, use_safetensors, allow_pickle (and diffusers' download options, unused)"
-            )
-        source = pretrained_model_name_or_path_or_dict
-        path = None
-        if isinstance(source, dict):
-            bad = next((k for k, v in source.items() if not isinstance(v, torch.Tensor)), None)
-            if bad is not None:
-                raise ValueError(
-                    f"the LoRA state dict's {bad!r} is not a tensor ({type(source[bad]).__name__}); give names -> tensors"
+        options = _read_options(kwargs)
+        state, metadata, path, label = _lora_source(
+            pretrained_model_name_or_path_or_dict, allow_pickle, options
+        )
+        converted, alphas = self._convert_lora(state, label)
+        self._check_components(converted, label)
+        name = adapter_name or f"adapter_{len(getattr(self.denoiser, 'peft_config', None) or {})}"
+        try:
+            if self.denoiser_name == "unet":
+                # diffusers reads the LoraConfig header only from a file (kohya's alphas give the scales instead)
+                self._load_unet_lora(str(path) if metadata is not None and not alphas else state, name)
+            else:
+                self._load_dit_lora(converted, metadata, name)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            detail = str(e).strip().splitlines()[-1][:300]
+            raise ValueError(
+                f"{label} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"
+            ) from None
+        if path is not None:
+            self._load_identifier(path.with_name(path.stem + "_emb.safetensors"))
+        return name
+
+    def _load_unet_lora(self, source: str | dict, name: str) -> None:
+        """diffusers' StableDiffusion(XL)LoraLoaderMixin.load_lora_weights, on a source already checked here."""
+        loader, _ = self._unet_loader()
+        options = {"use_safetensors": True} if isinstance(source, str) else {}
+        loader.load_lora_weights(self, source, adapter_name=name, **options)
+
+    def _load_dit_lora(self, state: dict, metadata: dict | None, name: str) -> None:
+        """No diffusers mixin's load_lora_weights fits gen's DiT: SD's and SDXL's load into `unet`, and each
+        transformer mixin is written for its model (SD3's needs text_encoder_2, Flux's and the others convert keys
+        for their architectures, Amused's inherits SD's unet-only load_lora_weights). So this makes the calls
+        those mixins make: the model's PeftAdapterMixin.load_lora_adapter, then load_lora_into_text_encoder.
+        `_pipeline` is their way to take offload hooks off around the injection and put them back."""
+        self.transformer.load_lora_adapter(
+            state, prefix="transformer", adapter_name=name, metadata=metadata, _pipeline=self
+        )
+        for prefix, encoder in self._text_encoders().items():
+            if any(k.startswith(prefix + ".") for k in state):
+                self.load_lora_into_text_encoder(
+                    state,
+                    network_alphas=None,
+                    text_encoder=encoder,
+                    prefix=prefix,
+                    adapter_name=name,
+                    metadata=metadata,
+                    _pipeline=self,
                 )
-            state, metadata, label = dict(source), None, "the LoRA state dict"
-        elif isinstance(source, (str, os.PathLike)):
-            path = _lora_file(Path(source), weight_name, subfolder, use_safetensors)
-            state, metadata = _read(path, allow_pickle)
-            label = str(path)
-        else:
-            raise TypeError(
-                f"load_lora_weights() takes a file, a folder or a state dict, got {type(source).__name__}"
+
+    def _convert_lora(self, state: dict, label: str) -> tuple[dict, dict | None]:
+        """kohya / A1111 and older diffusers key names -> diffusers' (`unet.…`, `text_encoder.…`), with kohya's
+        per-module alphas, by diffusers' own lora_state_dict as its load_lora_weights calls it (UNet pipelines).
+        The state given is left as it is."""
+        alphas = None
+        if self.denoiser_name == "transformer" and any(k.startswith(KOHYA_PREFIXES) for k in state):
+            raise ValueError(
+                f"{label} is a kohya / A1111 LoRA (lora_unet_… / lora_te_… keys): those are for Stable Diffusion"
+                " UNets, not this pipeline's DiT"
             )
-        state, network_alphas = self._convert_lora(state, label)
-        if network_alphas:
-            metadata = None  # kohya's alphas give the scales (diffusers takes one or the other)
-        prefix = self._lora_prefix()
-        mine = {k: v for k, v in state.items() if k.startswith(prefix + ".")}
-        texts = {
-            name: {k: v for k, v in state.items() if k.startswith(name + ".")}
-            for name in self._text_encoders()
-        }
+        if self.denoiser_name == "unet":
+            loader, options = self._unet_loader()
+            try:
+                state, alphas = loader.lora_state_dict(dict(state), **options)
+            except (ValueError, KeyError, RuntimeError) as e:  # kohya keys it cannot map
+                detail = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
+                raise ValueError(f"{label}: diffusers cannot convert this kohya LoRA: {detail}") from None
+        _check_lora_keys(state, label)
+        return state, alphas
+
+    def _check_components(self, state: dict, label: str) -> None:
+        """Every component the LoRA adapts is in this pipeline, the denoiser among them."""
+        prefix = self.denoiser_name
+        texts = self._text_encoders()
         found = sorted({k.split(".")[0] for k in state})
-        if not mine:
+        if prefix not in found:
             raise ValueError(
                 f"{label} is a LoRA for {', '.join(found) or 'nothing'}; this pipeline's denoiser is `{prefix}`"
             )
@@ -170,66 +251,6 @@ class LoraMixin:
                 f"{label} also has weights for {', '.join(other)}, which this pipeline lacks (a LoRA for another"
                 f" model, e.g. {kind}?); it has `{prefix}` and {', '.join(f'`{t}`' for t in texts)}"
             )
-        name = (
-            adapter_name
-            or f"adapter_{len(self.denoiser.peft_config) if getattr(self.denoiser, 'peft_config', None) else 0}"
-        )
-        try:
-            self.denoiser.load_lora_adapter(
-                mine, prefix=prefix, adapter_name=name, metadata=metadata, network_alphas=network_alphas
-            )
-            from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
-
-            for encoder_name, text in texts.items():
-                if text:
-                    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                        text,
-                        network_alphas=network_alphas,
-                        text_encoder=getattr(self, encoder_name),
-                        prefix=encoder_name,
-                        adapter_name=name,
-                        _pipeline=self,
-                        metadata=metadata,
-                    )
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            detail = str(e).strip().splitlines()[-1][:300]
-            raise ValueError(
-                f"{label} does not fit this {type(self.denoiser).__name__} (another model's LoRA?): {detail}"
-            ) from None
-        if path is not None:
-            self._load_identifier(path.with_name(path.stem + "_emb.safetensors"))
-        return name
-
-    def _convert_lora(self, state: dict, label: str) -> tuple[dict, dict | None]:
-        """kohya / A1111 and older diffusers key names -> diffusers' (`unet.…`, `text_encoder.…`), with kohya's
-        per-module alphas, by diffusers' own StableDiffusionLoraLoaderMixin.lora_state_dict (UNet pipelines)."""
-        alphas = None
-        if self.denoiser_name == "transformer" and any(k.startswith(KOHYA_PREFIXES) for k in state):
-            raise ValueError(
-                f"{label} is a kohya / A1111 LoRA (lora_unet_… / lora_te_… keys): those are for Stable Diffusion"
-                " UNets, not this pipeline's DiT"
-            )
-        if self.denoiser_name == "unet":
-            from diffusers.loaders.lora_pipeline import (
-                StableDiffusionLoraLoaderMixin,
-                StableDiffusionXLLoraLoaderMixin,
-            )
-
-            loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
-            try:
-                state, alphas = loader.lora_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as e:  # kohya keys it cannot map
-                detail = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
-                raise ValueError(f"{label}: diffusers cannot convert this kohya LoRA: {detail}") from None
-        odd = next((k for k in state if "lora" not in k), None)
-        if odd is not None:
-            raise ValueError(f"{label} is not a LoRA: its key {odd!r} names no LoRA weight")
-        mixed = next((k for k in state if k.startswith(KOHYA_PREFIXES)), None)
-        if mixed is not None:
-            raise ValueError(
-                f"{label} mixes kohya keys ({mixed!r}) with other keys; diffusers converts only all-kohya files"
-            )
-        return state, alphas
 
     def _load_identifier(self, path: Path) -> None:
         """A DreamBooth LoRA trained with --train-identifier has the identifier's token embedding beside it (a
@@ -277,13 +298,16 @@ class LoraMixin:
                 unscale_lora_layers(encoder, scale)
 
     def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
-        """Write the adapter `adapter_name` of the denoiser (and of the text encoder, if it has one) atomically."""
+        """Write the adapter `adapter_name` of the denoiser (and of the text encoders, if they have it) to the
+        file `path`, atomically, in diffusers' format. gen's own: diffusers' save_lora_weights is a classmethod
+        that takes the layers and writes a folder in place."""
         from peft.utils import get_peft_model_state_dict
 
         from gen.files import atomic_write
 
         state, metadata = {}, {}
-        for prefix, module in self._adapted().items():
+        adapted = {self.denoiser_name: self.denoiser, **self._text_encoders()}
+        for prefix, module in adapted.items():
             if adapter_name not in (getattr(module, "peft_config", None) or {}):
                 continue
             weights = get_peft_model_state_dict(module, adapter_name=adapter_name)
@@ -298,44 +322,30 @@ class LoraMixin:
             save_file(state, str(tmp), metadata=header)
         return path
 
-    def set_adapters(
-        self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
     ) -> None:
-        """Activate adapters with weights, in the denoiser and in the text encoder where it has them."""
-        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
-
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = (
-            adapter_weights if isinstance(adapter_weights, list) else [adapter_weights or 1.0] * len(names)
+        """diffusers' fuse_lora; by default into every component that can carry a LoRA (the mixin's default list
+        names `unet`, not gen's DiT)."""
+        super().fuse_lora(
+            components=components or self._lora_loadable_modules,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
         )
-        self.denoiser.set_adapters(names, weights)
-        for encoder in self._text_encoders().values():
-            text = self._text_encoder_adapters(encoder)
-            if text:
-                pairs = [(n, w) for n, w in zip(names, weights, strict=True) if n in text]
-                set_weights_and_activate_adapters(encoder, [n for n, _ in pairs], [w for _, w in pairs])
 
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
-        self.denoiser.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
-        for layer in (t for e in self._text_encoders().values() for t in _tuner_layers(e)):
-            if lora_scale != 1.0:
-                layer.scale_layer(lora_scale)
-            layer.merge(adapter_names=adapter_names)
-
-    def unfuse_lora(self) -> None:
-        self.denoiser.unfuse_lora()
-        for layer in (t for e in self._text_encoders().values() for t in _tuner_layers(e)):
-            layer.unmerge()
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
 
     def unload_lora_weights(self) -> None:
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
-        self.denoiser.unload_lora()
+        """diffusers' unload_lora_weights, and the DreamBooth identifier tokens that came with the LoRAs."""
+        super().unload_lora_weights()
         for token in getattr(self, "_lora_tokens", []):
             self.unload_textual_inversion(token)
         self._lora_tokens = []
-        for encoder in self._text_encoders().values():
-            if self._text_encoder_adapters(encoder):
-                recurse_remove_peft_layers(encoder)
-                del encoder.peft_config
-                encoder._hf_peft_config_loaded = False

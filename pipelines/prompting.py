@@ -62,6 +62,45 @@ class TextContext:
         )
 
 
+def pad_pairs(
+    pos: list[torch.Tensor], neg: list[torch.Tensor] | None, empty: torch.Tensor, device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
+    """Prompts (K_i*L, D) each, and their negatives (None: no negatives to pad), as (B, K*L, D) batches: each
+    prompt and its negative padded with the empty chunk to the longer one's count (as A1111 pads the negative),
+    then all to the batch's longest K. Also each pair's own count where some pair needs fewer than K (None when
+    every pair uses all K): the denoiser then sees each prompt at its own length (see _denoise)."""
+    length = empty.shape[0]
+    own = [max(r.shape[0] for r in pair) // length for pair in zip(pos, neg or pos, strict=True)]
+    k = max(own)
+    padded = pad_chunks(pos, k, empty).to(device=device, dtype=dtype)
+    negative = None if neg is None else pad_chunks(neg, k, empty).to(device=device, dtype=dtype)
+    return padded, negative, own if min(own) < k else None
+
+
+def _prompt_list(prompt, prompt_embeds) -> list[str] | None:
+    """The prompts as a list; None when embeddings are given in their place."""
+    if prompt_embeds is not None:
+        return None
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def _negative_list(cfg: bool, negative_prompt, negative_prompt_embeds, batch: int) -> list[str] | None:
+    """The negative prompts to encode, "" where none is given; None without CFG or with their embeddings."""
+    if not cfg or negative_prompt_embeds is not None:
+        return None
+    return negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
+
+
+def _check_whole_chunks(length: int, prompt_embeds, negative_prompt_embeds) -> None:
+    # Given embeddings are padded with the empty chunk too, so they must be whole chunks of the encoder's length.
+    given = [e for e in (prompt_embeds, negative_prompt_embeds) if e is not None]
+    if any(e.shape[1] % length for e in given):
+        raise ValueError(
+            f"prompt_embeds of {given[0].shape[1]} tokens cannot be padded to whole {length}-token chunks;"
+            " give negative_prompt_embeds too, of the same shape"
+        )
+
+
 class PromptEncodingMixin:
     def encode_prompt(
         self,
@@ -128,34 +167,28 @@ class PromptEncodingMixin:
             raise ValueError(
                 f"{', '.join(sorted(xl))}: SDXL arguments, and this pipeline has no text_encoder_2"
             )
-        prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else list(prompt)
+        return self._encode_text_sd(
+            prompt, device, cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, **opts
+        )
+
+    def _encode_text_sd(
+        self, prompt, device, cfg: bool, negative_prompt, prompt_embeds, negative_prompt_embeds, **opts
+    ) -> TextContext:
+        """_encode_text with one text encoder (SD 1.x/2.x, the DiT)."""
+        prompts = _prompt_list(prompt, prompt_embeds)
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        negatives = None
-        if cfg and negative_prompt_embeds is None:
-            negatives = (
-                negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * batch
-            )
+        negatives = _negative_list(cfg, negative_prompt, negative_prompt_embeds, batch)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.denoiser.dtype
         if prompts is None and negatives is None:  # embeddings given for everything
             negative = negative_prompt_embeds.to(device=device, dtype=dtype) if cfg else None
             return TextContext(prompt_embeds.to(device=device, dtype=dtype), negative)
         rows, empty = self._embed_unique([*(prompts or []), *(negatives or [])], device, **opts)
-        length = empty.shape[0]
-        given = [e for e in (prompt_embeds, negative_prompt_embeds if cfg else None) if e is not None]
-        if any(e.shape[1] % length for e in given):
-            raise ValueError(
-                f"prompt_embeds of {given[0].shape[1]} tokens cannot be padded to whole {length}-token chunks;"
-                " give negative_prompt_embeds too, of the same shape"
-            )
+        _check_whole_chunks(empty.shape[0], prompt_embeds, negative_prompt_embeds if cfg else None)
         pos = list(prompt_embeds) if prompts is None else rows[:batch]  # (K_i*L, D) each
-        neg = (list(negative_prompt_embeds) if negatives is None else rows[-batch:]) if cfg else []
-        own = [max(r.shape[0] for r in pair) // length for pair in zip(pos, neg or pos, strict=True)]
-        k = max(own)
-        return TextContext(
-            pad_chunks(pos, k, empty).to(device=device, dtype=dtype),
-            pad_chunks(neg, k, empty).to(device=device, dtype=dtype) if cfg else None,
-            own if min(own) < k else None,
-        )
+        neg = None
+        if cfg:
+            neg = list(negative_prompt_embeds) if negatives is None else rows[-batch:]
+        return TextContext(*pad_pairs(pos, neg, empty, device, dtype))
 
     def _embed_unique(self, prompts: list[str], device: torch.device, **opts) -> tuple[list, torch.Tensor]:
         # Repeated prompts (the empty negative above all) are encoded once per call.

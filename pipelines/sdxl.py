@@ -16,12 +16,35 @@ from __future__ import annotations
 
 import torch
 
-from gen.pipelines.prompting import TextContext
-from gen.text.encode import embed_sdxl, pad_chunks
+from gen.pipelines.prompting import TextContext, pad_pairs
+from gen.text.encode import embed_sdxl
 
 
 def _listed(value, batch: int) -> list:
     return list(value) if isinstance(value, list) else [value] * batch
+
+
+def _check_pooled(cfg: bool, prompt_embeds, negative_prompt_embeds, xl: dict) -> None:
+    # SDXL's UNet also takes the second encoder's pooled embedding, which a sequence embedding does not hold.
+    if prompt_embeds is not None and xl.get("pooled_prompt_embeds") is None:
+        raise ValueError("SDXL needs pooled_prompt_embeds with prompt_embeds (from encode_prompt)")
+    if cfg and negative_prompt_embeds is not None and xl.get("negative_pooled_prompt_embeds") is None:
+        raise ValueError("SDXL needs negative_pooled_prompt_embeds with negative_prompt_embeds")
+
+
+def _prompt_texts(prompts: list[str] | None, prompt, xl: dict, batch: int) -> tuple[list, list]:
+    """The prompts each encoder reads: the second reads prompt_2 where given, else the same prompts."""
+    if prompts is None:
+        return [], []
+    second = xl.get("prompt_2") or prompt
+    return list(prompts), _listed(second, batch) if isinstance(second, str) else list(second)
+
+
+def _negative_texts(negative_prompt, xl: dict, batch: int) -> tuple[list, list]:
+    """The negatives each encoder reads ("" where none is given): negative_prompt_2 for the second, if given."""
+    negatives = _listed(negative_prompt or "", batch)
+    negatives_2 = _listed(xl.get("negative_prompt_2") or negative_prompt or "", batch)
+    return negatives, negatives_2
 
 
 class SDXLMixin:
@@ -46,25 +69,16 @@ class SDXLMixin:
         """Prompts and negatives through both encoders in one call each; each prompt and its negative padded to
         their own chunk count, then all to the batch's longest (as for one encoder). An absent negative prompt
         is zeros when the model's config says force_zeros_for_empty_prompt, as SDXL was trained."""
-        pooled, negative_pooled = xl.get("pooled_prompt_embeds"), xl.get("negative_pooled_prompt_embeds")
-        if prompt_embeds is not None and pooled is None:
-            raise ValueError("SDXL needs pooled_prompt_embeds with prompt_embeds (from encode_prompt)")
-        if cfg and negative_prompt_embeds is not None and negative_pooled is None:
-            raise ValueError("SDXL needs negative_pooled_prompt_embeds with negative_prompt_embeds")
+        _check_pooled(cfg, prompt_embeds, negative_prompt_embeds, xl)
         prompts = (
             None if prompt_embeds is not None else _listed(prompt, 1) if isinstance(prompt, str) else prompt
         )
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        zero = cfg and negative_prompt_embeds is None and negative_prompt is None
-        zero = zero and bool(self.config.get("force_zeros_for_empty_prompt", True))
-        texts: tuple[list, list] = ([], [])
-        if prompts is not None:
-            second = xl.get("prompt_2") or prompt
-            texts = (list(prompts), _listed(second, batch) if isinstance(second, str) else list(second))
+        zero = self._zero_negative(cfg, negative_prompt, negative_prompt_embeds)
+        texts = _prompt_texts(prompts, prompt, xl, batch)
         if cfg and negative_prompt_embeds is None and not zero:
-            negatives = _listed(negative_prompt or "", batch)
-            negatives_2 = _listed(xl.get("negative_prompt_2") or negative_prompt or "", batch)
-            texts = (texts[0] + negatives, texts[1] + negatives_2)
+            negatives = _negative_texts(negative_prompt, xl, batch)
+            texts = (texts[0] + negatives[0], texts[1] + negatives[1])
         rows, empty, pooled_rows, _ = embed_sdxl(
             (self.tokenizer, self.tokenizer_2),
             (self.text_encoder, self.text_encoder_2),
@@ -73,29 +87,37 @@ class SDXLMixin:
             device,
             **opts,
         )
-        pos = rows[:batch] if prompts is not None else list(prompt_embeds)
-        pooled = pooled_rows[:batch] if prompts is not None else pooled
-        neg, neg_pooled = [], None
+        # The prompts' rows come first and the negatives' last; given embeddings stand in for either.
+        pos, pooled = (
+            (rows[:batch], pooled_rows[:batch])
+            if prompts is not None
+            else (list(prompt_embeds), xl.get("pooled_prompt_embeds"))
+        )
+        neg = neg_pooled = None
         if cfg and not zero:
-            given = negative_prompt_embeds is not None
-            neg = list(negative_prompt_embeds) if given else rows[-batch:]
-            neg_pooled = negative_pooled if given else pooled_rows[-batch:]
-        return self._xl_context(pos, neg, pooled, neg_pooled, empty, cfg, zero, device)
-
-    def _xl_context(self, pos, neg, pooled, neg_pooled, empty, cfg: bool, zero: bool, device) -> TextContext:
-        length = empty.shape[0]
-        own = [max(r.shape[0] for r in pair) // length for pair in zip(pos, neg or pos, strict=True)]
-        k = max(own)
-        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.denoiser.dtype
-        prompt_embeds = pad_chunks(pos, k, empty).to(device=device, dtype=dtype)
-        pooled = pooled.to(device=device, dtype=dtype)
-        negative = negative_pooled = None
-        if cfg:
-            negative = (
-                torch.zeros_like(prompt_embeds) if zero else pad_chunks(neg, k, empty).to(device, dtype)
+            neg, neg_pooled = (
+                (rows[-batch:], pooled_rows[-batch:])
+                if negative_prompt_embeds is None
+                else (list(negative_prompt_embeds), xl.get("negative_pooled_prompt_embeds"))
             )
+        return self._xl_context(pos, neg, pooled, neg_pooled, empty, cfg, device)
+
+    def _zero_negative(self, cfg: bool, negative_prompt, negative_prompt_embeds) -> bool:
+        """Whether the negative is zeros rather than the empty prompt's embedding: SDXL's config says so for an
+        absent negative prompt (force_zeros_for_empty_prompt, True unless set)."""
+        zero = cfg and negative_prompt_embeds is None and negative_prompt is None
+        return zero and bool(self.config.get("force_zeros_for_empty_prompt", True))
+
+    def _xl_context(self, pos, neg, pooled, neg_pooled, empty, cfg: bool, device) -> TextContext:
+        """The padded batches (see pad_pairs); with CFG and no negative to pad (`neg` None), zeros."""
+        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.denoiser.dtype
+        prompt_embeds, negative, chunks = pad_pairs(pos, neg, empty, device, dtype)
+        pooled = pooled.to(device=device, dtype=dtype)
+        negative_pooled = None
+        if cfg:
+            zero = neg is None
+            negative = torch.zeros_like(prompt_embeds) if zero else negative
             negative_pooled = torch.zeros_like(pooled) if zero else neg_pooled.to(device=device, dtype=dtype)
-        chunks = own if min(own) < k else None
         return TextContext(prompt_embeds, negative, chunks, pooled, negative_pooled)
 
     def _add_time_ids(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from gen.generation.attention import set_attention  # noqa: F401  (re-exported: pipelines users import it here)
+from gen.pipelines.attention_backend import set_attention  # noqa: F401  (re-exported: pipelines users import it here)
 from gen.pipelines.base import LatentDiffusionPipeline
 from gen.text.encode import ClipSkip
 

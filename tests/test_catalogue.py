@@ -26,9 +26,19 @@ CATALOGUE = [
     ("steps 1e6", ["x", "--steps", "1000000"], 2, "steps 1000000 is more than 10000"),
     ("guidance nan", ["x", "--guidance", "nan"], 2, "guidance nan must be a finite number"),
     ("guidance inf", ["x", "--guidance", "inf"], 2, "guidance inf must be a finite number"),
-    ("rescale 2", ["x", "--guidance-rescale", "2"], 2, "guidance_rescale=2.0 must be between 0 and 1"),
-    ("seed beyond 2**64", ["x", "--seed", str(2**64)], 2, "outside 0 .. 2**64-1"),
-    ("seed negative", ["x", "--seed", "-1"], 2, "outside 0 .. 2**64-1"),
+    (
+        "rescale 2",
+        ["x", "--guidance-rescale", "2"],
+        2,
+        "guidance-rescale 2.0 must be a finite number from 0 to 1",
+    ),
+    (
+        "seed beyond 2**64",
+        ["x", "--seed", str(2**64)],
+        2,
+        "must be an integer from 0 to 18446744073709551615",
+    ),
+    ("seed negative", ["x", "--seed", "-1"], 2, "seed -1 must be an integer from 0 to 18446744073709551615"),
     ("unknown flag", ["x", "--colour", "red"], 2, "unrecognized arguments: --colour red"),
     ("empty prompt", [""], 0, None),  # unconditional: a valid request
     ("10,000-character prompt", [LONG], 0, None),  # chunked, nothing cut

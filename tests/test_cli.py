@@ -132,7 +132,7 @@ BAD = [
     ),
     (["x", "--width", "60"], "width=60 must be a positive multiple of 8"),
     (["x", "--steps", "0"], "steps 0 must be an integer >= 1"),
-    (["x", "--guidance", "-1"], "guidance_scale=-1.0 must be a finite number >= 0"),
+    (["x", "--guidance", "-1"], "guidance -1.0 must be a finite number >= 0"),
     (["x", "--guidance", "nan"], "guidance nan must be a finite number"),
     (["x", "--model", "/nonexistent/model"], "model folder '/nonexistent/model' does not exist"),
     (["--from-file", "/nonexistent/p.txt"], "cannot read prompt file /nonexistent/p.txt"),
@@ -217,7 +217,7 @@ def test_samplers_info_and_prompt_named_like_a_subcommand(tmp_path, capsys):
 
 
 def test_eval_json(tmp_path, capsys, monkeypatch):
-    import gen.tools.eval as ev
+    import gen.evaluation as ev
 
     # Shrink the prompt set: the plumbing is under test here, not the model (that is the benchmark).
     small = ev.eval_scenes(3)

@@ -167,8 +167,8 @@ def lab_mask(tmp_path):
 
 
 BAD = [
-    (lambda t: ["--strength", "1.5"], "strength=1.5 must be between 0 and 1"),
-    (lambda t: ["--strength", "-0.5"], "strength=-0.5 must be between 0 and 1"),
+    (lambda t: ["--strength", "1.5"], "strength 1.5 must be a finite number from 0 to 1"),
+    (lambda t: ["--strength", "-0.5"], "strength -0.5 must be a finite number from 0 to 1"),
     (lambda t: ["--strength", "0.1"], "strength=0.1 of 6 steps runs no denoising step"),
     (
         lambda t: ["--mask", str(t / "small.png")],
@@ -205,7 +205,8 @@ def test_installed_command(tmp_path, scene):
     bad = subprocess.run([exe, "x", "--mask", str(mask)], capture_output=True, text=True, env=env)
     assert (
         bad.returncode == 2
-        and bad.stderr.strip() == "gen: error: --mask needs --init-image (the picture to inpaint)"
+        and bad.stderr.strip()
+        == "gen: error: a mask needs an init image, the picture to inpaint (--init-image; init_image over HTTP)"
     )
     assert json.loads(Image.open(out).text[metadata.JSON_KEY])["mask_hash"]
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from gen import files
 from gen.files import atomic_folder, atomic_write, atomic_write_text
-from gen.images import contact_sheet
+from gen.pixels import contact_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
 

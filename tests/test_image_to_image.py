@@ -209,7 +209,7 @@ def test_an_inpainting_checkpoint_is_recognised(tokenizer, tmp_path):
 
     from safetensors.torch import save_file
 
-    from gen.loading.single_file import config_folder, unet_in_channels
+    from gen.pipelines.single_file import config_folder, unet_in_channels
 
     pipe = gen_pipe(InpaintPipeline, tokenizer, in_channels=9)
     with pytest.raises(ValueError, match="is an inpainting model .*use InpaintPipeline"):

@@ -133,7 +133,8 @@ def test_gen_prompt_explains(capsys):
 def test_single_file_round_trip_through_the_cli(tokenizer, tmp_path, capsys):
     import numpy as np
 
-    from gen.loading.single_file import detect_version, load_single_file
+    from gen.loading.pipeline import load_single_file
+    from gen.pipelines.single_file import detect_version
     from tests import components
 
     pipe = components.pipeline(tokenizer, "unet")
@@ -169,7 +170,7 @@ def test_shipped_sd_configs_cover_the_real_architectures(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from gen.loading.single_file import _unet_key, _vae_key, config_folder
+    from gen.pipelines.single_file import _unet_key, _vae_key, config_folder
 
     for version, unet_params in (("v1", 859_520_964), ("v2", 865_910_724)):
         folder = config_folder(version, tmp_path / version)

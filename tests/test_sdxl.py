@@ -225,7 +225,8 @@ def test_cli_info_generate_and_reproduce_on_an_sdxl_folder(xl, tmp_path, capsys)
 
 def test_sdxl_single_file_round_trip_through_the_cli(xl, tmp_path, capsys):
     from gen.cli import main
-    from gen.loading.single_file import detect_version, load_single_file
+    from gen.loading.pipeline import load_single_file
+    from gen.pipelines.single_file import detect_version
 
     xl.save_pretrained(tmp_path / "folder")
     out = tmp_path / "model.safetensors"
@@ -253,7 +254,7 @@ def test_shipped_sdxl_configs_cover_the_real_architecture(tmp_path):
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from gen.loading.single_file import _unet_key, _vae_key, config_folder, open_clip_state
+    from gen.pipelines.single_file import _unet_key, _vae_key, config_folder, open_clip_state
 
     folder = config_folder("xl", tmp_path / "xl")
     with init_empty_weights():

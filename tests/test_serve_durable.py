@@ -152,7 +152,7 @@ def test_config_and_flags():
     from gen.cli.main import serve_parser
 
     args = serve_parser().parse_args([])
-    assert args.state_dir.endswith("gen/serve") and args.keep_jobs == 24.0
+    assert args.state_dir.endswith("gen/serve") and args.keep_hours == 24.0
     assert ServeConfig().state_dir is None  # the library's default: memory (tests, embedding)
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="--keep-jobs .* must be a number of hours > 0"):

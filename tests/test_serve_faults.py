@@ -13,7 +13,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from gen.serve import samplers
+from gen.serve import sampler_names
 from gen.serve.config import ServeConfig
 from gen.serve.middleware import basic_ok, bearer_ok
 from gen.serve.results import parse_parameters
@@ -72,7 +72,7 @@ def basic(user: str, password: str) -> dict:
         ),
         ("/sdapi/v1/txt2img", {"prompt": "x", "n_iter": 0}, 422, "n_iter=0: Input should be greater"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 8, "n_iter": 8}, 422, "images in one request 64"),
-        ("/sdapi/v1/txt2img", {"prompt": "x", "seed": -5}, 422, "seed -5 must be between 0 and 2**64-1"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "seed": -5}, 422, "seed -5 must be an integer from 0 to 18446744073709551615"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "width": 60}, 422, "nearest valid: 64"),
         (
             "/sdapi/v1/txt2img",
@@ -250,12 +250,16 @@ def test_auth_helpers_compare_every_entry():
 
 
 def test_sampler_names_resolve_as_a1111_clients_send_them():
-    assert samplers.resolve("EULER A") == samplers.resolve("k_euler_ancestral") == "euler_a"
-    assert samplers.resolve("DPM++ 2M", "Karras") == samplers.resolve("k_dpmpp_2m_ka") == "dpm++_2m_karras"
-    assert samplers.resolve("dpm++_sde_karras", "karras") == "dpm++_sde_karras"
-    assert samplers.resolve(None) is None and samplers.resolve("", "Automatic") is None
+    assert sampler_names.resolve("EULER A") == sampler_names.resolve("k_euler_ancestral") == "euler_a"
+    assert (
+        sampler_names.resolve("DPM++ 2M", "Karras")
+        == sampler_names.resolve("k_dpmpp_2m_ka")
+        == "dpm++_2m_karras"
+    )
+    assert sampler_names.resolve("dpm++_sde_karras", "karras") == "dpm++_sde_karras"
+    assert sampler_names.resolve(None) is None and sampler_names.resolve("", "Automatic") is None
     with pytest.raises(ValueError, match="scheduler 'Exponential' is not supported here"):
-        samplers.resolve("Euler", "Exponential")
+        sampler_names.resolve("Euler", "Exponential")
 
 
 def test_parse_parameters_as_a1111():

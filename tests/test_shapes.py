@@ -9,7 +9,7 @@ from transformers import CLIPTokenizer
 import gen
 from gen.data import captions as C
 from gen.data import shapes as S
-from gen.loading.pipeline import DEFAULT_MODEL
+from gen.loading.assets import DEFAULT_MODEL
 from gen.train.clip_tokenizer import build
 
 
@@ -119,7 +119,7 @@ def test_packaged_model_loads_offline_and_generates(packaged):
 
 
 def test_judge_scores_rendered_ground_truth():
-    from gen.tools.judge import Judge, judge_accuracy
+    from gen.models.judge import Judge, judge_accuracy
 
     judge = Judge.from_pretrained(DEFAULT_MODEL / "judge").float()
     acc = judge_accuracy(judge, count=300, seed=5)
@@ -128,8 +128,8 @@ def test_judge_scores_rendered_ground_truth():
 
 
 def test_generated_batch_obeys_prompts(packaged):
-    from gen.tools.eval import eval_scenes, generate_for, score
-    from gen.tools.judge import Judge
+    from gen.evaluation import eval_scenes, generate_for, score
+    from gen.models.judge import Judge
 
     judge = Judge.from_pretrained(DEFAULT_MODEL / "judge").float()
     scenes = eval_scenes(6)
@@ -143,7 +143,7 @@ def test_generated_batch_obeys_prompts(packaged):
 def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, caplog):
     import functools
 
-    import gen.tools.eval as ev
+    import gen.evaluation as ev
     from gen.train import shapes, shapes_parts
 
     # Tiny budgets and a small exam: the plumbing of every stage is under test, not the model's quality.
@@ -200,3 +200,33 @@ def test_recipe_builds_a_loadable_model_from_nothing(tmp_path, monkeypatch, capl
         shapes.main([*argv, "--overwrite", "--dit-steps", "4"])
     assert "checkpoint-3 at step 3" in caplog.text
     assert json.loads((model / "training_report.json").read_text())["dit"]["steps"] == 4
+
+
+def test_parts_learning_rates_are_diffusers_schedules_with_the_old_numbers():
+    """train_clip / train_vae warm up with lr * min(1, (k + 1) / warmup) at step k, the judge decays on a cosine
+    from its third step: diffusers' get_scheduler schedules, the numbers the hand-written rules gave."""
+    import math
+    import warnings
+
+    from diffusers.optimization import get_scheduler
+
+    from gen.train.shapes_parts import warmup_schedule
+
+    def rates(opt, schedule, steps, skip_first=False):
+        seen = []
+        for k in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if k or not skip_first:
+                schedule.step()
+        return seen
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "lr_scheduler.step() before optimizer.step()"
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        want = [3e-4 * min(1.0, (k + 1) / 200) for k in range(400)]
+        assert rates(opt, warmup_schedule(opt, 200), 400) == want
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        cosine = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=300)
+        old = [2e-3, *(2e-3 * 0.5 * (1 + math.cos(math.pi * min(k / 300, 1.0))) for k in range(299))]
+        assert rates(opt, cosine, 300, skip_first=True) == old

@@ -9,7 +9,7 @@ import torch
 
 import gen
 from gen.cli import main
-from gen.generation.attention import set_attention
+from gen.pipelines.attention_backend import set_attention
 from gen.tools import bench
 from tests.images import assert_same_image
 

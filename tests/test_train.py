@@ -282,3 +282,18 @@ def test_tensorboard_logs_loss_lr_and_validation_grids(setup, tmp_path):
     acc = EventAccumulator(str(out / "logs" / "gen-train")).Reload()  # (its subfolder holds the hparams)
     assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(acc.Scalars("lr")) == 2
     assert acc.Tags()["images"] == ["validation"]
+
+
+def test_library_checks_raise_value_errors_and_the_scripts_exit_with_them():
+    from gen.train.common import TrainError, exit_on_train_error, noise_scheduler
+
+    with pytest.raises(ValueError, match="--prediction-type 'v': choose epsilon"):
+        noise_scheduler({}, "v")
+
+    @exit_on_train_error
+    def script():
+        raise TrainError("--flag: the one-line message")
+
+    with pytest.raises(SystemExit) as e:
+        script()
+    assert e.value.code == "--flag: the one-line message"  # printed to stderr, exit status 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -17,6 +18,25 @@ from gen.diffusion.training import diffusion_loss, min_snr_weights, sample_noise
 from gen.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+
+class TrainError(ValueError):
+    """An option or input a run cannot work with, said in one line. The library raises it; a script's main()
+    ends with it (exit_on_train_error), as the command-line user has always seen it."""
+
+
+def exit_on_train_error(main):
+    """For a script's main(): a TrainError ends it as SystemExit(message), which Python prints as that one line
+    with exit status 1. Any other error keeps its traceback."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except TrainError as e:
+            raise SystemExit(str(e)) from None
+
+    return run
 
 
 # -- options ---------------------------------------------------------------------------------------------------
@@ -147,7 +167,7 @@ def make_optimizer(params: list, lr: float, use_8bit: bool = False, weight_decay
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise SystemExit(
+        raise TrainError(
             "--use-8bit-adam needs bitsandbytes, which is not installed (pip install bitsandbytes)"
         ) from None
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
@@ -163,12 +183,12 @@ def noise_scheduler(config, prediction_type: str = "", zero_terminal_snr: bool =
     from diffusers import DDPMScheduler
 
     if prediction_type not in ("", "epsilon", "v_prediction", "sample"):
-        raise SystemExit(f"--prediction-type {prediction_type!r}: choose epsilon, v_prediction or sample")
+        raise TrainError(f"--prediction-type {prediction_type!r}: choose epsilon, v_prediction or sample")
     changes = {"prediction_type": prediction_type} if prediction_type else {}
     if zero_terminal_snr:
         kind = prediction_type or config.get("prediction_type", "epsilon")
         if kind != "v_prediction":
-            raise SystemExit(
+            raise TrainError(
                 f"--zero-terminal-snr needs v-prediction; this model predicts {kind!r} (add --prediction-type v_prediction)"
             )
         changes["rescale_betas_zero_snr"] = True

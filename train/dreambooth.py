@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from gen.data.folders import ImageCaptionFolder
 from gen.files import atomic_write
-from gen.train.common import parse_options, save_options
+from gen.train.common import TrainError, exit_on_train_error, parse_options, save_options
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.dreambooth")
@@ -181,30 +181,42 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
 
 def check(o: Options) -> None:
     """One-line errors for options that cannot work, before anything loads."""
-    if not o.instance_dir or not o.instance_prompt:
-        raise SystemExit(
-            "--instance-dir and --instance-prompt are required (the subject's pictures and their prompt)"
-        )
-    if o.with_prior_preservation and not o.class_prompt:
-        raise SystemExit("--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog')")
-    if o.class_prompt and not o.with_prior_preservation:
-        logger.warning("--class-prompt is only used with --with-prior-preservation")
-    if o.train_identifier and o.train_identifier not in o.instance_prompt.split():
-        raise SystemExit(
-            f"--train-identifier {o.train_identifier!r} is not a word of --instance-prompt {o.instance_prompt!r}"
-        )
-    if o.train_identifier and o.train_text_encoder and not o.lora:
-        raise SystemExit(
-            "--train-identifier is part of --train-text-encoder without --lora (the whole text encoder trains)"
-        )
+    _check_prompts(o)
+    _check_identifier(o)
     if o.rank < 1:
-        raise SystemExit(f"--rank {o.rank}: must be at least 1")
+        raise TrainError(f"--rank {o.rank}: must be at least 1")
     out = Path(o.output_dir)
     result = out / (LORA_FILE if o.lora else "model")
     if result.exists() and not (o.overwrite or o.resume):
-        raise SystemExit(f"{result} exists; pass --overwrite, or --resume latest to continue")
+        raise TrainError(f"{result} exists; pass --overwrite, or --resume latest to continue")
 
 
+def _check_prompts(o: Options) -> None:
+    """The subject's pictures and prompt, and the class prompt that prior preservation needs."""
+    if not o.instance_dir or not o.instance_prompt:
+        raise TrainError(
+            "--instance-dir and --instance-prompt are required (the subject's pictures and their prompt)"
+        )
+    if o.with_prior_preservation and not o.class_prompt:
+        raise TrainError("--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog')")
+    if o.class_prompt and not o.with_prior_preservation:
+        logger.warning("--class-prompt is only used with --with-prior-preservation")
+
+
+def _check_identifier(o: Options) -> None:
+    # Only the identifier's embedding row learns, so it must be a word of the prompt, and a text encoder that
+    # trains whole (no LoRA) would learn it anyway.
+    if o.train_identifier and o.train_identifier not in o.instance_prompt.split():
+        raise TrainError(
+            f"--train-identifier {o.train_identifier!r} is not a word of --instance-prompt {o.instance_prompt!r}"
+        )
+    if o.train_identifier and o.train_text_encoder and not o.lora:
+        raise TrainError(
+            "--train-identifier is part of --train-text-encoder without --lora (the whole text encoder trains)"
+        )
+
+
+@exit_on_train_error
 def main(argv: list[str] | None = None) -> Path:
     o = parse_options(Options, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -24,14 +24,14 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from gen.evaluation import evaluate_model, format_report
 from gen.files import atomic_folder, atomic_write_text
-from gen.loading.pipeline import DEFAULT_MODEL
+from gen.loading.assets import DEFAULT_MODEL
 from gen.models import DiT, dit_from_preset
+from gen.models.judge import Judge
 from gen.pipelines import TextToImagePipeline
-from gen.tools import eval as gen_eval
-from gen.tools.judge import Judge
 from gen.train import shapes_parts as P
-from gen.train.common import parse_options, save_options
+from gen.train.common import exit_on_train_error, parse_options, save_options
 from gen.train.shapes_dit import RenderedShapes, ShapesDiTTrainer
 from gen.train.trainer import TrainOptions
 
@@ -333,14 +333,15 @@ def _load_dit(folder: Path):
 
 
 def run_eval(o: ShapesOptions, model: Path, device) -> dict:
-    report = gen_eval.evaluate_model(
+    report = evaluate_model(
         model, o.eval_images_per_prompt, device=str(device), grid=o.out / "grid.png", batch_size=64
     )
     _write_json(o.out / "eval.json", report)
-    print(gen_eval.format_report(report))
+    print(format_report(report))
     return report
 
 
+@exit_on_train_error
 def main(argv: list[str] | None = None) -> None:
     o = parse_options(ShapesOptions, argv, __doc__)
     if (o.out / "model").exists() and not o.overwrite:

@@ -16,7 +16,7 @@ import torch
 
 from gen.data import captions as C
 from gen.data import shapes as S
-from gen.images import to_model_range
+from gen.pixels import to_model_range
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.shapes")

@@ -4,20 +4,21 @@ contrastively), the VAE, and the judge. Each trains for a time budget on rendere
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
 from gen.data import shapes as S
-from gen.images import to_model_range
-from gen.tools.judge import CLASSES, Judge, corrupt, judge_accuracy, to_tensor
+from gen.data.captions import vocabulary
+from gen.models.judge import CLASSES, Judge, corrupt, judge_accuracy, to_tensor
+from gen.pixels import to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,12 @@ def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Modul
     opt.step()
 
 
-def warmup_lr(optimizer: torch.optim.Optimizer, step: int, base: float, warmup: int) -> None:
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' constant_with_warmup, started one step in (last_epoch=0, from each group's initial_lr): step k
+    (from 0) runs at lr * min(1, (k + 1) / warmup), so the first step already learns. Step it after the optimizer."""
     for group in optimizer.param_groups:
-        group["lr"] = base * min(1.0, (step + 1) / warmup)
+        group["initial_lr"] = group["lr"]
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup, last_epoch=0)
 
 
 # -- CLIP --------------------------------------------------------------------------------------------------------
@@ -106,14 +110,15 @@ def train_clip(
 ) -> None:
     clip.to(device).train()
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
+    schedule = warmup_schedule(opt, 200)
     g = torch.Generator().manual_seed(seed)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in timed_steps(minutes, max_steps, "clip"):
-        warmup_lr(opt, step, lr, 200)
         x, ids, _ = data.batch(batch, device, g)
         with amp:
             loss = clip(input_ids=ids, pixel_values=x, return_loss=True).loss
         clipped_step(opt, loss, clip)
+        schedule.step()
         if step % 500 == 0:
             logger.info("clip step %d loss %.4f", step, loss.item())
     clip.eval()
@@ -176,8 +181,6 @@ def split_clip(clip: CLIPModel) -> tuple[CLIPTextModel, CLIPVisionModelWithProje
 
 def used_token_ids(tokenizer) -> torch.Tensor:
     """Every token id the caption grammar can produce (plus specials), to keep when pruning the embedding."""
-    from gen.data.captions import vocabulary
-
     words = vocabulary()
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     for w in words:
@@ -214,15 +217,16 @@ def train_vae(
 ) -> None:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = warmup_schedule(opt, 100)
     g = torch.Generator().manual_seed(seed)
     for step in timed_steps(minutes, max_steps, "vae"):
-        warmup_lr(opt, step, lr, 100)
         x, _, _ = data.batch(batch, device, g)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         # L1 keeps edges sharper than L2 alone; a tiny KL keeps the latent space smooth and bounded.
         loss = (recon - x).abs().mean() + (recon - x).square().mean() + 1e-6 * posterior.kl().mean()
         clipped_step(opt, loss, vae)
+        schedule.step()
         if step % 500 == 0:
             logger.info("vae step %d loss %.4f", step, loss.item())
     vae.eval()
@@ -259,6 +263,7 @@ def train_judge(
     labels = {a: torch.tensor([s.labels()[a] for s in scenes]) for a in S.ATTRIBUTES}
     judge.to(device).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=max_steps)
     g = torch.Generator().manual_seed(seed)
     kinds = ("clean", "blur", "noise")
     for step in timed_steps(minutes, max_steps, "judge"):
@@ -270,8 +275,8 @@ def train_judge(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for group in opt.param_groups:  # cosine decay over the step cap
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * min(step / max_steps, 1.0)))
+        if step:  # cosine decay over the step cap, from the third step (the first two run at the full rate)
+            schedule.step()
     judge.eval()
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gen.data.folders import ImageCaptionFolder
-from gen.train.common import parse_options, save_options
+from gen.models import dit_from_preset
+from gen.train.common import exit_on_train_error, parse_options, save_options
 from gen.train.trainer import Trainer, TrainOptions
 
 logger = logging.getLogger("gen.train.text_to_image")
@@ -42,8 +43,6 @@ class TextToImageTrainer(Trainer):
         super().prepare_models()
 
     def _fresh_dit(self):
-        from gen.models import dit_from_preset
-
         latent = self.o.resolution // self.pipe.vae_scale_factor
         return dit_from_preset(
             self.o.from_scratch,
@@ -62,6 +61,7 @@ class TextToImageTrainer(Trainer):
             self.save_pipeline(self.out / f"model-{self.step}")
 
 
+@exit_on_train_error
 def main(argv: list[str] | None = None) -> Path:
     o = parse_options(Options, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -21,9 +21,11 @@ from accelerate import Accelerator
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
-from gen.train import checkpoint
+from gen.pipelines.images import scale_latents
+from gen.train import resume
 from gen.train.common import (
     EMA,
+    TrainError,
     denoiser_loss,
     drop_captions,
     inference_scheduler,
@@ -91,12 +93,12 @@ class TrainOptions:
 
 def _check_report_to(report_to: str) -> None:
     if report_to not in ("", "tensorboard"):
-        raise SystemExit(f"--report-to {report_to!r}: only 'tensorboard' is supported")
+        raise TrainError(f"--report-to {report_to!r}: only 'tensorboard' is supported")
     if report_to:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise SystemExit(
+            raise TrainError(
                 "--report-to tensorboard needs tensorboard, which is not installed (pip install 'gen[train]')"
             ) from None
 
@@ -106,7 +108,7 @@ class Trainer:
         self.o, self.out = o, Path(o.output_dir)
         self.frozen_rows: torch.Tensor | None = None  # token-embedding rows put back after each step
         if o.cache_text and self.text_encoder_trains():
-            raise SystemExit("--cache-text needs a frozen text encoder, and this run trains it")
+            raise TrainError("--cache-text needs a frozen text encoder, and this run trains it")
         _check_report_to(o.report_to)
         # Fresh weights (a DiT preset, LoRA adapters) are part of the run's determinism.
         torch.manual_seed(o.seed)
@@ -209,7 +211,7 @@ class Trainer:
                 cache[k] = m
         posterior = DiagonalGaussianDistribution(torch.stack([cache[k] for k in keys]))
         x = posterior.mode() if self.o.latent_mode else posterior.sample(self.noise)  # (B, C, h, w)
-        return x * vae.config.scaling_factor
+        return scale_latents(vae, x)
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""
@@ -226,46 +228,6 @@ class Trainer:
                 self.text_cache.update(zip(missing, rows, strict=True))
         rows, empty = [self.text_cache[c] for c in captions], self.text_cache[""]
         return pad_chunks(rows, max(r.shape[0] for r in rows) // empty.shape[0], empty)
-
-    # -- state ------------------------------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{m}.{n}": p.detach().clone()
-            for m, mod in self.trained_modules().items()
-            for n, p in mod.named_parameters()
-            if p.requires_grad
-        }
-
-    def state(self) -> dict:
-        return {
-            "trainable": self.trainable_state(),
-            "optimizer": self.opt.state_dict(),
-            "lr": self.lr.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "step": self.step,
-            "cursors": {k: list(v) for k, v in self.cursors.items()},
-            "rng": list(self.rng.getstate()),
-            "noise": self.noise.get_state(),
-            "torch": torch.get_rng_state(),
-        }
-
-    @torch.no_grad()
-    def restore(self, path: Path) -> None:
-        s = checkpoint.load(path)
-        for m, mod in self.trained_modules().items():
-            for n, p in mod.named_parameters():
-                if p.requires_grad:
-                    p.copy_(s["trainable"][f"{m}.{n}"])
-        self.opt.load_state_dict(s["optimizer"])
-        self.lr.load_state_dict(s["lr"])
-        if self.ema and s["ema"]:
-            self.ema.load_state_dict(s["ema"])
-        self.step, self.cursors = s["step"], {k: tuple(v) for k, v in s["cursors"].items()}
-        r = s["rng"]
-        self.rng.setstate((r[0], tuple(r[1]), r[2]))
-        self.noise.set_state(s["noise"])
-        torch.set_rng_state(s["torch"])
-        logger.info("resumed from %s at step %d", path, self.step)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -321,37 +283,11 @@ class Trainer:
         logger.info("process %d of %d on %s", self.acc.process_index, self.acc.num_processes, self.acc.device)
         if o.report_to:
             self.acc.init_trackers("gen-train", config=dataclasses.asdict(o))
-        if main:
-            checkpoint.clean_stale(self.out)
-        resume = checkpoint.resolve(self.out, o.resume)
-        if resume:
-            self.restore(resume)
+        resume.resume(self)
         started, first = time.perf_counter(), self.step
-        while self.step < o.max_steps:
-            if o.max_minutes and time.perf_counter() - started > o.max_minutes * 60:
-                logger.info("time budget of %.1f min reached at step %d", o.max_minutes, self.step)
-                if main and o.checkpointing_steps:  # a later run with more time continues from here
-                    checkpoint.save(self.out, self.step, self.state(), o.checkpoints_total_limit or None)
-                break
-            loss = self.train_step()
-            if self.step % 10 == 0 or self.step == o.max_steps:
-                logger.info("step %d loss %.4f lr %.2e", self.step, loss, self.lr.get_last_lr()[0])
-            if o.report_to:
-                self.acc.log({"loss": loss, "lr": self.lr.get_last_lr()[0]}, step=self.step)
-            if o.checkpointing_steps and self.step % o.checkpointing_steps == 0 and main:
-                checkpoint.save(self.out, self.step, self.state(), o.checkpoints_total_limit or None)
-            self.every_step()
-            if o.validation_steps and o.validation_prompt and self.step % o.validation_steps == 0 and main:
-                self.validate()
-        seconds = time.perf_counter() - started
-        if self.step > first:
-            logger.info(
-                "%d steps, %d images in %.1f s: %.1f images/s",
-                self.step - first,
-                self.images_seen,
-                seconds,
-                self.images_seen / seconds,
-            )
+        while self.step < o.max_steps and not self._out_of_time(started):
+            self._after_step(self.train_step())
+        self._log_speed(time.perf_counter() - started, self.step - first)
         self.acc.wait_for_everyone()
         if self.acc.num_processes > 1:  # every replica must hold the same weights (DDP keeps them in step)
             digest = sum(float(p.detach().double().sum()) for p in self.params)
@@ -359,6 +295,37 @@ class Trainer:
         result = self.save() if main else self.out
         self.release()
         return result
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether --max-minutes are over; then a checkpoint (if checkpointing), so a later run with more time
+        continues from here."""
+        o = self.o
+        if not (o.max_minutes and time.perf_counter() - started > o.max_minutes * 60):
+            return False
+        logger.info("time budget of %.1f min reached at step %d", o.max_minutes, self.step)
+        if self.acc.is_main_process and o.checkpointing_steps:
+            resume.save(self)
+        return True
+
+    def _after_step(self, loss: float) -> None:
+        """Logging, the checkpoint, the script's every_step and validation, each on its own schedule."""
+        o, main = self.o, self.acc.is_main_process
+        if self.step % 10 == 0 or self.step == o.max_steps:
+            logger.info("step %d loss %.4f lr %.2e", self.step, loss, self.lr.get_last_lr()[0])
+        if o.report_to:
+            self.acc.log({"loss": loss, "lr": self.lr.get_last_lr()[0]}, step=self.step)
+        if o.checkpointing_steps and self.step % o.checkpointing_steps == 0 and main:
+            resume.save(self)
+        self.every_step()
+        if o.validation_steps and o.validation_prompt and self.step % o.validation_steps == 0 and main:
+            self.validate()
+
+    def _log_speed(self, seconds: float, steps: int) -> None:
+        if steps > 0:
+            images = self.images_seen
+            logger.info(
+                "%d steps, %d images in %.1f s: %.1f images/s", steps, images, seconds, images / seconds
+            )
 
     def release(self) -> None:
         """Tear down in step: every process waits for the main one to finish writing, then drops its
@@ -415,7 +382,7 @@ class Trainer:
         import numpy as np
 
         from gen.files import atomic_write
-        from gen.images import contact_sheet
+        from gen.pixels import contact_sheet
 
         self.pipe.denoiser.eval()
         with self.ema_weights():

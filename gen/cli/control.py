@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gen.cli.main import CliError, Parser
+from gen.cli.common import CliError, Parser
 
 
 def cmd_control(argv: list[str]) -> int:

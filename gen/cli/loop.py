@@ -15,7 +15,8 @@ from gen.cli import outputs
 from gen.generation import metadata
 from gen.generation.clip_skip import check_recorded
 from gen.generation.inputs import InitImages, read_init_images
-from gen.images import contact_sheet
+from gen.loading.assets import model_folder
+from gen.pixels import contact_sheet
 
 
 def _distributed():
@@ -47,7 +48,7 @@ class Runner:
         G.validate(pipe, o, self.init)
         if self.announce_seed:
             print(f"gen: seed: {o.seed}", file=sys.stderr)
-        self.model_hash = metadata.model_hash(Path(o.model) if o.model else _default_model())
+        self.model_hash = metadata.model_hash(model_folder(o.model or None))
         if self.state is not None:  # every process takes every num_processes-th image; seeds stay per image
             jobs = (j for j in jobs if j.index % self.state.num_processes == self.state.process_index)
             self.state.wait_for_everyone()
@@ -120,19 +121,12 @@ def _given_inputs(record: dict, o: G.Options, args) -> InitImages | None:
     return init
 
 
-def _default_model() -> Path:
-    from gen.loading.pipeline import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
-
-
 def reproduce(args) -> int:
     """Re-run the generation recorded in a PNG; report the largest pixel difference."""
     from PIL import Image
 
     record = metadata.read(args.image)
-    fields = set(G.Options.__dataclass_fields__)
-    o = G.Options(**{k: v for k, v in record["options"].items() if k in fields})
+    o = G.Options.from_dict(record["options"])
     o.prompt, o.seed, o.num_images, o.batch_size = record["prompt"], record["seed"], 1, 1
     if args.model is not None:
         o.model = args.model

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from gen.data.shapes import Scene
+from gen.data import scenes as S
+from gen.data.scenes import Scene
 
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 STYLES = ("template", "short", "minimal", "paraphrased")
@@ -56,31 +56,84 @@ def canonical(scene: Scene) -> str:
     return f"a {scene.size} {scene.colour} {scene.shape} {where} on a {scene.background} background"
 
 
+@dataclass(frozen=True)
+class _Words:
+    """A caption's chosen words; an empty one is left out."""
+
+    size: str
+    where: str
+    background: str
+    colour: str
+    noun: str
+    on: str  # " on a red background", " on red" or ""
+
+    @property
+    def thing(self) -> str:
+        return " ".join(w for w in (self.size, self.colour, self.noun) if w)
+
+    @property
+    def at(self) -> str:
+        return f" {self.where}" if self.where else ""
+
+
 def _compose(scene: Scene, pick: Pick) -> str:
     """One training caption; every random decision goes through `pick`, so the grammar can be enumerated."""
+    w = _words(scene, pick)
+    form = pick(("plain", "where last", "with", "comma", "where first", "in colour"), (3, 1, 1, 2, 1, 1))
+    out = _FORMS[form](w)
+    return _plain(w) if out is None else out  # a form that needs a word the caption left out: the plain one
+
+
+def _words(scene: Scene, pick: Pick) -> _Words:
+    # The order of the picks is the grammar's: `training_captions` enumerates them as they come.
     size = pick(("", pick(SIZE_WORDS[scene.size])), (0.65, 0.35))
     where = pick(("", pick(where_phrases(scene.position))), (0.6, 0.4))
     background = pick((scene.background, ""), (0.8, 0.2))
     colour = pick((scene.colour, ""), (0.95, 0.05))
     noun = pick((scene.shape, "shape"), (0.95, 0.05))
-    thing = " ".join(w for w in (size, colour, noun) if w)
     on = pick((f" on a {background} background", f" on {background}"), (0.7, 0.3)) if background else ""
-    at = f" {where}" if where else ""
-    form = pick(("plain", "where last", "with", "comma", "where first", "in colour"), (3, 1, 1, 2, 1, 1))
-    if form == "where last":
-        return f"a {thing}{on}{at}"
-    if form == "with" and background:
-        return f"a {background} background with a {thing}{at}"
-    if form == "comma":
-        parts = [thing] + ([f"{background} background"] if background else []) + ([where] if where else [])
-        return ", ".join(parts)
-    if form == "where first" and where:
-        return f"{where}, a {thing}{on}"
-    if form == "in colour" and colour and noun != "shape":
-        sized = f"{size} {noun}" if size else noun
-        on = f" on a {background} background" if background else ""
-        return f"a {sized} in {colour}{at}{on}"
-    return f"a {thing}{at}{on}"
+    return _Words(size, where, background, colour, noun, on)
+
+
+def _plain(w: _Words) -> str:
+    return f"a {w.thing}{w.at}{w.on}"
+
+
+def _where_last(w: _Words) -> str:
+    return f"a {w.thing}{w.on}{w.at}"
+
+
+def _with(w: _Words) -> str | None:
+    return f"a {w.background} background with a {w.thing}{w.at}" if w.background else None
+
+
+def _comma(w: _Words) -> str:
+    parts = (
+        [w.thing] + ([f"{w.background} background"] if w.background else []) + ([w.where] if w.where else [])
+    )
+    return ", ".join(parts)
+
+
+def _where_first(w: _Words) -> str | None:
+    return f"{w.where}, a {w.thing}{w.on}" if w.where else None
+
+
+def _in_colour(w: _Words) -> str | None:
+    if not w.colour or w.noun == "shape":  # "a shape in red" would not name the shape
+        return None
+    sized = f"{w.size} {w.noun}" if w.size else w.noun
+    on = f" on a {w.background} background" if w.background else ""
+    return f"a {sized} in {w.colour}{w.at}{on}"
+
+
+_FORMS: dict[str, Callable[[_Words], str | None]] = {
+    "plain": _plain,
+    "where last": _where_last,
+    "with": _with,
+    "comma": _comma,
+    "where first": _where_first,
+    "in colour": _in_colour,
+}
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
@@ -130,8 +183,6 @@ def prompt(scene: Scene, style: str, rng: random.Random) -> str:
 
 def vocabulary() -> set[str]:
     """Every word a caption or evaluation prompt may use (to keep their token embeddings when pruning)."""
-    from gen.data import shapes as S
-
     words = {"a", "the", "in", "on", "at", "with", "background", "shape", "corner", "sks", ","}
     words |= (
         {w for pair in SIZE_WORDS.values() for w in pair} | set(S.COLOURS) | set(S.SHAPES + S.EXTRA_SHAPES)

@@ -1,10 +1,12 @@
 """The generation core every front-end calls: options in, images and their metadata out.
 
-options.py    what decides the pictures, checked before anything loads (torch-free)
+options.py    THE REQUEST (Options): every field's default, bounds and help once; its rules; the job plan
+fields.py     how a field is described (Spec), read by the checks, the CLI's flags and the HTTP schemas
 inputs.py     init images and masks for image-to-image and inpainting: read, checked, hashed (torch-free)
-core.py       load and prepare a pipeline, render batches of jobs, gen.generate
+upscale.py    upscalers by A1111's names and hires fix's sizes (torch-free)
+hires.py      hires fix: first pass, upscale (latents or pixels), image-to-image at the larger size
+core.py       load and prepare a pipeline, check a request against it once, render batches, gen.generate
 clip_skip.py  A1111's Clip skip number and which encoders it applies to, as the pipelines take it
-attention.py  the pipeline-wide attention switch
 metadata.py   what each PNG records, and how far an image made again may differ
 
 Importing this package loads no torch: core's names load on first use.
@@ -24,6 +26,7 @@ from gen.generation.options import (
     check_a1111_clip_skip,
     check_options,
     check_precision,
+    hires_on,
     parse_lora,
     pick_seed,
     plan,
@@ -34,12 +37,15 @@ from gen.generation.options import (
 _CORE = (
     "DTYPES",
     "available_memory",
+    "final_size",
     "generate",
     "load",
     "memory_estimate",
+    "pipeline_for",
     "prepare",
     "render",
     "size_of",
+    "task_of",
     "task_pipeline",
     "validate",
 )
@@ -53,6 +59,7 @@ __all__ = [
     "check_a1111_clip_skip",
     "check_options",
     "check_precision",
+    "hires_on",
     "parse_lora",
     "pick_seed",
     "plan",

@@ -11,24 +11,36 @@ gen.generation.metadata.PIXEL_TOLERANCE.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 import torch
 
 from gen.diffusion.samplers import make_scheduler
 from gen.generation.clip_skip import not_applied, pipeline_clip_skip
+from gen.generation.hires import hires_size, render_hires
 from gen.generation.inputs import InitImages, paste_back, read_init_images
-from gen.generation.options import Job, Options, batches, check_options, parse_lora, pick_seed, plan
+from gen.generation.options import Job, Options, batches, check_options, hires_on, parse_lora, pick_seed, plan
+from gen.loading.pipeline import load_pipeline
+from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
+from gen.pipelines.attention_backend import set_attention
+from gen.pipelines.checks import check_clip_skip, check_size
 
 logger = logging.getLogger(__name__)
+
+# A loaded pipeline -> the scheduler its model came with: other samplers are made from its config, not from a
+# swapped-in sampler's (which would pass on its options: Karras sigmas, solver type).
+_OWN_SCHEDULER: WeakKeyDictionary = WeakKeyDictionary()
+# A loaded pipeline -> {(task, sampler): a pipeline sharing its weights}, made once, not per batch.
+_TASKS: WeakKeyDictionary = WeakKeyDictionary()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def prepare(pipe, o: Options):
     """Set the sampler, attention backend, compilation and the batch-invariant VAE decode on a loaded pipeline."""
-    from gen.generation.attention import set_attention
-
+    _OWN_SCHEDULER.setdefault(pipe, pipe.scheduler)
     if o.sampler is not None:
         pipe.scheduler = make_scheduler(o.sampler, pipe.scheduler.config)
     set_attention(pipe, o.attention)
@@ -76,19 +88,42 @@ def bf16_native(device: torch.device) -> bool:
         return False
 
 
-def task_pipeline(pipe, init: InitImages | None):
+def task_pipeline(pipe, init: InitImages | None, scheduler=None):
     """The pipeline for the task, sharing `pipe`'s loaded weights: text-to-image, image-to-image (an init image)
-    or inpainting (an init image and a mask)."""
-    if init is None:
+    or inpainting (an init image and a mask); with `scheduler` instead of `pipe`'s if given."""
+    cls = type(pipe) if init is None else ImageToImagePipeline if init.mask is None else InpaintPipeline
+    if type(pipe) is cls and scheduler is None:
         return pipe
-    from gen.pipelines import ImageToImagePipeline, InpaintPipeline
+    return _from(pipe, cls, scheduler)
 
-    cls = ImageToImagePipeline if init.mask is None else InpaintPipeline
-    if type(pipe) is cls:
-        return pipe
-    task = cls.from_pipe(pipe)
+
+def _from(pipe, cls, scheduler=None):
+    """`cls` sharing `pipe`'s components (with `scheduler` instead of its own if given)."""
+    task = cls.from_pipe(pipe, **({} if scheduler is None else {"scheduler": scheduler}))
     task.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # from_pipe does not copy it
     return task
+
+
+def pipeline_for(pipe, task: str, sampler: str | None):
+    """`pipe`'s pipeline for a task ("text", "image" for image-to-image, "inpaint") and sampler (None: the
+    scheduler `pipe` has), sharing its weights; made once per (task, sampler) and kept while `pipe` lives."""
+    made = _TASKS.setdefault(pipe, {})
+    if (task, sampler) not in made:
+        cls = {"text": TextToImagePipeline, "image": ImageToImagePipeline, "inpaint": InpaintPipeline}[task]
+        own = _OWN_SCHEDULER.get(pipe, pipe.scheduler)
+        scheduler = make_scheduler(sampler, own.config) if sampler else None
+        if type(pipe) is cls and scheduler is None:
+            made[(task, sampler)] = pipe
+        else:
+            made[(task, sampler)] = (
+                task_pipeline(pipe, None, scheduler) if task == "text" else _from(pipe, cls, scheduler)
+            )
+        _OWN_SCHEDULER.setdefault(made[(task, sampler)], own)
+    return made[(task, sampler)]
+
+
+def task_of(init: InitImages | None) -> str:
+    return "text" if init is None else "image" if init.mask is None else "inpaint"
 
 
 def render(
@@ -101,6 +136,7 @@ def render(
     """PIL images for one batch of jobs, one generator per image; from `init` (image-to-image, inpainting)
     when given, the original pasted back outside an inpainting mask."""
     callback = _step_callback(on_step) if on_step else None
+    height, width = size_of(pipe, o, init)
     kwargs = {
         # No negative prompt: None, which SDXL models configured so (force_zeros_for_empty_prompt) read as zeros,
         # as they were trained; SD 1.x/2.x read None as "".
@@ -108,14 +144,17 @@ def render(
         "num_inference_steps": o.steps,
         "guidance_scale": o.guidance,
         "guidance_rescale": o.guidance_rescale,
-        "width": o.width,
-        "height": o.height,
+        "width": width if init is None else o.width,
+        "height": height if init is None else o.height,
         "clip_skip": pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip),
         "guidance_interval": tuple(o.guidance_interval) if o.guidance_interval else None,
         "generator": [torch.Generator().manual_seed(j.seed) for j in batch],
         "callback_on_step_end": callback,
     }
     prompts = [j.prompt for j in batch]
+    if init is None and hires_on(o):
+        second = pipeline_for(pipe, "image", o.hires_sampler or o.sampler)
+        return render_hires(task_pipeline(pipe, None), second, o, prompts, kwargs)
     if init is None:
         return task_pipeline(pipe, None)(prompts, **kwargs).images
     kwargs.update(image=init.image, strength=o.strength)
@@ -147,20 +186,22 @@ def size_of(pipe, o: Options, init: InitImages | None = None) -> tuple[int, int]
     )
 
 
-def validate(pipe, o: Options, init: InitImages | None = None) -> None:
-    """The pipeline's own input checks (sizes against the model's stride, ...) and a memory estimate, before
-    any image work."""
+def final_size(pipe, o: Options, init: InitImages | None = None) -> tuple[int, int]:
+    """(height, width) of the images made: size_of's, or hires fix's upscaled size."""
     height, width = size_of(pipe, o, init)
-    pipe.check_inputs(
-        prompt="x",
-        negative_prompt=o.negative,
-        height=height,
-        width=width,
-        num_inference_steps=o.steps,
-        guidance_scale=o.guidance,
-        guidance_rescale=o.guidance_rescale,
-        clip_skip=pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip),
-    )
+    if init is None and hires_on(o):
+        return hires_size(pipe, o, height, width)
+    return height, width
+
+
+def validate(pipe, o: Options, init: InitImages | None = None) -> None:
+    """The request (already checked on its own by check_options) against the loaded pipeline, once per request
+    and before any image work: its size against the model's stride, its Clip skip against the model's encoders,
+    and a memory estimate. The pipeline's call keeps its own checks, for Python callers."""
+    check_size(pipe, *size_of(pipe, o, init))
+    height, width = final_size(pipe, o, init)
+    check_size(pipe, height, width)
+    check_clip_skip(pipe, pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip))
     note = not_applied(pipe, o.clip_skip, o.sdxl_clip_l_skip)
     if note:
         logger.warning(note)
@@ -191,8 +232,6 @@ def memory_estimate(pipe, batch: int, height: int, width: int) -> int:
 
 def available_memory() -> int:
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
@@ -225,8 +264,6 @@ def check_device(device: str) -> None:
 
 
 def load(o: Options):
-    from gen.loading.pipeline import load_pipeline
-
     check_device(o.device)
 
     pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle)

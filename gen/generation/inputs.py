@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from gen.generation.options import Options
+
 
 @dataclass
 class InitImages:
@@ -72,7 +74,10 @@ def as_mask(image: Image.Image, name: str = "mask") -> Image.Image:
 
 
 def init_images(
-    image: Image.Image, mask: Image.Image | None = None, mask_blur: int = 4, invert_mask: bool = False
+    image: Image.Image,
+    mask: Image.Image | None = None,
+    mask_blur: int = Options.mask_blur,
+    invert_mask: bool = False,
 ) -> InitImages:
     """Check and prepare in-memory inputs (a mask must have the image's size; the blur, >= 0, is checked with
     the other options: gen.generation.options.check_init, the server's request models)."""
@@ -91,7 +96,10 @@ def init_images(
 
 
 def read_init_images(
-    image: str | Path | None, mask: str | Path | None = None, mask_blur: int = 4, invert_mask: bool = False
+    image: str | Path | None,
+    mask: str | Path | None = None,
+    mask_blur: int = Options.mask_blur,
+    invert_mask: bool = False,
 ) -> InitImages | None:
     """The CLI's --init-image and --mask files (None without an init image; a mask alone is refused with the
     other options, gen.generation.options.check_init)."""
@@ -103,9 +111,12 @@ def read_init_images(
 
 
 def paste_back(init: InitImages, generated: Image.Image) -> Image.Image:
-    """The original outside the mask, the generated image inside, blended along the blurred edge (A1111's
-    overlay): the VAE's round trip would otherwise change every unmasked pixel a little."""
+    """The original outside the mask, the generated image inside, blended along the blurred edge: A1111's
+    overlay, as diffusers' VaeImageProcessor.apply_overlay (the inpaint pipeline's, for a crop) writes it. The VAE's
+    round trip would otherwise change every unmasked pixel a little."""
+    from diffusers.image_processor import VaeImageProcessor  # here: inputs are read before torch loads
+
     size = generated.size
     original = init.image if init.image.size == size else init.image.resize(size, Image.LANCZOS)
     mask = init.mask if init.mask.size == size else init.mask.resize(size, Image.LANCZOS)
-    return Image.composite(generated.convert("RGB"), original, mask)
+    return VaeImageProcessor().apply_overlay(mask, original, generated)

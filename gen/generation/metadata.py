@@ -10,7 +10,10 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from gen.diffusion.samplers import SAMPLERS, sampler_name
 from gen.files import atomic_write_text
+from gen.generation.options import hires_on
+from gen.loading.assets import model_folder
 
 JSON_KEY = "gen"
 A1111_KEY = "parameters"
@@ -65,10 +68,8 @@ def model_hash(folder: str | Path) -> str:
 def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
     """What the PNG of `job` (made with options `o` by `pipe`, from `init`'s image and mask if given) records: one
     function, so the CLI and the server write the same metadata and `gen reproduce` reads either."""
-    from gen.diffusion.samplers import SAMPLERS, sampler_name
-
     sampler = sampler_name(pipe.scheduler)
-    folder = Path(o.model) if o.model else _default_model()
+    folder = model_folder(o.model or None)
     return {
         "format": FORMAT,
         "prompt": job.prompt,
@@ -87,24 +88,27 @@ def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
         "device": o.device,
         "dtype": o.dtype,
         **(init.hashes() if init is not None else {}),
+        **_first_pass(pipe, o),
     }
 
 
-def _default_model() -> Path:
-    from gen.loading.pipeline import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
+def _first_pass(pipe, o) -> dict:
+    """Hires fix's first-pass size (A1111's "Size" is that one; the PNG itself is the upscaled size)."""
+    if not hires_on(o):
+        return {}
+    return {"first_pass": {"width": o.width or pipe.default_size, "height": o.height or pipe.default_size}}
 
 
 def a1111_parameters(record: dict) -> str:
     """A1111's three-line format: prompt, negative prompt, then "Key: value" pairs."""
     o = record["options"]
+    size = record.get("first_pass") or record
     pairs = {
         "Steps": o["steps"],
         "Sampler": record["sampler_label"],
         "CFG scale": o["guidance"],
         "Seed": record["seed"],
-        "Size": f"{record['width']}x{record['height']}",
+        "Size": f"{size['width']}x{size['height']}",
         "Model hash": record["model_hash"][:10],
         "Model": record["model_name"],
     }
@@ -118,6 +122,7 @@ def a1111_parameters(record: dict) -> str:
         pairs["Mask blur"] = o["mask_blur"]
         if o.get("invert_mask"):
             pairs["Mask mode"] = "Inpaint not masked"
+    pairs |= _hires_pairs(o, record)
     lines = [record["prompt"]]
     if o.get("negative"):
         lines.append(f"Negative prompt: {o['negative']}")
@@ -125,14 +130,40 @@ def a1111_parameters(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _hires_pairs(o: dict, record: dict) -> dict:
+    """A1111's hires fix keys, where hires fix was on."""
+    if "first_pass" not in record:
+        return {}
+    pairs = {"Denoising strength": o["hires_strength"]}
+    if o.get("hires_width") or o.get("hires_height"):
+        pairs["Hires resize"] = f"{record['width']}x{record['height']}"
+    else:
+        pairs["Hires upscale"] = f"{o['hires_scale']:g}"
+    if o.get("hires_steps"):
+        pairs["Hires steps"] = o["hires_steps"]
+    pairs["Hires upscaler"] = o["hires_upscaler"]
+    if o.get("hires_sampler"):
+        pairs["Hires sampler"] = SAMPLERS[o["hires_sampler"]].a1111
+    for key, name in (("hires_prompt", "Hires prompt"), ("hires_negative", "Hires negative prompt")):
+        if o.get(key):
+            pairs[name] = _quote(o[key])
+    return pairs
+
+
+def _quote(text: str) -> str:
+    """A1111's infotext quoting: as is, unless a comma, colon or newline would break the "Key: value" list."""
+    return text if not any(c in text for c in ",:\n") else json.dumps(text, ensure_ascii=False)
+
+
 def _printable(text: str) -> str:
     # PNG text chunks are text: control characters (NUL above all) are dropped, newlines and tabs kept.
     return "".join(c for c in text if c in "\n\t" or ord(c) >= 32)
 
 
-def png_info(record: dict) -> PngImagePlugin.PngInfo:
+def png_info(record: dict, parameters: str | None = None) -> PngImagePlugin.PngInfo:
+    """The PNG's two text chunks; `parameters`: A1111's text of `record` if the caller already made it."""
     info = PngImagePlugin.PngInfo()
-    info.add_itxt(A1111_KEY, _printable(a1111_parameters(record)))
+    info.add_itxt(A1111_KEY, _printable(parameters if parameters is not None else a1111_parameters(record)))
     info.add_itxt(JSON_KEY, json.dumps(record, sort_keys=True))  # JSON escapes control characters itself
     return info
 
@@ -163,6 +194,8 @@ def current(record: dict) -> dict:
 
 
 def versions() -> dict[str, str]:
+    # Imported here: a record is written after a model loaded, and this module is read before (the CLI's
+    # `reproduce --tolerance` default), where torch must not load yet.
     import diffusers
     import torch
     import transformers

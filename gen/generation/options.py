@@ -9,48 +9,129 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-ATTENTION = ("sdpa", "math", "xformers")  # SDPA (default), plain matmuls, xformers where it can run
+from gen.diffusion.samplers import SAMPLERS, unknown_sampler
+from gen.generation.fields import check_value, option, specs
+from gen.generation.upscale import UPSCALERS
+from gen.loading.precision import PRECISIONS, check_precision
+from gen.pipelines.attention_backend import ATTENTION
+from gen.pipelines.checks import check_strength
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes up to 64 bits
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    """START,END as the command line writes a guidance interval (0,0.6)."""
+    try:
+        start, end = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not START,END (e.g. 0,0.6)") from None
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"{text!r}: need 0 <= START < END <= 1")
+    return start, end
+
+
 @dataclass
 class Options:
-    """Everything that decides the pictures (and is written into each PNG's metadata)."""
+    """THE request: everything that decides the pictures, each field's default, bounds and help written once.
 
-    prompt: str = ""
-    negative: str = ""
-    model: str | None = None
-    num_images: int = 1
-    batch_size: int = 1
-    seed: int | None = None
-    steps: int = 20
-    sampler: str | None = None  # None: the model's own scheduler
-    guidance: float = 5.0
-    guidance_rescale: float = 0.0
-    width: int | None = None
-    height: int | None = None
-    device: str = "cpu"
-    dtype: str = "fp32"
-    clip_skip: int | None = None  # A1111's: 1 the last layer, 2 the penultimate (gen.generation.clip_skip)
-    sdxl_clip_l_skip: bool = False  # A1111's "Clip skip SDXL": apply clip_skip to SDXL's first encoder
-    attention: str = "sdpa"
-    compile: bool = False
-    guidance_interval: tuple[float, float] | None = None
-    allow_pickle: bool = False
-    lora: list[str] = field(default_factory=list)  # PATH or PATH:WEIGHT, PATH a LoRA file or folder
-    init_image: str | None = None  # image-to-image (and, with a mask, inpainting) starts from this picture
-    mask: str | None = None  # white = repaint
-    strength: float = 0.75  # how much of the schedule re-draws the init image (A1111's denoising strength)
-    mask_blur: int = 4  # pixels, A1111's default
-    invert_mask: bool = False
-    extra: dict = field(default_factory=dict)
+    The CLI's flags are made from these fields (gen.cli.flags), each HTTP API maps its published names onto them
+    in one table (gen.serve), and every PNG records them (gen.generation.metadata); `gen reproduce` reads them
+    back with `from_dict`. None means "the model's own" (size, sampler) where a field allows it.
+    """
+
+    prompt: str = option("", "what to draw (or --from-file)", cli=False)
+    negative: str = option("", "negative prompt (default: none)")
+    model: str | None = option(
+        None, "local pipeline folder or single file, ours or a Stable Diffusion one (default: embedded)"
+    )
+    num_images: int = option(1, "images per prompt", flags=("-n", "--num-images"), ge=1)
+    batch_size: int = option(1, "images computed together; never changes them", ge=1)
+    seed: int | None = option(
+        None, "seed of the first image; image k gets seed+k (default: random, printed)", ge=0, le=MAX_SEED
+    )
+    steps: int = option(20, "sampling steps", ge=1, le=10_000, hint="; a few dozen is typical")
+    sampler: str | None = option(None, "sampler name, see `gen samplers` (default: the model's own)")
+    guidance: float = option(
+        5.0,
+        "classifier-free guidance scale; <= 1 turns CFG off",
+        flags=("--guidance", "--cfg"),
+        finite=True,
+        ge=0.0,
+    )
+    guidance_rescale: float = option(
+        0.0, "rescale CFG towards the text branch's std, 0..1", finite=True, ge=0.0, le=1.0
+    )
+    width: int | None = option(None, "image width in pixels (default: the model's)")
+    height: int | None = option(None, "image height in pixels (default: the model's)")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
+    dtype: str = option("fp32", "precision", choices=PRECISIONS)
+    # A1111's numbering: 1 the last layer, 2 the penultimate (gen.generation.clip_skip)
+    clip_skip: int | None = option(
+        None,
+        "A1111's Clip skip: read the text encoder's Nth layer from the end (1 the last, 2 the penultimate); as in"
+        " A1111, not applied to SD 2.x, nor to SDXL without --sdxl-clip-l-skip",
+        metavar="N",
+    )
+    sdxl_clip_l_skip: bool = option(
+        False, "SDXL: apply --clip-skip to the first text encoder (CLIP-L), A1111's 'Clip skip SDXL' setting"
+    )
+    attention: str = option("sdpa", "attention kernels", choices=ATTENTION)
+    compile: bool = option(False, "torch.compile the denoiser (slow first call, faster after)")
+    guidance_interval: tuple[float, float] | None = option(
+        None, "START,END: CFG only in this part of the schedule, 0..1", parse=parse_interval
+    )
+    allow_pickle: bool = option(
+        False, "also load .bin/.ckpt weights (pickle can run code; read weights-only)"
+    )
+    lora: list[str] = option(
+        [],
+        "apply a LoRA file or folder, diffusers' or kohya's format (repeatable; weight 1 by default)",
+        metavar="PATH[:WEIGHT]",
+    )
+    # image-to-image (and, with a mask, inpainting) starts from this picture
+    init_image: str | None = option(
+        None, "image-to-image: start from this picture (its size unless --width/--height)", metavar="PNG"
+    )
+    mask: str | None = option(
+        None, "inpaint: repaint where this mask is white (needs --init-image)", metavar="PNG"
+    )
+    # how much of the schedule re-draws the init image (A1111's denoising strength)
+    strength: float = option(
+        0.75, "how much of the init image is re-drawn, 0..1", ge=0.0, le=1.0, finite=True
+    )
+    mask_blur: int = option(4, "blur the mask's edge by this many pixels", ge=0)  # A1111's default
+    invert_mask: bool = option(False, "repaint where the mask is black instead")
+    # Hires fix (A1111's): render at width x height, upscale, then re-draw at the larger size with image-to-image;
+    # on when a hires scale or size is given.
+    hires_scale: float | None = option(
+        None, "hires fix: upscale by this factor, then refine with image-to-image", ge=1.0, finite=True
+    )
+    hires_width: int | None = option(None, "hires fix: upscale to this width (alone: aspect kept)", ge=1)
+    hires_height: int | None = option(None, "hires fix: upscale to this height (alone: aspect kept)", ge=1)
+    hires_upscaler: str = option(
+        "Latent", "hires fix: how to upscale (latent modes resize the latents)", choices=UPSCALERS
+    )
+    hires_steps: int = option(0, "hires fix: steps of the second pass (0: --steps)", ge=0, le=10_000)
+    hires_strength: float = option(
+        0.75, "hires fix: how much the second pass re-draws, 0..1", ge=0.0, le=1.0, finite=True
+    )
+    hires_sampler: str | None = option(None, "hires fix: the second pass's sampler (default: --sampler's)")
+    hires_prompt: str = option("", "hires fix: the second pass's prompt (default: the prompt)")
+    hires_negative: str = option("", "hires fix: the second pass's negative prompt (default: --negative)")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Options:
+        """Options from to_dict()'s JSON (a PNG record, a stored job): fields this gen does not know are left
+        out, missing ones take their defaults, JSON's lists become the tuples the fields hold."""
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("guidance_interval"), list):
+            known["guidance_interval"] = tuple(known["guidance_interval"])
+        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -61,31 +142,46 @@ class Job:
 
 
 def check_options(o: Options) -> None:
-    """Refuse bad values before loading anything: ValueError naming the value and what is allowed."""
-    for name in ("num_images", "batch_size", "steps"):
-        value = getattr(o, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name.replace('_', '-')} {value!r} must be an integer >= 1")
-    if o.steps > 10_000:
-        raise ValueError(f"steps {o.steps} is more than 10000; a few dozen is typical")
-    if o.sampler is not None:
-        from gen.diffusion.samplers import SAMPLERS, unknown_sampler
-
-        if o.sampler not in SAMPLERS:
-            raise unknown_sampler(o.sampler)
-    if o.seed is not None and not 0 <= o.seed <= MAX_SEED:
-        raise ValueError(f"seed {o.seed} must be between 0 and 2**64-1")
-    for name in ("prompt", "negative"):
-        check_text(getattr(o, name), name.replace("negative", "negative prompt"))
+    """Refuse bad values before loading anything: ValueError naming the value and what is allowed. Each field's
+    bounds and choices come from its Spec; the rules between fields follow. (The pipelines keep their own checks
+    for Python callers; the core does not re-run them, see gen.generation.core.validate.)"""
+    for name, (_, spec, kind) in specs(Options).items():
+        check_value(name, getattr(o, name), spec, kind)
+    for sampler in (o.sampler, o.hires_sampler):
+        if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise unknown_sampler(sampler)
+    for name, what in (
+        ("prompt", "prompt"),
+        ("negative", "negative prompt"),
+        ("hires_prompt", "hires prompt"),
+    ):
+        check_text(getattr(o, name), what)
+    check_text(o.hires_negative, "hires negative prompt")
     check_precision(o.dtype, o.device)
     check_a1111_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
-    if o.attention not in ATTENTION:
-        raise ValueError(f"attention {o.attention!r} must be one of {list(ATTENTION)}")
-    for name in ("guidance", "guidance_rescale"):
-        value = getattr(o, name)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name.replace('_', '-')} {value!r} must be a finite number")
+    if o.guidance_interval is not None:
+        parse_interval(",".join(str(x) for x in o.guidance_interval))
     check_init(o)
+    check_hires(o)
+
+
+def hires_on(o: Options) -> bool:
+    """Is hires fix on: a scale or a size given."""
+    return o.hires_scale is not None or o.hires_width is not None or o.hires_height is not None
+
+
+def check_hires(o: Options) -> None:
+    """Hires fix renders from text: not with an init image (image-to-image already takes a size); its second
+    pass must run at least one step."""
+    if not hires_on(o):
+        return
+    if o.init_image is not None:
+        raise ValueError("hires fix is for text-to-image; with an init image, give --width/--height instead")
+    try:
+        check_strength(o.hires_strength, o.hires_steps or o.steps)
+    except ValueError as e:
+        raise ValueError(f"hires fix: {e}") from None
 
 
 def check_text(text: str, name: str = "prompt") -> None:
@@ -118,30 +214,22 @@ def check_a1111_clip_skip(clip_skip: int | None, sdxl_clip_l_skip: bool = False)
 
 
 def check_init(o: Options) -> None:
-    """Image-to-image and inpainting options: the pipelines' strength rule (gen.pipelines.checks), a mask only
-    with an init image, a blur of whole pixels."""
+    """Image-to-image and inpainting options: a mask only with an init image, and the pipelines' strength rule
+    (gen.pipelines.checks: at least one step runs)."""
     if o.init_image is None:
         if o.mask is not None:
-            raise ValueError("--mask needs --init-image (the picture to inpaint)")
+            raise ValueError(
+                "a mask needs an init image, the picture to inpaint (--init-image; init_image over HTTP)"
+            )
         return
-    from gen.pipelines.checks import check_strength
-
     check_strength(o.strength, o.steps)
-    if not isinstance(o.mask_blur, int) or o.mask_blur < 0:
-        raise ValueError(f"mask-blur {o.mask_blur!r} must be an integer >= 0 (pixels)")
 
 
 def steps_run(o: Options) -> int:
-    """Denoising steps one image takes: the last int(steps x strength) of the schedule for an init image."""
-    return o.steps if o.init_image is None else int(o.steps * o.strength)
-
-
-def check_precision(dtype: str, device: str) -> None:
-    """A known precision, and not fp16 on a CPU (emulated there: ~10x slower than fp32)."""
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype {dtype!r} must be one of {list(PRECISIONS)}")
-    if dtype == "fp16" and str(device).split(":")[0] == "cpu":
-        raise ValueError("dtype fp16 is ~10x slower than fp32 on a CPU; use bf16 or fp32 there")
+    """Denoising steps one image takes: the last int(steps x strength) of the schedule for an init image; with
+    hires fix, the second pass's int(hires steps x hires strength) after the first pass's."""
+    first = o.steps if o.init_image is None else int(o.steps * o.strength)
+    return first + (int((o.hires_steps or o.steps) * o.hires_strength) if hires_on(o) else 0)
 
 
 def seed_of(seed: int, k: int) -> int:

@@ -22,7 +22,7 @@ from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 from safetensors.torch import load_file
 
-from gen.loading.single_file import CONFIGS, _unet_key, check_single_file
+from gen.pipelines.single_file import CONFIGS, _unet_key, check_single_file
 
 PREFIX = "control_model."  # full checkpoints (ControlNet 1.0) keep the net under this; 1.1 files drop it
 # the conditioning embedding's convolutions, diffusers -> original (blocks.k is input_hint_block.2(k+1))

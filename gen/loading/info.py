@@ -9,6 +9,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from gen.loading.assets import model_folder
+
 
 def _weights(folder: Path) -> dict:
     params, dtypes, size = 0, Counter(), 0
@@ -24,9 +26,7 @@ def _weights(folder: Path) -> dict:
 
 
 def describe(path: str | Path | None = None) -> dict:
-    from gen.loading.pipeline import DEFAULT_MODEL
-
-    folder = Path(path) if path is not None else DEFAULT_MODEL
+    folder = model_folder(path)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; expected a diffusers pipeline folder")

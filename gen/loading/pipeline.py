@@ -1,4 +1,4 @@
-"""Loading and saving weights; the embedded default model."""
+"""Loading pipelines: folders and single files, behind the pipelines' own checks; the embedded default model."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from gen.generation.options import check_precision
+from gen.loading.assets import DEFAULT_MODEL, model_folder  # noqa: F401  (DEFAULT_MODEL: public here too)
+from gen.loading.precision import check_precision
+from gen.pipelines import TextToImagePipeline
+from gen.pipelines.single_file import load_original
 
 logger = logging.getLogger(__name__)
-
-# The embedded default model ships inside the package (see gen.train.shapes for how it is made).
-DEFAULT_MODEL = Path(__file__).parents[1] / "assets" / "shapes"  # gen/assets/shapes
 
 
 def load_pipeline(
@@ -23,14 +23,10 @@ def load_pipeline(
 ):
     """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
     names text_encoder_2) or single .safetensors SD checkpoint; with no path, the embedded default model.
-    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.loading.safety)."""
-    from gen.pipelines import TextToImagePipeline
-
+    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety)."""
     check_precision({torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, "fp32"), str(device))
-    folder = Path(path) if path is not None else DEFAULT_MODEL
+    folder = model_folder(path)
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
-        from gen.loading.single_file import load_single_file
-
         pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:
         pipe = TextToImagePipeline.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
@@ -44,6 +40,19 @@ def load_pipeline(
             torch.float32
         )  # half-precision VAEs overflow or band; the decoder is a small part of the time
     return pipe
+
+
+def load_single_file(
+    path: str | Path,
+    config: str | Path | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> TextToImagePipeline:
+    """A TextToImagePipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs
+    fit the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
+    return load_original(
+        TextToImagePipeline, path, config, torch_dtype=torch_dtype, allow_pickle=allow_pickle
+    )
 
 
 def check_tokenizer(tokenizer, text_encoder, folder: Path, name: str = "tokenizer") -> None:

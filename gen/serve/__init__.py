@@ -6,7 +6,7 @@ models.py      the served models: loaded once, named, titled and hashed as A1111
 tasks.py       a request as a Task (options + (prompt, seed) jobs), built and checked in one place for every API
 queue.py       the one worker: batching, progress, cancel and interrupt, 429 when full, graceful shutdown
 results.py     images to PNG bytes carrying the CLI's metadata; base64 and data: URLs in
-samplers.py    A1111 sampler and scheduler names and aliases
+sampler_names.py  A1111 sampler and scheduler names and aliases (gen.diffusion.samplers maps gen's to diffusers)
 state.py       what a running server holds (queue, A1111 options, native jobs); queue-and-wait with hang-up
 store.py       where native jobs are kept: memory, or SQLite + PNG files that survive a crash (--state-dir)
 errors.py      one-line JSON errors (OpenAI's error shape under /v1)

@@ -19,11 +19,28 @@ from gen import generation as G
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation.clip_skip import DEFAULT as DEFAULT_CLIP_SKIP
 from gen.generation.clip_skip import pipeline_clip_skip
-from gen.serve import samplers
+from gen.serve import sampler_names as samplers
 from gen.serve.results import decode_image, parse_parameters
-from gen.serve.schema import Number
+from gen.serve.schema import Number, request_field
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, Task, add_init, build_task
+from gen.serve.tasks import ServeError, Task, build_task, read_uploads, request_values
+
+# A1111's request fields -> gen's request fields (gen.generation.Options), the one table of this API's names.
+# The checkpoint, Clip skip, sampler and image count are read apart (settings, two names, batch_size x n_iter).
+NAMES = {
+    "prompt": "prompt",
+    "negative_prompt": "negative",
+    "seed": "seed",
+    "steps": "steps",
+    "cfg_scale": "guidance",
+    "width": "width",
+    "height": "height",
+}
+IMG2IMG_NAMES = {
+    "denoising_strength": "strength",
+    "mask_blur": "mask_blur",
+    "inpainting_mask_invert": "invert_mask",
+}
 
 
 class GenerationFields(BaseModel):
@@ -41,16 +58,55 @@ class GenerationFields(BaseModel):
     scheduler: str | None = None
     batch_size: int | None = Field(1, ge=1)
     n_iter: int | None = Field(1, ge=1)
-    steps: int | None = Field(None, ge=1)
-    cfg_scale: Number | None = Field(None, allow_inf_nan=False)
-    width: int | None = Field(None, ge=1)
-    height: int | None = Field(None, ge=1)
+    steps: int | None = request_field("steps", None)
+    cfg_scale: Number | None = request_field("guidance", None)
+    width: int | None = request_field("width", None)
+    height: int | None = request_field("height", None)
     override_settings: dict | None = None
     send_images: bool | None = True
 
 
+# txt2img's hires fix fields -> gen's, read when enable_hr is true; A1111's 0 for "no resize" is None in gen
+HIRES_NAMES = {
+    "hr_scale": "hires_scale",
+    "hr_upscaler": "hires_upscaler",
+    "hr_second_pass_steps": "hires_steps",
+    "denoising_strength": "hires_strength",
+    "hr_prompt": "hires_prompt",
+    "hr_negative_prompt": "hires_negative",
+}
+
+
 class Txt2ImgRequest(GenerationFields):
-    pass
+    """txt2img's hires fix: A1111's names; `hr_scale` applies unless `hr_resize_x`/`hr_resize_y` give a size."""
+
+    enable_hr: bool | None = False
+    hr_scale: Number | None = Field(2.0, ge=1, allow_inf_nan=False)  # A1111's default when enable_hr is on
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int | None = request_field("hires_steps")
+    hr_resize_x: int | None = Field(0, ge=0)
+    hr_resize_y: int | None = Field(0, ge=0)
+    hr_sampler_name: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    denoising_strength: Number | None = request_field("hires_strength")
+
+
+def hires_values(body: Txt2ImgRequest) -> dict:
+    """The hires fix fields in gen's terms (HIRES_NAMES), or none when enable_hr is off."""
+    if not body.enable_hr:
+        return {}
+    values = request_values(body, HIRES_NAMES)
+    if body.hr_resize_x or body.hr_resize_y:  # a size instead of a scale
+        values.pop("hires_scale", None)
+        values |= {"hires_width": body.hr_resize_x or None, "hires_height": body.hr_resize_y or None}
+    if body.hr_sampler_name:
+        try:
+            values["hires_sampler"] = samplers.resolve(body.hr_sampler_name, body.hr_scheduler)
+        except ValueError as e:
+            raise ServeError(422, f"hr_sampler_name: {e}") from None
+    return values
 
 
 class Img2ImgRequest(GenerationFields):
@@ -58,9 +114,9 @@ class Img2ImgRequest(GenerationFields):
     `inpainting_mask_invert`, `denoising_strength`. Images as raw base64 or data: URLs."""
 
     init_images: list[str] = Field(min_length=1)  # gen reads the first; A1111 clients always send it
-    denoising_strength: Number | None = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    denoising_strength: Number | None = request_field("strength")
     mask: str | None = None
-    mask_blur: int | None = Field(4, ge=0)
+    mask_blur: int | None = request_field("mask_blur")
     inpainting_mask_invert: int | None = 0
 
 
@@ -74,48 +130,33 @@ class PngInfoRequest(BaseModel):
     image: str
 
 
-def to_request(state: State, body: GenerationFields) -> Request:
-    """A1111's fields in gen's terms; the checkpoint and Clip skip settings from override_settings, else from
-    /options."""
+def to_values(state: State, body: GenerationFields) -> dict:
+    """A1111's fields in gen's terms (NAMES); the checkpoint and Clip skip settings from override_settings, else
+    from /options."""
     overrides = body.override_settings or {}
-    checkpoint = overrides.get("sd_model_checkpoint") or state.options.get("sd_model_checkpoint")
     settings = {**state.options, **overrides}
     clip_skip = settings.get("CLIP_stop_at_last_layers")
     try:
         sampler = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
     except ValueError as e:
         raise ServeError(422, str(e)) from None
-    return Request(
-        prompt=body.prompt,
-        negative=body.negative_prompt or "",
-        n=(body.batch_size or 1) * (body.n_iter or 1),
-        seed=body.seed,
-        steps=body.steps,
-        sampler=sampler,
-        guidance=body.cfg_scale,
-        width=body.width,
-        height=body.height,
-        model=checkpoint,
+    return {
+        **request_values(body, NAMES),
+        "num_images": (body.batch_size or 1) * (body.n_iter or 1),
+        "sampler": sampler,
+        "model": overrides.get("sd_model_checkpoint") or state.options.get("sd_model_checkpoint"),
         # A1111's default as None: these requests share batches with the other APIs' (the same pictures)
-        clip_skip=None if type(clip_skip) is int and clip_skip == DEFAULT_CLIP_SKIP else clip_skip,
-        sdxl_clip_l_skip=settings.get("sdxl_clip_l_skip", False),
-    )
+        "clip_skip": None if type(clip_skip) is int and clip_skip == DEFAULT_CLIP_SKIP else clip_skip,
+        "sdxl_clip_l_skip": settings.get("sdxl_clip_l_skip", False),
+    }
 
 
-def to_img2img_request(state: State, body: Img2ImgRequest) -> Request:
+def img2img_task(state: State, body: Img2ImgRequest) -> Task:
     """The txt2img fields plus the first init image and the mask, decoded and checked before queueing."""
-    strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-    blur = 4 if body.mask_blur is None else body.mask_blur
-    invert = bool(body.inpainting_mask_invert)
-    return add_init(
-        to_request(state, body),
-        body.init_images[0],
-        body.mask,
-        strength,
-        blur,
-        invert,
-        state.config.max_pixels,
-    )
+    values = {**to_values(state, body), **request_values(body, IMG2IMG_NAMES)}
+    values["invert_mask"] = bool(values.get("invert_mask", 0))
+    init = read_uploads(values, body.init_images[0], body.mask, state.config.max_pixels)
+    return build_task(state.config, state.models, values, init)
 
 
 def info(task: Task, body: GenerationFields) -> dict:
@@ -147,7 +188,11 @@ def info(task: Task, body: GenerationFields) -> dict:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": o.strength if task.init is not None else None,
+        "denoising_strength": o.strength
+        if task.init is not None
+        else o.hires_strength
+        if G.hires_on(o)
+        else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": [r.parameters for r in made],
@@ -214,12 +259,12 @@ def router(state: State) -> APIRouter:
 def _generation_routes(api: APIRouter, state: State) -> None:
     @api.post("/txt2img", response_model=GenerationResponse)
     async def txt2img(body: Txt2ImgRequest, http: HttpRequest):
-        task = build_task(state.config, state.models, to_request(state, body))
-        return await generate(state, http, body, task)
+        values = {**to_values(state, body), **hires_values(body)}
+        return await generate(state, http, body, build_task(state.config, state.models, values))
 
     @api.post("/img2img", response_model=GenerationResponse)
     async def img2img(body: Img2ImgRequest, http: HttpRequest):
-        task = build_task(state.config, state.models, to_img2img_request(state, body))
+        task = img2img_task(state, body)
         # As A1111: the response's parameters leave out the uploaded pictures.
         return await generate(state, http, body.model_copy(update={"init_images": None, "mask": None}), task)
 

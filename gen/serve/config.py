@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from gen.generation.fields import option
+from gen.generation.options import ATTENTION, PRECISIONS
 
 
 def default_state_dir() -> Path:
@@ -14,37 +17,77 @@ def default_state_dir() -> Path:
     return Path(base) / "gen" / "serve"
 
 
+def _mib(text: str) -> int:
+    """--max-body-mb's MiB as bytes."""
+    return int(float(text) * 2**20)
+
+
+def _state_dir(text: str) -> str | None:
+    """--state-dir DIR, or none: memory only."""
+    return None if text.strip().lower() == "none" else text
+
+
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 7860
-    models: list[str | None] = field(
-        default_factory=lambda: [None]
-    )  # None: the embedded model; first: default
-    device: str = "cpu"
-    dtype: str = "fp32"
-    attention: str = "sdpa"
-    api_auth: str | None = None  # "user:pass[,user2:pass2]": HTTP Basic on every route
-    api_key: str | None = None  # Bearer token on /v1 (the OpenAI API)
-    cors: list[str] = field(default_factory=list)  # allowed origins; none: CORS off
-    max_batch: int = 8  # images in one pipeline call
-    batch_wait_ms: float = (
-        25.0  # after a batch, how long to wait for compatible requests to fill the next one
+    """What `gen serve` was started with; its flags are made from these fields (gen.cli.flags)."""
+
+    host: str = option("127.0.0.1", "address to listen on (this machine only by default)")
+    port: int = option(7860, "port to listen on")
+    # None: the embedded model; the first is the default
+    models: list[str | None] = option(
+        [None], "model folder or file; repeat to serve several (first: default)", flags=("--model",)
     )
-    max_queue: int = 64  # requests waiting; one more is answered 429
-    max_pixels: int = 1024 * 1024  # width x height of one image
-    max_steps: int = 150
-    max_images: int = 16  # images in one request (batch_size x n_iter, n)
-    max_body: int = 8 * 2**20  # bytes in one request body
-    max_prompt: int = 20_000  # characters in one prompt
+    device: str = option("cpu", "cpu, cuda, cuda:1, ... one worker per device")
+    dtype: str = option("fp32", "precision", choices=PRECISIONS)
+    attention: str = option("sdpa", "attention kernels", choices=ATTENTION)
+    api_auth: str | None = option(
+        None, "HTTP Basic on every route (default: $GEN_API_AUTH, else none)", metavar="USER:PASS[,U2:P2]"
+    )
+    api_key: str | None = option(
+        None, "Bearer key for /v1, the OpenAI API (default: $GEN_API_KEY, else none)"
+    )
+    cors: list[str] = option([], "allow browser calls from ORIGIN (repeatable)", metavar="ORIGIN")
+    max_batch: int = option(8, "images in one pipeline call")
+    batch_wait_ms: float = option(
+        25.0, "after a batch, wait this long for compatible requests to fill the next"
+    )
+    max_queue: int = option(64, "requests waiting before 429")
+    max_pixels: int = option(1024 * 1024, "width x height of an image")
+    max_steps: int = option(150, "sampling steps of a request")
+    max_images: int = option(16, "images in one request (batch_size x n_iter, n)")
+    max_body: int = option(
+        8 * 2**20, "request body size in MiB", flags=("--max-body-mb",), parse=_mib, metavar="MIB"
+    )
+    max_prompt: int = option(20_000, "characters in one prompt", cli=False)
     # Native jobs: stored here (SQLite + PNG files) to survive a crash; None keeps them in memory only. None
     # is the library's default (tests, embedding); `gen serve` defaults to default_state_dir().
-    state_dir: str | None = None
-    keep_hours: float = 24.0  # finished native jobs stay fetchable this long (--keep-jobs HOURS)
+    state_dir: str | None = option(
+        None,
+        "store jobs of /gen/v1/jobs here (SQLite + PNGs), so a restart or crash resumes them; none: memory only",
+        metavar="DIR",
+        parse=_state_dir,
+    )
+    keep_hours: float = option(
+        24.0,
+        "finished jobs stay fetchable this long, then are deleted",
+        flags=("--keep-jobs",),
+        metavar="HOURS",
+    )
     # Finished jobs held in memory, at most this many, with at most this much of PNGs; beyond, the oldest are
     # dropped from memory (read back from the store when asked for; without a store they are forgotten).
-    keep_jobs: int = 256
-    keep_bytes: int = 256 * 2**20
+    keep_jobs: int = option(256, "finished jobs held in memory", cli=False)
+    keep_bytes: int = option(256 * 2**20, "bytes of finished jobs' PNGs held in memory", cli=False)
+
+    @staticmethod
+    def command_line_defaults() -> dict:
+        """Where `gen serve`'s defaults differ from the library's: credentials from the environment, jobs kept
+        in the user's cache, the body limit shown in MiB (argparse parses string defaults with the flag's type)."""
+        return {
+            "api_auth": os.environ.get("GEN_API_AUTH"),
+            "api_key": os.environ.get("GEN_API_KEY"),
+            "state_dir": str(default_state_dir()),
+            "max_body": str(ServeConfig.max_body / 2**20),
+        }
 
     def credentials(self) -> list[tuple[str, str]]:
         """--api-auth as (user, password) pairs; ValueError naming a malformed entry."""

@@ -21,16 +21,45 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 import gen
 from gen.diffusion.samplers import SAMPLERS
-from gen.serve import samplers
-from gen.serve.schema import Number
+from gen.generation.upscale import UPSCALERS
+from gen.serve import sampler_names as samplers
+from gen.serve.schema import Number, request_field
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, Task, add_init, build_task, request_defaults
+from gen.serve.tasks import ServeError, Task, build_task, read_uploads, request_defaults, request_values
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+
+
+# This API's names -> gen's request fields (gen.generation.Options): the one table. The sampler (gen's or
+# A1111's name, with A1111's scheduler) and the uploads are read apart.
+NAMES = {
+    "prompt": "prompt",
+    "negative_prompt": "negative",
+    "n": "num_images",
+    "seed": "seed",
+    "steps": "steps",
+    "guidance": "guidance",
+    "width": "width",
+    "height": "height",
+    "model": "model",
+    "clip_skip": "clip_skip",
+    "sdxl_clip_l_skip": "sdxl_clip_l_skip",
+    "strength": "strength",
+    "mask_blur": "mask_blur",
+    "invert_mask": "invert_mask",
+    "hires_scale": "hires_scale",
+    "hires_width": "hires_width",
+    "hires_height": "hires_height",
+    "hires_upscaler": "hires_upscaler",
+    "hires_steps": "hires_steps",
+    "hires_strength": "hires_strength",
+    "hires_prompt": "hires_prompt",
+    "hires_negative_prompt": "hires_negative",
+}
 
 
 class JobRequest(BaseModel):
@@ -39,24 +68,57 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # `"seed": false` is refused, not read as 0
 
     prompt: str
-    negative_prompt: str = ""
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    steps: int | None = Field(None, ge=1)
+    negative_prompt: str = request_field("negative")
+    n: int = request_field("num_images")
+    seed: int | None = None  # None or -1: random
+    steps: int | None = request_field("steps", None)
     sampler: str | None = None  # gen's or A1111's name
     scheduler: str | None = None  # A1111's: automatic or karras
-    guidance: Number | None = Field(None, allow_inf_nan=False)
-    width: int | None = Field(None, ge=1)
-    height: int | None = Field(None, ge=1)
+    guidance: Number | None = request_field("guidance", None)
+    width: int | None = request_field("width")
+    height: int | None = request_field("height")
     model: str | None = None
-    clip_skip: int | None = Field(None, ge=1)  # A1111's numbering: 1 the last layer, 2 the penultimate
-    sdxl_clip_l_skip: bool = False  # apply clip_skip to SDXL's first encoder (A1111's "Clip skip SDXL")
+    clip_skip: int | None = request_field(
+        "clip_skip"
+    )  # A1111's numbering: 1 the last layer, 2 the penultimate
+    sdxl_clip_l_skip: bool = request_field("sdxl_clip_l_skip")
     # Image-to-image and inpainting: pictures as raw base64 or data: URLs; mask white = repaint
     init_image: str | None = None
     mask: str | None = None
-    strength: Number = Field(0.75, ge=0, le=1, allow_inf_nan=False)
-    mask_blur: int = Field(4, ge=0)
-    invert_mask: bool = False
+    strength: Number = request_field("strength")
+    mask_blur: int = request_field("mask_blur")
+    invert_mask: bool = request_field("invert_mask")
+    # Hires fix: on with a scale or a size; the upscaler by A1111's name (GET /sdapi/v1/upscalers and
+    # /latent-upscale-modes list them); the sampler gen's or A1111's name
+    hires_scale: Number | None = request_field("hires_scale")
+    hires_width: int | None = request_field("hires_width")
+    hires_height: int | None = request_field("hires_height")
+    hires_upscaler: str = request_field("hires_upscaler")
+    hires_steps: int = request_field("hires_steps")
+    hires_strength: Number = request_field("hires_strength")
+    hires_sampler: str | None = None
+    hires_prompt: str = request_field("hires_prompt")
+    hires_negative_prompt: str = request_field("hires_negative")
+
+
+def to_task(state: State, body: JobRequest) -> Task:
+    """The job's fields in gen's terms (NAMES), its uploads decoded, checked before it queues."""
+    try:
+        sampler = samplers.resolve(body.sampler, body.scheduler)
+    except ValueError as e:
+        raise ServeError(422, str(e)) from None
+    values = {**request_values(body, NAMES), "sampler": sampler}
+    if body.hires_sampler is not None:
+        try:
+            values["hires_sampler"] = samplers.resolve(body.hires_sampler)
+        except ValueError as e:
+            raise ServeError(422, f"hires_sampler: {e}") from None
+    init = None
+    if body.init_image:
+        init = read_uploads(values, body.init_image, body.mask, state.config.max_pixels)
+    elif body.mask:  # refused by the request's own rule (gen.generation.options.check_init)
+        values["mask"] = "upload"
+    return build_task(state.config, state.models, values, init)
 
 
 def describe(state: State, task: Task) -> dict:
@@ -132,37 +194,7 @@ def router(state: State) -> APIRouter:
 
     @api.post("/jobs", status_code=202)
     async def submit(body: JobRequest, stream: bool = False):
-        try:
-            sampler = samplers.resolve(body.sampler, body.scheduler)
-        except ValueError as e:
-            raise ServeError(422, str(e)) from None
-        request = Request(
-            prompt=body.prompt,
-            negative=body.negative_prompt,
-            n=body.n,
-            seed=body.seed,
-            steps=body.steps,
-            sampler=sampler,
-            guidance=body.guidance,
-            width=body.width,
-            height=body.height,
-            model=body.model,
-            clip_skip=body.clip_skip,
-            sdxl_clip_l_skip=body.sdxl_clip_l_skip,
-        )
-        if body.init_image:
-            add_init(
-                request,
-                body.init_image,
-                body.mask,
-                body.strength,
-                body.mask_blur,
-                body.invert_mask,
-                state.config.max_pixels,
-            )
-        elif body.mask:
-            raise ServeError(422, "mask needs init_image (the picture to inpaint)")
-        task = build_task(state.config, state.models, request)
+        task = to_task(state, body)
         state.accept(task)  # stored (with --state-dir) before this answers
         if stream:
             return _stream(events(state, task, cancel_on_close=True))
@@ -209,6 +241,7 @@ def router(state: State) -> APIRouter:
             ],
             "samplers": [{"name": n, "label": s.a1111} for n, s in SAMPLERS.items()],
             "defaults": request_defaults(c),
+            "upscalers": list(UPSCALERS),
             "limits": {
                 k: getattr(c, k) for k in ("max_batch", "max_queue", "max_pixels", "max_steps", "max_images")
             },

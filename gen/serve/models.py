@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gen import generation as G
 from gen.generation import metadata
+from gen.loading.assets import model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,13 @@ class ServedModel:
     name: str  # the PNG metadata's "Model"
     sha256: str  # the PNG metadata's model hash
     pipe: Any = field(repr=False)
-    scheduler: Any = field(repr=False)  # the model's own: restored for requests that name no sampler
+    scheduler: Any = field(repr=False)  # the model's own: for requests that name no sampler
+
+    def pipeline(self, sampler: str | None, init=None) -> Any:
+        """The pipeline for a request's task (text, image-to-image, inpainting: from `init`) and sampler, sharing
+        the loaded weights, made once (gen.generation.core.pipeline_for): no scheduler swapped on the shared
+        pipe, no from_pipe per batch."""
+        return G.pipeline_for(self.pipe, G.task_of(init), sampler)
 
     @property
     def hash(self) -> str:
@@ -40,19 +46,13 @@ class ServedModel:
             "model_name": self.name,
             "hash": self.hash,
             "sha256": self.sha256,
-            "filename": str(Path(self.path) if self.path else _default_folder()),
+            "filename": str(model_folder(self.path)),
             "config": None,
         }
 
 
-def _default_folder() -> Path:
-    from gen.loading.pipeline import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
-
-
 def load_model(path: str | None, device: str, dtype: str, attention: str) -> ServedModel:
-    folder = Path(path).resolve() if path is not None else _default_folder()
+    folder = model_folder(path).resolve()
     o = G.Options(
         model=str(folder) if path is not None else None, device=device, dtype=dtype, attention=attention
     )
@@ -87,7 +87,7 @@ class Models:
             return self.default
         key = str(name).strip().lower()
         for m in self.all:
-            folder = Path(m.path or _default_folder())
+            folder = model_folder(m.path)
             if key in (m.title.lower(), m.name.lower(), folder.name.lower(), m.hash, m.sha256):
                 return m
         raise ValueError(f"model {name!r} is not served here; choose one of: {', '.join(self._titles)}")

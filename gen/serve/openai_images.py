@@ -12,15 +12,27 @@ import time
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from gen.serve import samplers
-from gen.serve.schema import Number
+from gen.serve import sampler_names as samplers
+from gen.serve.schema import Number, request_field
 from gen.serve.state import State
-from gen.serve.tasks import Request, ServeError, build_task
+from gen.serve.tasks import ServeError, build_task, request_values
 
 # Clients hard-code OpenAI's model names; they mean "the default model" here.
 OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-[\w.-]+)$")
+
+
+# OpenAI's names (and gen's extensions) -> gen's request fields (gen.generation.Options): the one table. The
+# model, size and sampler are read apart (OpenAI's model names, "WxH").
+NAMES = {
+    "prompt": "prompt",
+    "n": "num_images",
+    "seed": "seed",
+    "negative_prompt": "negative",
+    "steps": "steps",
+    "guidance_scale": "guidance",
+}
 
 
 class ImageRequest(BaseModel):
@@ -28,13 +40,13 @@ class ImageRequest(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int | None = Field(1, ge=1)
+    n: int | None = request_field("num_images")
     size: str | None = None  # "WxH" or "auto"
     response_format: str | None = "b64_json"
     seed: int | None = None
     negative_prompt: str | None = None
-    steps: int | None = Field(None, ge=1)
-    guidance_scale: Number | None = Field(None, allow_inf_nan=False)
+    steps: int | None = request_field("steps", None)
+    guidance_scale: Number | None = request_field("guidance", None)
     sampler: str | None = None
 
 
@@ -64,19 +76,9 @@ def router(state: State) -> APIRouter:
         except ValueError as e:
             raise ServeError(404, str(e), "model_not_found") from None
         width, height = parse_size(body.size)
-        request = Request(
-            prompt=body.prompt,
-            negative=body.negative_prompt or "",
-            n=body.n or 1,
-            seed=body.seed,
-            steps=body.steps,
-            sampler=sampler,
-            guidance=body.guidance_scale,
-            width=width,
-            height=height,
-            model=model,
-        )
-        task = await state.run(build_task(state.config, state.models, request), http)
+        values = {**request_values(body, NAMES), "sampler": sampler, "model": model}
+        values |= {k: v for k, v in (("width", width), ("height", height)) if v is not None}
+        task = await state.run(build_task(state.config, state.models, values), http)
         if task.status == "failed":
             raise task.error
         data = [{"b64_json": r.b64(), "revised_prompt": r.prompt, "seed": r.seed} for r in task.images()]

@@ -19,7 +19,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from gen import generation as G
-from gen.diffusion.samplers import make_scheduler
 from gen.generation.inputs import InitImages
 from gen.serve import results
 from gen.serve.models import ServedModel
@@ -37,10 +36,7 @@ def render_batch(
 ) -> list[results.Result]:
     """On the worker thread: the generation core's render (from `init` for img2img and inpainting), then PNGs
     with the CLI's metadata."""
-    pipe = model.pipe
-    # From the model's own config each time: a scheduler built from another sampler's config would inherit its
-    # options (Karras sigmas, solver type).
-    pipe.scheduler = make_scheduler(o.sampler, model.scheduler.config) if o.sampler else model.scheduler
+    pipe = model.pipeline(o.sampler, init)
     images = G.render(pipe, o, jobs, on_step=on_step, init=init)
     return [
         results.encode(pipe, o, job, image, model.sha256, init)

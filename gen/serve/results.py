@@ -31,8 +31,8 @@ class Result:
 def encode(pipe, o, job, image, model_hash: str, init=None) -> Result:
     record = metadata.record(pipe, o, job, image, model_hash, init)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=metadata.png_info(record))
     parameters = metadata.a1111_parameters(record)
+    image.save(buffer, format="PNG", pnginfo=metadata.png_info(record, parameters))
     return Result(job.index, job.seed, job.prompt, buffer.getvalue(), parameters, record["sampler_label"])
 
 

@@ -13,13 +13,31 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import Strict
+from pydantic import Field, Strict
 
+from gen.generation.fields import specs
+from gen.generation.options import Options
 from gen.serve.config import ServeConfig
 
 # A JSON number, never `true`/`false` or a numeric string (pydantic's lax mode would take `"guidance": false`
 # as 0.0); integers are numbers too.
 Number = Annotated[float, Strict()]
+
+
+def request_field(name: str, default: Any = ...) -> Any:
+    """A pydantic Field for an API field that carries request field `name`: its bounds and help from the request's
+    Spec (gen.generation.Options), written there once. `default` is the request's own unless given (None: "not
+    given", the request's default applies)."""
+    _, spec, _ = specs(Options)[name]
+    if default is ...:
+        default = Options.__dataclass_fields__[name].default
+    bounds: dict[str, Any] = {"ge": spec.ge}
+    if (
+        isinstance(default, float) or spec.finite
+    ):  # a bounded fraction (strength) says its top in the schema too
+        bounds |= {"le": spec.le, "allow_inf_nan": not spec.finite}
+    return Field(default, description=spec.help, **{k: v for k, v in bounds.items() if v is not None})
+
 
 ERROR = {
     "type": "object",

@@ -9,13 +9,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from gen import generation as G
-from gen.generation.inputs import InitImages
+from gen.generation.inputs import InitImages, init_images
 from gen.serve.config import ServeConfig
 from gen.serve.models import Models, ServedModel
-from gen.serve.results import Result
+from gen.serve.results import Result, decode_image
 
 PER_IMAGE = ("prompt", "seed", "num_images", "batch_size")  # every other option must match to share a batch
 FINAL = ("done", "cancelled", "interrupted", "failed")
@@ -27,28 +27,6 @@ class ServeError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
-
-
-@dataclass
-class Request:
-    """What every API asks for, in gen's terms (None: the default)."""
-
-    prompt: str
-    negative: str = ""
-    n: int = 1
-    seed: int | None = None  # None or -1: random
-    steps: int | None = None
-    sampler: str | None = None  # gen's name; None: the model's own scheduler
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    model: str | None = None  # title, name or hash; None: the default model
-    init: InitImages | None = None  # image-to-image (with a mask: inpainting)
-    strength: float = 0.75
-    mask_blur: int = 4  # recorded; the blur itself is applied when `init` is made
-    invert: bool = False
-    clip_skip: int | None = None  # A1111's numbering (gen.generation.clip_skip)
-    sdxl_clip_l_skip: bool = False
 
 
 class Task:
@@ -101,23 +79,21 @@ class Task:
         return True
 
 
-def add_init(
-    r: Request,
-    image: str,
-    mask: str | None = None,
-    strength: float = 0.75,
-    blur: int = 4,
-    invert: bool = False,
-    max_pixels: int | None = None,
-) -> Request:
+def read_uploads(
+    values: dict, image: str, mask: str | None = None, max_pixels: int | None = None
+) -> InitImages:
     """Image-to-image (and, with a mask, inpainting) from uploads sent as raw base64 or data: URLs, checked
-    (decodable pictures, mask and image of one size) before the request queues; ServeError(422) otherwise."""
-    from gen.generation.inputs import init_images
-    from gen.serve.results import decode_image
+    (decodable pictures, mask and image of one size) before the request queues; ServeError(422) otherwise.
 
+    `values` (the request's fields by gen's names) get the uploads' names, by their pixels' hash: requests with
+    the same picture and settings share a batch, and `gen reproduce --init-image FILE` checks the hash, whatever
+    the file is called. The mask's settings count only with a mask, the strength only with an init image."""
+    for name in ("mask_blur", "invert_mask") if mask is None else ():
+        values.pop(name, None)
+    blur, invert = values.get("mask_blur", G.Options.mask_blur), values.get("invert_mask", False)
     try:
         decoded = decode_image(image, max_pixels, "init image")
-        r.init = init_images(
+        init = init_images(
             decoded,
             decode_image(mask, max_pixels, "mask") if mask else None,
             mask_blur=blur,
@@ -125,36 +101,54 @@ def add_init(
         )
     except ValueError as e:
         raise ServeError(422, " ".join(str(e).split())) from None
-    r.strength, r.mask_blur, r.invert = strength, blur, invert
-    return r
+    values["init_image"] = f"upload-{init.image_hash[:12]}.png"
+    if init.mask is not None:
+        values["mask"] = f"upload-{init.mask_hash[:12]}.png"
+    return init
 
 
-def build_task(config: ServeConfig, models: Models, r: Request) -> Task:
-    """Check a request against the server's limits and the model, before it queues; ServeError(422) otherwise."""
+def build_task(config: ServeConfig, models: Models, values: dict, init: InitImages | None = None) -> Task:
+    """The request (its fields by gen's names, as each API's table maps them) checked against the server's
+    limits and the model, before it queues; ServeError(422) otherwise. Fields left out take the request's
+    defaults; the server's device, precision and attention, and its --max-steps on the default steps."""
+    if values.get("seed") == -1:  # A1111's "random", which every API accepts
+        values = {k: v for k, v in values.items() if k != "seed"}
     try:
-        model = models.find(r.model)
-        o = _options(config, model, r)
+        model = models.find(values.get("model"))
+        o = G.Options(**{**server_values(config), **values, "model": model.path})
+        if init is None:
+            o.strength, o.mask_blur, o.invert_mask = G.Options.strength, G.Options.mask_blur, False
+        o.height, o.width = G.size_of(model.pipe, o, init)
+        check_limits(config, o, *G.final_size(model.pipe, o, init))
         G.check_options(o)
-        G.validate(model.pipe, replace(o, batch_size=min(o.num_images, config.max_batch)), r.init)
+        G.validate(model.pipe, replace(o, batch_size=min(o.num_images, config.max_batch)), init)
     except ValueError as e:
         raise ServeError(422, " ".join(str(e).split())) from None
     if o.seed is None:
         o.seed = G.pick_seed()
-    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)), r.init)
+    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)), init)
 
 
-def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
-    size = model.default_size
-    if r.init is not None:  # the init image's size unless given, as on the command line
-        height, width = G.size_of(model.pipe, G.Options(width=r.width, height=r.height), r.init)
-    else:
-        width = size if r.width is None else r.width
-        height = size if r.height is None else r.height
+def server_values(config: ServeConfig) -> dict:
+    """What the server decides, not the client: where and how it computes, and the steps of a request that
+    names none (gen's default clamped to --max-steps: a server started with --max-steps 8 must not run 20)."""
+    return {
+        "device": config.device,
+        "dtype": config.dtype,
+        "attention": config.attention,
+        "steps": min(G.Options.steps, config.max_steps),
+    }
+
+
+def check_limits(config: ServeConfig, o: G.Options, height: int, width: int) -> None:
+    """The server's limits on one request: prompt lengths, images, steps and the pixels of its images (height x
+    width: hires fix's upscaled size where it is on)."""
     limits = (
-        (len(r.prompt), config.max_prompt, "prompt length", "characters"),
-        (len(r.negative), config.max_prompt, "negative prompt length", "characters"),
-        (r.n, config.max_images, "images in one request", "--max-images"),
-        (r.steps or 0, config.max_steps, "steps", "--max-steps"),
+        (len(o.prompt), config.max_prompt, "prompt length", "characters"),
+        (len(o.negative), config.max_prompt, "negative prompt length", "characters"),
+        (o.num_images, config.max_images, "images in one request", "--max-images"),
+        (o.steps, config.max_steps, "steps", "--max-steps"),
+        (o.hires_steps, config.max_steps, "hires steps", "--max-steps"),
         (
             width * height,
             config.max_pixels,
@@ -163,53 +157,21 @@ def _options(config: ServeConfig, model: ServedModel, r: Request) -> G.Options:
         ),
     )
     for value, limit, what, unit in limits:
-        if value > limit:
+        if isinstance(value, int) and value > limit:
             shown = "" if what.endswith(";") else f" {value}"
             raise ValueError(f"{what}{shown} is more than this server allows ({unit} {limit})")
-    if r.n < 1:
-        raise ValueError(f"images in one request {r.n} must be >= 1")
-    seed = None if r.seed is None or r.seed == -1 else r.seed
-    return G.Options(
-        prompt=r.prompt,
-        negative=r.negative,
-        model=model.path,
-        num_images=r.n,
-        seed=seed,
-        steps=default_steps(config) if r.steps is None else r.steps,
-        sampler=r.sampler,
-        guidance=G.Options.guidance if r.guidance is None else r.guidance,
-        width=width,
-        height=height,
-        device=config.device,
-        dtype=config.dtype,
-        attention=config.attention,
-        clip_skip=r.clip_skip,
-        sdxl_clip_l_skip=r.sdxl_clip_l_skip,
-        **_init_options(r),
-    )
-
-
-def default_steps(config: ServeConfig) -> int:
-    """Steps for a request that names none: gen's default, clamped to --max-steps (a server started with
-    --max-steps 8 must not run 20 for a request that left steps out)."""
-    return min(G.Options.steps, config.max_steps)
 
 
 def request_defaults(config: ServeConfig) -> dict:
-    """What a request that leaves a field out gets (the web page shows these)."""
-    return {"steps": default_steps(config), "guidance": G.Options.guidance}
+    """What a request that leaves a field out gets, by the jobs API's names (the web page shows these)."""
+    o = G.Options(**server_values(config))
+    names = ("steps", "guidance", "strength", "mask_blur", "hires_upscaler", "hires_steps", "hires_strength")
+    return {name: getattr(o, name) for name in names}
 
 
-def _init_options(r: Request) -> dict:
-    """An upload's options: named by its pixels' hash (requests with the same picture and settings share a batch;
-    `gen reproduce --init-image FILE` checks the hash, whatever the file is called)."""
-    if r.init is None:
-        return {}
-    named = {"init_image": f"upload-{r.init.image_hash[:12]}.png", "strength": r.strength}
-    if r.init.mask is not None:
-        named |= {
-            "mask": f"upload-{r.init.mask_hash[:12]}.png",
-            "mask_blur": r.mask_blur,
-            "invert_mask": r.invert,
-        }
-    return named
+def request_values(body, names: dict[str, str]) -> dict:
+    """An API's request body in gen's terms, through that API's name table (its field -> the request's field):
+    the fields the client gave, None meaning "not given"."""
+    return {
+        ours: getattr(body, theirs) for theirs, ours in names.items() if getattr(body, theirs) is not None
+    }

@@ -33,34 +33,45 @@ BREAK = "BREAK"
 def parse(prompt: str) -> list[tuple[str, float]]:
     """Split a prompt into (text, weight) pieces; ("BREAK", -1) marks a forced chunk boundary."""
     pieces: list[list] = []
-    open_round: list[int] = []  # index into pieces where each still-open "(" began
-    open_square: list[int] = []
-
-    def scale(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
-            piece[1] *= factor
-
+    # Index into pieces where each still-open bracket began, by kind: a closer only ends a bracket of its kind.
+    opened: dict[str, list[int]] = {"(": [], "[": []}
     for m in _TOKEN.finditer(prompt):
         if m["escape"]:
             pieces.append([m["escape"][1], 1.0])
         elif m["open"]:
-            (open_round if m["open"] == "(" else open_square).append(len(pieces))
-        elif m["weight"] and open_round:
-            scale(open_round.pop(), float(m["value"]))
-        elif m["close"] == ")" and open_round:
-            scale(open_round.pop(), ROUND)
-        elif m["close"] == "]" and open_square:
-            scale(open_square.pop(), SQUARE)
-        else:  # plain text, or a stray closer / weight with nothing open: kept as text
-            for i, part in enumerate(_BREAK.split(m.group(0))):
-                if i:
-                    pieces.append([BREAK, -1.0])
-                pieces.append([part, 1.0])
-    for start in open_round:
-        scale(start, ROUND)
-    for start in open_square:
-        scale(start, SQUARE)
+            opened[m["open"]].append(len(pieces))
+        elif not _close(m, pieces, opened):  # plain text, or a stray closer / weight with nothing open
+            _add_text(pieces, m.group(0))
+    # A bracket left open applies to the rest of the prompt, as A1111 reads it.
+    for start in opened["("]:
+        _scale(pieces, start, ROUND)
+    for start in opened["["]:
+        _scale(pieces, start, SQUARE)
     return _merge(pieces) or [("", 1.0)]
+
+
+def _scale(pieces: list[list], start: int, factor: float) -> None:
+    for piece in pieces[start:]:
+        piece[1] *= factor
+
+
+def _close(m: re.Match, pieces: list[list], opened: dict[str, list[int]]) -> bool:
+    """Weight the pieces since the matching bracket opened, for a closer or a `:weight)`; False (the match is
+    then text) when it is neither, or when no bracket of its kind is open."""
+    kind = "[" if m["close"] == "]" else "("  # a weight closes a round bracket
+    if not (m["weight"] or m["close"]) or not opened[kind]:
+        return False
+    factor = float(m["value"]) if m["weight"] else ROUND if kind == "(" else SQUARE
+    _scale(pieces, opened[kind].pop(), factor)
+    return True
+
+
+def _add_text(pieces: list[list], text: str) -> None:
+    # BREAK inside the text starts a new chunk; it is only recognised as a whole word.
+    for i, part in enumerate(_BREAK.split(text)):
+        if i:
+            pieces.append([BREAK, -1.0])
+        pieces.append([part, 1.0])
 
 
 def _merge(pieces: list[list]) -> list[tuple[str, float]]:
@@ -103,8 +114,17 @@ def tokenize_weighted(
     """Prompt -> chunks of `length` ids (default: window(tokenizer)) with per-token weights (A1111's layout:
     BOS, tokens, EOS, padding)."""
     length = length or window(tokenizer)
-    per_chunk = length - 2
     pieces = parse(prompt) if weighting else [(prompt, 1.0)]
+    chunks = _split(_groups(tokenizer, pieces), length - 2)
+    cut: list[int] = []
+    if truncate and len(chunks) > 1:
+        cut = [i for chunk in chunks[1:] for i, _ in chunk]
+        chunks = chunks[:1]
+    return _layout(tokenizer, chunks, length, cut)
+
+
+def _groups(tokenizer, pieces: list[tuple[str, float]]) -> list[list[tuple[int, float]]]:
+    """(token id, weight) runs, a new run at each BREAK; each piece is tokenized on its own, as A1111 does."""
     groups: list[list[tuple[int, float]]] = [[]]
     for text, weight in pieces:
         if weight == -1.0:  # BREAK
@@ -116,13 +136,19 @@ def tokenize_weighted(
             else []
         )
         groups[-1].extend((i, weight) for i in ids)
+    return groups
+
+
+def _split(groups: list[list[tuple[int, float]]], per_chunk: int) -> list[list[tuple[int, float]]]:
+    # An empty run (an empty prompt, or BREAK twice) is still one chunk.
     chunks: list[list[tuple[int, float]]] = []
     for group in groups:
         chunks += [group[i : i + per_chunk] for i in range(0, len(group), per_chunk)] or [[]]
-    cut: list[int] = []
-    if truncate and len(chunks) > 1:
-        cut = [i for chunk in chunks[1:] for i, _ in chunk]
-        chunks = chunks[:1]
+    return chunks
+
+
+def _layout(tokenizer, chunks: list[list[tuple[int, float]]], length: int, cut: list[int]) -> Chunks:
+    """Each chunk as BOS, tokens, EOS, padding to `length`, weight 1 outside the tokens."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, weights, lengths = [], [], []
     for chunk in chunks:

@@ -16,6 +16,9 @@ from collections.abc import Callable
 import torch
 
 from gen.generation import DTYPES
+from gen.loading.pipeline import load_pipeline
+from gen.pipelines import TextToImagePipeline
+from gen.pipelines.attention_backend import set_attention
 
 
 def _sync(device: torch.device) -> None:
@@ -176,8 +179,6 @@ def tiny_sd_pipeline(base):
     tokenizer, VAE and scheduler: the same work StableDiffusionPipeline does, at a size this machine can time."""
     from diffusers import UNet2DConditionModel
 
-    from gen.pipelines import TextToImagePipeline
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=base.default_size // base.vae_scale_factor,
@@ -218,9 +219,6 @@ def benchmark(
     pairs: int = 5,
     unet: bool = True,
 ) -> dict:
-    from gen.generation.attention import set_attention
-    from gen.loading.pipeline import load_pipeline
-
     torch_dtype = DTYPES[dtype]
     pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device)
     report = {

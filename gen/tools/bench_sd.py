@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen.generation.core import bf16_native
+from gen.generation.core import bf16_native, load
+from gen.generation.options import Options
+from gen.pipelines.single_file import CONFIGS, config_folder
+from gen.tools.bench import count_flops, matmul_peak, stats
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,6 @@ def build_sd_folder(into: Path, spec: dict, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from gen.loading.single_file import config_folder
-
     logger.info("building an SD architecture with random weights (seed %d) in %s", seed, into)
     config_folder("v1", into)  # model_index, scheduler and tokenizer; the models' configs are saved below
     index = into / "model_index.json"
@@ -71,8 +72,6 @@ def build_sd_folder(into: Path, spec: dict, seed: int = 0) -> Path:
 
 def sd15_spec() -> dict:
     """The shipped SD 1.5 configs (model_index, unet, vae, text_encoder, scheduler, tokenizer)."""
-    from gen.loading.single_file import CONFIGS
-
     return json.loads((CONFIGS / "v1.json").read_text())
 
 
@@ -203,9 +202,6 @@ def _generate(pipe, size: int, steps: int, guidance: float, seed: int) -> np.nda
 
 def _gen_pipeline(folder: Path, dtype: str, device: str):
     """gen as a user runs it: load() and prepare(), with every fast path gen applies by default."""
-    from gen.generation.core import load
-    from gen.generation.options import Options
-
     return load(Options(model=str(folder), dtype=dtype, device=device))
 
 
@@ -280,8 +276,6 @@ def benchmark_sd(
 ) -> dict:
     """Seconds per image of gen and diffusers on SD 1.5 (random weights unless `folder` is an SD folder), batch 1,
     in rounds that rotate the order of the pipelines; see the module's docstring for the rows."""
-    from gen.tools.bench import count_flops, matmul_peak, stats
-
     dev = torch.device(device)
     folder = Path(folder) if folder is not None else sd15_folder(seed)
     peaks = {
@@ -314,7 +308,7 @@ def benchmark_sd(
         "matmul_peak_flops": peaks,
         "bf16_native": bf16_native(dev),
         "skipped": skipped,
-        "rows": [_summary(r, rows, base, ref, stats) for r in rows],
+        "rows": [_summary(r, rows, base, ref) for r in rows],
     }
     latent = size // ref.pipe.vae_scale_factor
     x = torch.randn(2, ref.pipe.unet.config.in_channels, latent, latent, dtype=ref.pipe.unet.dtype)
@@ -329,7 +323,7 @@ def benchmark_sd(
     return report
 
 
-def _summary(row: Row, rows: list[Row], base: Row, ref: Row, stats) -> dict:
+def _summary(row: Row, rows: list[Row], base: Row, ref: Row) -> dict:
     out = {
         "name": row.name,
         "dtype": row.dtype,

@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 from gen.data import captions as C
 from gen.data import shapes as S
 from gen.generation.inputs import init_images, paste_back
-from gen.generation.options import seed_of
-from gen.tools.judge import Judge, to_tensor
+from gen.generation.options import Options, seed_of
+from gen.models.judge import Judge, to_tensor
 
 TASKS = ("img2img", "inpaint")
 RATES = (
@@ -85,8 +85,8 @@ def evaluate_inpaint(
     pipe,
     judge: Judge,
     count: int = 40,
-    strengths: tuple[float, ...] = (0.75, 1.0),
-    mask_blur: int = 4,
+    strengths: tuple[float, ...] = (Options.strength, 1.0),
+    mask_blur: int = Options.mask_blur,
     seed: int = 0,
     **kwargs,
 ) -> dict[str, dict[str, float]]:
@@ -109,22 +109,32 @@ def evaluate_inpaint(
             prompts, image=images, mask_image=masks, strength=strength, generator=generators, **kwargs
         )
         pasted = [paste_back(i, r) for i, r in zip(inits, raw.images, strict=True)]
-        judged = _judged(judge, pasted)
-        new = [
-            judged["colour"][k] == b.colour and judged["shape"][k] == b.shape
-            for k, (_, b) in enumerate(cases)
-        ]
-        kept = [judged["background"][k] == a.background for k, (a, _) in enumerate(cases)]
-        diffs = [_outside(i, r, p) for i, r, p in zip(inits, raw.images, pasted, strict=True)]
-        diffs = [d for d in diffs if d is not None]
         out[f"{strength:g}"] = {
-            "new object": _rate(new),
-            "background kept": _rate(kept),
-            "outside max": max(d[0] for d in diffs),
-            "outside mean": float(np.mean([d[1] for d in diffs])),
-            "outside mean, pipeline": float(np.mean([d[2] for d in diffs])),
+            **_inpaint_rates(_judged(judge, pasted), cases),
+            **_outside_changes(inits, raw.images, pasted),
         }
     return out
+
+
+def _inpaint_rates(judged: dict[str, list[str]], cases: list[tuple[S.Scene, S.Scene]]) -> dict[str, float]:
+    """The share of pictures with the wanted object (colour and shape both), and with the original background."""
+    new = [
+        judged["colour"][k] == b.colour and judged["shape"][k] == b.shape for k, (_, b) in enumerate(cases)
+    ]
+    kept = [judged["background"][k] == a.background for k, (a, _) in enumerate(cases)]
+    return {"new object": _rate(new), "background kept": _rate(kept)}
+
+
+def _outside_changes(inits: list, raw: list[Image.Image], pasted: list[Image.Image]) -> dict[str, float]:
+    """_outside over the pictures whose mask leaves something outside: the largest change after the paste-back,
+    the mean change after it and in the pipeline's own output."""
+    diffs = [_outside(i, r, p) for i, r, p in zip(inits, raw, pasted, strict=True)]
+    diffs = [d for d in diffs if d is not None]
+    return {
+        "outside max": max(d[0] for d in diffs),
+        "outside mean": float(np.mean([d[1] for d in diffs])),
+        "outside mean, pipeline": float(np.mean([d[2] for d in diffs])),
+    }
 
 
 def _outside(init, raw: Image.Image, pasted: Image.Image) -> tuple[int, float, float] | None:
@@ -198,7 +208,7 @@ def evaluate_task(
     device: str = "cpu",
 ) -> dict:
     """`gen eval --task img2img|inpaint` on a shapes model folder (default: the embedded one)."""
-    from gen.tools.eval import load_judged
+    from gen.evaluation import load_judged
 
     if task not in TASKS:
         raise ValueError(f"task {task!r} must be one of {list(TASKS)}")

@@ -23,6 +23,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from gen import generation as G
+
 PROMPTS = (
     "a red circle on a blue background",
     "a small yellow star in the top left on a black background",
@@ -138,8 +140,6 @@ def stop(process: subprocess.Popen, deadline: float) -> int | None:
 def render_alone(model: str | None, steps: int, pairs: list[tuple[str, int]]) -> list:
     """The CLI's image for each (prompt, seed): the generation core's CLI path (load, validate, one job a batch)."""
     import numpy as np
-
-    from gen import generation as G
 
     o = G.Options(model=model, steps=steps, guidance=5.0)
     pipe = G.load(o)

@@ -1,7 +1,8 @@
 """The judge: a small CNN that names a shapes image's background, colour, shape, size and position.
 
-Trained on rendered ground truth by the shapes recipe (gen.train.shapes) and shipped with the embedded model; its
-own accuracy on clean, blurred and noisy renders is checked before `gen eval` trusts its verdicts.
+Trained on rendered ground truth by the shapes recipe (gen.train.shapes) and shipped with the embedded model (its
+judge/ folder; config.json names the class only, so the module path is not part of that format); its own accuracy
+on clean, blurred and noisy renders is checked before `gen eval` (gen.evaluation) trusts its verdicts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from gen.data import shapes as S
-from gen.images import to_model_range
+from gen.pixels import to_model_range
 
 CLASSES = S.LABELS
 

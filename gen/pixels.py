@@ -1,4 +1,4 @@
-"""Image helpers the library's callers share: pixels to the models' range (datasets, the judge), contact sheets
+"""Pixel helpers the library's callers share: pixels to the models' range (datasets, the judge), contact sheets
 (the CLI's `--grid`, the trainer's validation samples, gen eval's grid)."""
 
 from __future__ import annotations

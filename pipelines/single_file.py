@@ -1,4 +1,5 @@
-"""Single-file Stable Diffusion checkpoints (the original "LDM" key layout), fully offline.
+"""Single-file Stable Diffusion checkpoints (the original "LDM" key layout), fully offline: what a pipeline's
+`from_single_file` calls (load_original), and the export back to that layout.
 
 Loading uses diffusers' single-file loader, which converts the keys, but wants a diffusers config folder that it
 would otherwise fetch from the hub. gen ships the SD 1.x and 2.x configs (gen/assets/sd_configs/*.json) and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from safetensors.torch import save_file
 
 from gen.files import atomic_write
 
-ASSETS = Path(__file__).parents[1] / "assets"  # gen/assets
+# gen/assets, found through the package: this file is pipelines/ in a checkout but gen/pipelines/ once installed.
+ASSETS = Path(str(files("gen") / "assets"))
 CONFIGS = ASSETS / "sd_configs"
 TOKENIZER = ASSETS / "shapes" / "tokenizer"
 
@@ -239,16 +242,15 @@ def check_single_file(path: str | Path, what: str, allow_pickle: bool) -> Path:
     return path
 
 
-def load_single_file(
+def load_original(
+    cls,
     path: str | Path,
     config: str | Path | None = None,
     torch_dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
 ):
-    """A TextToImagePipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs
-    fit the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
-    from gen.pipelines import TextToImagePipeline
-
+    """A `cls` pipeline from one .safetensors checkpoint, offline. `config`: a diffusers folder whose configs fit
+    the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
     path = check_single_file(path, "checkpoint", allow_pickle)
     with tempfile.TemporaryDirectory(prefix="gen-sd-config-") as tmp:
         version = detect_version(path) if config is None else None
@@ -256,7 +258,7 @@ def load_single_file(
             Path(config) if config is not None else config_folder(version, Path(tmp), unet_in_channels(path))
         )
         try:
-            return TextToImagePipeline.from_single_file(
+            return cls.from_single_file(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=torch_dtype
             )
         except (ValueError, RuntimeError) as e:

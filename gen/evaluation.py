@@ -2,8 +2,9 @@
 
 Like GenEval for real models, each image is checked attribute by attribute — background colour, object colour,
 shape, size, position — by a judge that is itself verified on rendered ground truth (clean, blurred and noisy)
-before its verdicts are trusted. The judge is a small CNN trained on the shapes data (train/shapes.py); the
-tiny CLIP's vision tower adds a CLIP score.
+before its verdicts are trusted. The judge is a small CNN trained on the shapes data (gen.models.judge, trained by
+train/shapes.py); the tiny CLIP's vision tower adds a CLIP score. Library code: `gen eval` and the shapes recipe's
+last stage both call it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from torch import nn
 
+from gen.data import captions as C
 from gen.data import shapes as S
+from gen.generation import DTYPES
 from gen.generation.options import seed_of
-from gen.tools.judge import CLASSES, Judge, judge_accuracy
+from gen.loading.assets import model_folder
+from gen.loading.pipeline import load_pipeline
+from gen.models.judge import CLASSES, Judge, judge_accuracy
+from gen.pixels import contact_sheet
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +124,6 @@ def evaluate_styles(
     **kwargs,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy per prompt style (gen.data.captions.STYLES) and split, judging only what each style names."""
-    from gen.data import captions as C
-
     result: dict = {}
     for style in C.STYLES:
         rng = random.Random(f"{seed}/{style}")
@@ -205,10 +210,6 @@ def save_grid(
     pipe, path: Path, scenes: list[S.Scene], seeds: list[int], guidance_scale: float = 5.0, **kwargs
 ) -> Path:
     """A contact sheet: one row per prompt, one column per seed."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    from gen.images import contact_sheet
-
     images, _ = generate_for(
         pipe, scenes, images_per_prompt=len(seeds), guidance_scale=guidance_scale, seed=seeds[0], **kwargs
     )  # (N, 3, H, W)
@@ -221,10 +222,7 @@ def load_judged(
     model: str | Path | None, dtype: str = "fp32", device: str = "cpu"
 ) -> tuple[Path, object, Judge]:
     """A shapes model folder's pipeline and its judge (on `device`)."""
-    from gen.generation import DTYPES
-    from gen.loading.pipeline import DEFAULT_MODEL, load_pipeline
-
-    folder = Path(model) if model is not None else DEFAULT_MODEL
+    folder = model_folder(model)
     pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
     if not (folder / "judge").is_dir():
         raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")

@@ -93,6 +93,29 @@ def test_page_img2img_upload(tmp_path):
     assert_same_image(made, cli_image(tmp_path, prompt, 6, *args), exact=True)  # alone
 
 
+def test_page_hires_fix(tmp_path):
+    """Tick hires fix, choose an upscaler: the upscaled image is the CLI's with the same --hires-* flags."""
+    from playwright.sync_api import expect
+
+    shared_models()
+    prompt = "a red circle on a blue background"
+    with serving() as server, page_of(server) as (page, errors):
+        page.fill("#prompt", prompt)
+        page.fill("#seed", "8")
+        page.fill("#steps", "5")
+        page.check("#hires")
+        page.select_option("#hires-upscaler", "Lanczos")
+        page.fill("#hires-steps", "3")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done: 1 image(s), seed 8", timeout=60_000)
+        href = page.locator("#gallery a[download]").first.get_attribute("href")
+        made = Image.open(io.BytesIO(page.request.get(server.url + href).body()))
+    assert not errors, errors
+    assert made.size == (128, 128) and "Hires upscaler: Lanczos" in made.text["parameters"]
+    args = ["--steps", "5", "--hires-scale", "2", "--hires-upscaler", "Lanczos", "--hires-steps", "3"]
+    assert_same_image(made, cli_image(tmp_path, prompt, 8, *args), exact=True)  # alone
+
+
 def test_page_cancel_keeps_the_finished_images():
     """Cancel stops the job (POST .../cancel): the images already in the gallery stay downloadable."""
     from playwright.sync_api import expect

@@ -32,6 +32,12 @@ async function init() {
   $("steps").max = info.limits.max_steps;
   $("steps").value = info.defaults.steps;  // the server's default, within its --max-steps
   $("guidance").value = info.defaults.guidance;
+  $("strength").value = info.defaults.strength;
+  $("blur").value = info.defaults.mask_blur;
+  for (const u of info.upscalers) option($("hires-upscaler"), u, u);
+  $("hires-upscaler").value = info.defaults.hires_upscaler;
+  $("hires-steps").value = info.defaults.hires_steps;
+  $("hires-strength").value = info.defaults.hires_strength;
   $("batch").max = info.limits.max_images;
 }
 
@@ -55,8 +61,14 @@ function dataUrl(id) {
 async function request() {
   const init = await dataUrl("init");
   const mask = init ? await dataUrl("mask") : null;
-  const images = init ? { init_image: init, mask, strength: number("strength"), mask_blur: number("blur") ?? 4 } : {};
-  return {
+  const images = init ? { init_image: init, mask, strength: number("strength"), mask_blur: number("blur") } : {};
+  const hires = $("hires").checked ? {
+    hires_scale: number("hires-scale"),
+    hires_upscaler: $("hires-upscaler").value,
+    hires_steps: number("hires-steps"),
+    hires_strength: number("hires-strength"),
+  } : {};
+  const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
     sampler: $("sampler").value || null,
@@ -68,7 +80,10 @@ async function request() {
     n: number("batch") || 1,
     model: $("model").value || null,
     ...images,
+    ...hires,
   };
+  // A field left empty is left out: the server's default applies (a null would be refused where none is allowed)
+  return Object.fromEntries(Object.entries(body).filter(([, value]) => value !== null));
 }
 
 function addImage(image) {

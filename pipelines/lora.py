@@ -27,6 +27,9 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_N
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from safetensors.torch import load_file, save_file
 
+from gen.files import atomic_write
+from gen.pipelines.safety import check_weight_file
+
 METADATA_KEY = LORA_ADAPTER_METADATA_KEY  # the adapters' LoraConfig in the file header
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second encoder
@@ -79,8 +82,6 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
             )
         return torch.load(path, map_location="cpu", weights_only=True), None
     from safetensors import safe_open
-
-    from gen.pipelines.safety import check_weight_file
 
     check_weight_file(path)
     with safe_open(str(path), framework="pt") as f:
@@ -302,8 +303,6 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
         file `path`, atomically, in diffusers' format. gen's own: diffusers' save_lora_weights is a classmethod
         that takes the layers and writes a folder in place."""
         from peft.utils import get_peft_model_state_dict
-
-        from gen.files import atomic_write
 
         state, metadata = {}, {}
         adapted = {self.denoiser_name: self.denoiser, **self._text_encoders()}

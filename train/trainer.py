@@ -16,12 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
+from gen.diffusion.training import sample_noise
+from gen.files import atomic_folder, atomic_write
+from gen.loading.pipeline import load_pipeline
 from gen.pipelines.images import scale_latents
+from gen.pixels import contact_sheet
+from gen.text.encode import embed, encode, pad_chunks
 from gen.train import resume
 from gen.train.common import (
     EMA,
@@ -145,8 +151,6 @@ class Trainer:
     # -- what a script changes ----------------------------------------------------------------------------------------
     def load(self):
         """The pipeline to train (default: --model, or the embedded model)."""
-        from gen.loading.pipeline import load_pipeline
-
         return load_pipeline(self.o.model or None)
 
     def prepare_models(self) -> None:
@@ -215,8 +219,6 @@ class Trainer:
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""
-        from gen.text.encode import embed, encode, pad_chunks
-
         dev, tokenizer = self.acc.device, self.pipe.tokenizer
         if self.text_cache is None:
             with torch.set_grad_enabled(self.text_encoder_trains()):
@@ -269,8 +271,6 @@ class Trainer:
     def _noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drawn for the global batch and sliced: every process keeps the same generator state (so the main
         process's checkpoint fits all) while each gets different noise."""
-        from gen.diffusion.training import sample_noise
-
         world, rank, b = self.acc.num_processes, self.acc.process_index, latents.shape[0]
         full = latents.new_empty((b * world, *latents.shape[1:]))
         noise = sample_noise(full, self.o.noise_offset, self.noise)[rank * b : (rank + 1) * b]
@@ -372,18 +372,11 @@ class Trainer:
                     p.copy_(b)
 
     def save_pipeline(self, dest: Path) -> Path:
-        from gen.files import atomic_folder
-
         with self.ema_weights():
             return atomic_folder(dest, lambda tmp: self.pipe.save_pretrained(tmp), overwrite=True)
 
     @torch.no_grad()
     def validate(self) -> None:
-        import numpy as np
-
-        from gen.files import atomic_write
-        from gen.pixels import contact_sheet
-
         self.pipe.denoiser.eval()
         with self.ema_weights():
             gens = [torch.Generator().manual_seed(k) for k in range(4)]

@@ -20,9 +20,11 @@ from PIL import Image, ImageDraw
 
 from gen.data import captions as C
 from gen.data import shapes as S
+from gen.evaluation import load_judged
 from gen.generation.inputs import init_images, paste_back
 from gen.generation.options import Options, seed_of
 from gen.models.judge import Judge, to_tensor
+from gen.pipelines import ImageToImagePipeline, InpaintPipeline
 
 TASKS = ("img2img", "inpaint")
 RATES = (
@@ -92,8 +94,6 @@ def evaluate_inpaint(
 ) -> dict[str, dict[str, float]]:
     """Per strength: the new object right (colour and shape), the background kept, and the largest and mean
     pixel change outside the mask dilated by its blur (after the paste-back; and the pipeline's own)."""
-    from gen.pipelines import InpaintPipeline
-
     inpaint = InpaintPipeline.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
     side = pipe.default_size
@@ -158,8 +158,6 @@ def evaluate_img2img(
 ) -> dict[str, dict[str, float]]:
     """Per strength: the original's position, shape and colour kept (each); the prompt's colour, shape,
     background and position all drawn."""
-    from gen.pipelines import ImageToImagePipeline
-
     img2img = ImageToImagePipeline.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     side = pipe.default_size
@@ -208,8 +206,6 @@ def evaluate_task(
     device: str = "cpu",
 ) -> dict:
     """`gen eval --task img2img|inpaint` on a shapes model folder (default: the embedded one)."""
-    from gen.evaluation import load_judged
-
     if task not in TASKS:
         raise ValueError(f"task {task!r} must be one of {list(TASKS)}")
     folder, pipe, judge = load_judged(model, dtype, device)

@@ -174,14 +174,96 @@ def detect(
     resolution: int | None = None,
     seed: int = 0,
 ) -> Image.Image:
-    """The control image of `image` by the preprocessor `name` (A1111's processor_res: `resolution` pixels on
-    the short side first, as sd-webui-controlnet does; None: the picture's own size)."""
+    """The control image of `image` by the preprocessor `name`. `resolution` (A1111's processor_res): the picture
+    resized to that many pixels on its short side and padded with its edge to a multiple of 64 while the module
+    runs, as sd-webui-controlnet's resize_image_with_pad does (None: the picture's own size). "none" passes the
+    picture through unchanged."""
     m = module(name)
     a = _setting(m.a, threshold_a, name, "threshold_a")
     b = _setting(m.b, threshold_b, name, "threshold_b")
-    rgb = np.asarray(_resized(image.convert("RGB"), resolution))
-    out = m.run(np.ascontiguousarray(rgb), a, b, np.random.default_rng(seed))
+    rgb = np.asarray(image.convert("RGB"))
+    if m is MODULES["none"]:
+        return Image.fromarray(rgb)
+    padded, (height, width) = _with_pad(rgb, resolution)
+    out = m.run(np.ascontiguousarray(padded), a, b, np.random.default_rng(seed))
+    # the padding off again (at the output's scale: tile_resample returns a smaller picture)
+    keep_h = round(height * out.shape[0] / padded.shape[0])
+    keep_w = round(width * out.shape[1] / padded.shape[1])
+    return Image.fromarray(np.ascontiguousarray(out[:keep_h, :keep_w]))
+
+
+def _with_pad(rgb: np.ndarray, resolution: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the picture at `resolution` on its short side, padded to multiples of 64 with its edge pixels), and its
+    size before padding."""
+    if resolution is None:
+        return rgb, rgb.shape[:2]
+    if not 64 <= resolution <= 4096:
+        raise ValueError(f"processor resolution {resolution} must be between 64 and 4096 pixels")
+    cv2 = _cv2()
+    height, width = rgb.shape[:2]
+    k = resolution / min(height, width)
+    size = (max(1, round(width * k)), max(1, round(height * k)))
+    resized = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    h, w = resized.shape[:2]
+    pad = ((0, -h % 64), (0, -w % 64), (0, 0))
+    return np.pad(resized, pad, mode="edge"), (h, w)
+
+
+RESIZE_MODES = ("Crop and Resize", "Just Resize", "Resize and Fill")
+
+
+def fit(image: Image.Image, width: int, height: int, resize_mode: str = "Crop and Resize") -> Image.Image:
+    """A control image made the generation's size as sd-webui-controlnet does (detectmap_proc): "Just Resize"
+    stretches, "Crop and Resize" covers and crops the middle, "Resize and Fill" fits inside and fills the rest
+    with the median colour of the picture's border. Maps of few colours (2 < colours < 200: segmentation-like)
+    resize with nearest neighbours, shrinking with area averaging, enlarging cubic."""
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode {resize_mode!r} must be one of {list(RESIZE_MODES)}")
+    rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    if resize_mode == "Just Resize":
+        return Image.fromarray(_resize(rgb, width, height))
+    k = (max if resize_mode == "Crop and Resize" else min)(height / h, width / w)
+    new_w, new_h = max(1, round(w * k)), max(1, round(h * k))
+    resized = _resize(rgb, new_w, new_h)
+    if resize_mode == "Crop and Resize":
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        return Image.fromarray(np.ascontiguousarray(resized[top : top + height, left : left + width]))
+    borders = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]], axis=0)
+    out = np.empty((height, width, 3), np.uint8)
+    out[:] = np.median(borders, axis=0).astype(np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = resized
     return Image.fromarray(out)
+
+
+def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    cv2 = _cv2()
+    if (width, height) == (rgb.shape[1], rgb.shape[0]):
+        return rgb
+    colours = len(np.unique(rgb.reshape(-1, 3), axis=0))
+    if 2 < colours < 200:
+        interpolation = cv2.INTER_NEAREST
+    elif width * height < rgb.shape[0] * rgb.shape[1]:
+        interpolation = cv2.INTER_AREA
+    else:
+        interpolation = cv2.INTER_CUBIC
+    return cv2.resize(rgb, (width, height), interpolation=interpolation)
+
+
+def pixel_perfect(width: int, height: int, raw_width: int, raw_height: int, resize_mode: str) -> int:
+    """A1111's Pixel Perfect: the processor resolution at which the detected map needs no further resize."""
+    k0, k1 = height / raw_height, width / raw_width
+    k = min(k0, k1) if resize_mode == "Resize and Fill" else max(k0, k1)
+    return int(np.round(k * min(raw_height, raw_width)))
+
+
+def check_settings(name: str, threshold_a: float | None, threshold_b: float | None) -> None:
+    """The module exists and its two settings, where it has them, are within its ranges (ValueError naming
+    them); a setting the module lacks is ignored, as sd-webui-controlnet does."""
+    m = module(name)
+    _setting(m.a, threshold_a, name, "threshold_a")
+    _setting(m.b, threshold_b, name, "threshold_b")
 
 
 def _setting(setting: Setting | None, value: float | None, name: str, field: str) -> float | None:
@@ -192,13 +274,3 @@ def _setting(setting: Setting | None, value: float | None, name: str, field: str
             f"{field} {value:g} for {name} ({setting.name}) must be between {setting.low:g} and {setting.high:g}"
         )
     return float(value)
-
-
-def _resized(image: Image.Image, resolution: int | None) -> Image.Image:
-    if resolution is None:
-        return image
-    if not 64 <= resolution <= 4096:
-        raise ValueError(f"processor resolution {resolution} must be between 64 and 4096 pixels")
-    scale = resolution / min(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)

@@ -10,15 +10,22 @@ import importlib
 from typing import TYPE_CHECKING
 
 _MODULES = {
+    "ControlNetImageToImagePipeline": "gen.pipelines.controlnet",
     "ControlNetPipeline": "gen.pipelines.controlnet",
     "ImageToImagePipeline": "gen.pipelines.image_to_image",
     "InpaintPipeline": "gen.pipelines.inpaint",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
-__all__ = ["ControlNetPipeline", "ImageToImagePipeline", "InpaintPipeline", "TextToImagePipeline"]
+__all__ = [
+    "ControlNetImageToImagePipeline",
+    "ControlNetPipeline",
+    "ImageToImagePipeline",
+    "InpaintPipeline",
+    "TextToImagePipeline",
+]
 
 if TYPE_CHECKING:
-    from gen.pipelines.controlnet import ControlNetPipeline
+    from gen.pipelines.controlnet import ControlNetImageToImagePipeline, ControlNetPipeline
     from gen.pipelines.image_to_image import ImageToImagePipeline
     from gen.pipelines.inpaint import InpaintPipeline
     from gen.pipelines.text_to_image import TextToImagePipeline

@@ -205,7 +205,7 @@ def check_control(unet, nets: list, images: list, scales: list, starts: list, en
                 " 0 <= start < end <= 1"
             )
     for k, net in enumerate(nets):
-        _check_base(unet, net, k)
+        check_base(unet, net, k)
         if (net.dtype, net.device) != (unet.dtype, unet.device):
             raise ValueError(
                 f"ControlNet {k} is {net.dtype} on {net.device} but the UNet is {unet.dtype} on {unet.device};"
@@ -213,7 +213,7 @@ def check_control(unet, nets: list, images: list, scales: list, starts: list, en
             )
 
 
-def _check_base(unet, net, k: int) -> None:
+def check_base(unet, net, k: int) -> None:
     """A ControlNet of another base (an SD 1.5 net on SDXL) fails deep inside the UNet; name both instead."""
 
     def base(config) -> str:

@@ -23,26 +23,34 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from gen.models.dit import DiT
+from gen.pipelines import images as I
 from gen.pipelines.checks import check_control
+from gen.pipelines.image_to_image import ImageToImagePipeline
 from gen.pipelines.text_to_image import TextToImagePipeline
+
+CONTROL_MODES = (
+    "balanced",
+    "prompt",
+    "control",
+)  # A1111's Balanced, My prompt / ControlNet is more important
 
 
 @dataclass
 class Control:
     """One call's control inputs: images (B, 3, H, W) per net, one per prompt row; each net's scale; each step's
-    keep factor per net (0 outside its [start, end)); guess mode (the nets see the text branch only)."""
+    keep factor per net (0 outside its [start, end)); each net's mode (CONTROL_MODES: "prompt" and "control"
+    weaken the shallow blocks' residuals, diffusers' guess-mode scales; "control" also feeds the nets the text
+    rows only)."""
 
     images: list[torch.Tensor]
     scales: list[float]
     keep: list[list[float]]
-    guess: bool
+    modes: list[str]
 
 
-class ControlNetPipeline(TextToImagePipeline):
-    """TextToImagePipeline's components plus `controlnet`; StableDiffusionControlNetPipeline's call arguments
-    (`image`, `controlnet_conditioning_scale`, `guess_mode`, `control_guidance_start`/`_end`) plus everything
-    TextToImagePipeline takes. With the same components, scheduler and generator it gives diffusers' images.
-    `ControlNetPipeline.from_pipe(t2i, controlnet=net)` shares t2i's loaded weights."""
+class ControlSteps:
+    """What ControlNet adds to a task's pipeline (text-to-image, image-to-image): the `controlnet` component, the
+    control images prepared per call, and the nets' residuals added to every denoiser call of the shared loop."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _exclude_from_cpu_offload = ["controlnet"]  # it runs beside the UNet every step: moving it would thrash
@@ -84,54 +92,37 @@ class ControlNetPipeline(TextToImagePipeline):
         net = self.controlnet
         return list(net.nets) if isinstance(net, MultiControlNetModel) else [net]
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: Any = None,
-        *,  # the rest by name: diffusers' positional order past `image` is not this signature's
-        height: int | None = None,
-        width: int | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        **kwargs: Any,
-    ):
-        """Generate images steered by the control image(s), as StableDiffusionControlNetPipeline.__call__ does:
-        `image` is one control image per net (PIL, numpy, tensor, or a list: one per prompt), the size defaults
-        to the control image's (rounded down to the VAE's factor). Every other argument is
-        TextToImagePipeline's (prompt, negative_prompt, num_inference_steps, guidance_scale, generator, ...)."""
+    def _set_control(
+        self, image, height, width, scale, guess_mode, start, end, mode, per_prompt: int
+    ) -> tuple[int, int]:
+        """Check and prepare this call's control inputs; the size: as given, else the first control image's
+        (rounded down to the VAE's factor)."""
         nets = self.nets
-        starts, ends = _per_net(control_guidance_start, control_guidance_end, len(nets))
-        scales = _scales(controlnet_conditioning_scale, len(nets))
+        starts, ends = _per_net(start, end, len(nets))
+        scales = _scales(scale, len(nets))
         images = _images_per_net(image, len(nets))
         check_control(self.unet_for_control(), nets, images, scales, starts, ends)
-        guess = guess_mode or bool(nets[0].config.global_pool_conditions)
+        modes = _modes(mode, guess_mode or bool(nets[0].config.global_pool_conditions), len(nets))
         # The first control image decides the size (unless given); the others are resized to it, as A1111 does
         first = self.control_image_processor.preprocess(images[0], height=height, width=width)
         height, width = first.shape[-2:]
         prepared = [first] + [
             self.control_image_processor.preprocess(im, height=height, width=width) for im in images[1:]
         ]
-        per_prompt = kwargs.get("num_images_per_prompt", 1)
-        self._pending_control = (prepared, scales, starts, ends, guess, per_prompt)
-        try:
-            return super().__call__(prompt, height=height, width=width, **kwargs)
-        finally:
-            self._pending_control, self._control = None, None
+        self._pending_control = (prepared, scales, starts, ends, modes, per_prompt)
+        return height, width
 
     def unet_for_control(self):
         if self.denoiser_name != "unet":
             raise ValueError(
-                "ControlNetPipeline needs a UNet (unet=): ControlNets steer UNets, not gen's DiT"
+                "ControlNet pipelines need a UNet (unet=): ControlNets steer UNets, not gen's DiT"
             )
         return self.unet
 
     def _denoising_loop(self, latents, steps, text, **kwargs):
         """The control state for this call (the images repeated to the prompt rows, the keep factors per step),
         then the shared loop."""
-        prepared, scales, starts, ends, guess, per_prompt = self._pending_control
+        prepared, scales, starts, ends, modes, per_prompt = self._pending_control
         rows, dtype = text.prompt_embeds.shape[0], self.controlnet.dtype
         prompts = rows // per_prompt
         for k, im in enumerate(prepared):
@@ -141,13 +132,14 @@ class ControlNetPipeline(TextToImagePipeline):
                     " all prompts or one per prompt"
                 )
         images = [_repeat(im, rows, per_prompt).to(latents.device, dtype) for im in prepared]
-        # Over the whole schedule, as diffusers: SDXL's denoising_end cuts steps off its end, not the fractions
+        # Over the schedule the task runs (image-to-image: its last `strength`), as diffusers; SDXL's
+        # denoising_end cuts steps off its end, not the fractions
         total = getattr(self, "_scheduled_steps", len(steps))
         keep = [
             [1.0 - float(i / total < s or (i + 1) / total > e) for s, e in zip(starts, ends, strict=True)]
             for i in range(len(steps))
         ]
-        self._control = Control(images, scales, keep, guess)
+        self._control = Control(images, scales, keep, modes)
         return super()._denoising_loop(latents, steps, text, **kwargs)
 
     def _denoiser_call(self, x, t, context, added=None, rows=None, **extra):
@@ -164,30 +156,118 @@ class ControlNetPipeline(TextToImagePipeline):
         )
 
     def _residuals(self, x, t, context, added, rows):
-        """The nets' residuals for these rows of the step's batch (negatives first when guided): in guess mode
-        only the text rows get them (zeros elsewhere), as diffusers' pipeline does."""
+        """The nets' residuals for these rows of the step's batch (negatives first when guided), summed over the
+        nets in order as MultiControlNetModel does; a net in "control" mode gives the text rows only (zeros
+        elsewhere), as diffusers' guess mode does."""
         c = self._control
         i, guided = self._step
         count = c.images[0].shape[0]  # prompt rows B; the step's batch is 2B when guided
         rows = list(range(x.shape[0])) if rows is None else rows
-        use = [k for k, r in enumerate(rows) if not (c.guess and guided and r < count)]
-        kw = {"added_cond_kwargs": {n: v[use] for n, v in added.items()}} if added is not None else {}
-        scale = [s * k for s, k in zip(c.scales, c.keep[i], strict=True)]
-        cond = [im[[rows[k] % count for k in use]] for im in c.images]
-        multi = isinstance(self.controlnet, MultiControlNetModel)
-        down, mid = self.controlnet(
-            x[use],
-            t,
-            encoder_hidden_states=context[use],
-            controlnet_cond=cond if multi else cond[0],
-            conditioning_scale=scale if multi else scale[0],
-            guess_mode=c.guess,
-            return_dict=False,
-            **kw,
+        down, mid = None, None
+        for k, net in enumerate(self.nets):
+            use = [j for j, r in enumerate(rows) if not (c.modes[k] == "control" and guided and r < count)]
+            kw = {"added_cond_kwargs": {n: v[use] for n, v in added.items()}} if added is not None else {}
+            d, m = net(
+                x[use],
+                t,
+                encoder_hidden_states=context[use],
+                controlnet_cond=c.images[k][[rows[j] % count for j in use]],
+                conditioning_scale=c.scales[k] * c.keep[i][k],
+                guess_mode=c.modes[k] != "balanced",
+                return_dict=False,
+                **kw,
+            )
+            if len(use) < len(rows):
+                d, m = [_place(r, use, len(rows)) for r in d], _place(m, use, len(rows))
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        return down, mid
+
+
+class ControlNetPipeline(ControlSteps, TextToImagePipeline):
+    """TextToImagePipeline's components plus `controlnet`; StableDiffusionControlNetPipeline's call arguments
+    (`image`, `controlnet_conditioning_scale`, `guess_mode`, `control_guidance_start`/`_end`) plus everything
+    TextToImagePipeline takes, and `control_mode` (A1111's per-unit Control Mode). With the same components,
+    scheduler and generator it gives diffusers' images. `ControlNetPipeline.from_pipe(t2i, controlnet=net)`
+    shares t2i's loaded weights."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        *,  # the rest by name: diffusers' positional order past `image` is not this signature's
+        height: int | None = None,
+        width: int | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_mode: str | list[str] = "balanced",
+        **kwargs: Any,
+    ):
+        """Generate images steered by the control image(s), as StableDiffusionControlNetPipeline.__call__ does:
+        `image` is one control image per net (PIL, numpy, tensor, or a list: one per prompt), the size defaults
+        to the control image's (rounded down to the VAE's factor). `control_mode` per net (CONTROL_MODES;
+        guess_mode=True is "control" for every net). Every other argument is TextToImagePipeline's (prompt,
+        negative_prompt, num_inference_steps, guidance_scale, generator, ...)."""
+        height, width = self._set_control(
+            image,
+            height,
+            width,
+            controlnet_conditioning_scale,
+            guess_mode,
+            control_guidance_start,
+            control_guidance_end,
+            control_mode,
+            kwargs.get("num_images_per_prompt", 1),
         )
-        if len(use) == len(rows):
-            return down, mid
-        return [_place(d, use, len(rows)) for d in down], _place(mid, use, len(rows))
+        try:
+            return super().__call__(prompt, height=height, width=width, **kwargs)
+        finally:
+            self._pending_control, self._control = None, None
+
+
+class ControlNetImageToImagePipeline(ControlSteps, ImageToImagePipeline):
+    """ImageToImagePipeline steered by ControlNets, called as diffusers' StableDiffusionControlNetImg2ImgPipeline:
+    `image` the picture to change, `control_image` one per net; hires fix's second pass uses it. The control
+    images are resized to the picture's size (as given or its own), the guidance fractions count the steps that
+    run (the last `strength` of the schedule), as diffusers'."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        control_image: Any = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_mode: str | list[str] = "balanced",
+        **kwargs: Any,
+    ):
+        """diffusers' default scale here is 0.8, as in its img2img ControlNet pipeline; the size defaults to the
+        control image's, as there (give the picture and the control image the same size, or height/width)."""
+        I.check_image(image)
+        height, width = self._set_control(
+            control_image,
+            height,
+            width,
+            controlnet_conditioning_scale,
+            guess_mode,
+            control_guidance_start,
+            control_guidance_end,
+            control_mode,
+            kwargs.get("num_images_per_prompt", 1),
+        )
+        try:
+            return super().__call__(prompt, image, height=height, width=width, **kwargs)
+        finally:
+            self._pending_control, self._control = None, None
 
 
 def _per_net(start, end, n: int) -> tuple[list[float], list[float]]:
@@ -197,6 +277,20 @@ def _per_net(start, end, n: int) -> tuple[list[float], list[float]]:
     starts = starts if starts is not None else [start] * (len(ends) if ends is not None else n)
     ends = ends if ends is not None else [end] * len(starts)
     return starts, ends
+
+
+def _modes(mode, guess: bool, n: int) -> list[str]:
+    """control_mode as one of CONTROL_MODES per net; guess mode (or a pooled-condition net such as shuffle) is
+    "control" for every net, as diffusers' guess_mode."""
+    if guess:
+        return ["control"] * n
+    modes = list(mode) if isinstance(mode, (list, tuple)) else [mode] * n
+    if len(modes) != n:
+        raise ValueError(f"control_mode: {len(modes)} values for {n} ControlNet(s); give one per net")
+    for m in modes:
+        if m not in CONTROL_MODES:
+            raise ValueError(f"control_mode {m!r} must be one of {list(CONTROL_MODES)}")
+    return modes
 
 
 def _scales(scale, n: int) -> list[float]:

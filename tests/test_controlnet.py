@@ -11,13 +11,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.models.controlnets import MultiControlNetModel
 
-from gen.pipelines import ControlNetPipeline, TextToImagePipeline
+from gen.pipelines import ControlNetImageToImagePipeline, ControlNetPipeline, TextToImagePipeline
 from tests import components
 
 SCHEDULERS = {
@@ -259,3 +260,69 @@ def test_sdxl_guidance_fractions_count_the_whole_schedule_with_denoising_end(tmp
     }
     a, b = (run(pipe, control_image(), **args) for pipe in (ours, theirs))
     assert (a - b).abs().max() < 1e-4
+
+
+def img2img_pipelines(t2i, net, scheduler_cls=DDIMScheduler):
+    scheduler = scheduler_cls.from_config(t2i.scheduler.config)
+    ours = ControlNetImageToImagePipeline.from_pipe(t2i, controlnet=net, scheduler=scheduler)
+    theirs = StableDiffusionControlNetImg2ImgPipeline(
+        **{k: getattr(t2i, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
+        scheduler=scheduler,
+        controlnet=net,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+IMG2IMG_VARIANTS = {
+    "plain": {},
+    "scale 0.5, strength 0.6": {"controlnet_conditioning_scale": 0.5, "strength": 0.6},
+    "guess mode": {"guess_mode": True},
+    "guidance 0.2-0.7": {"control_guidance_start": 0.2, "control_guidance_end": 0.7},
+}
+
+
+@pytest.mark.parametrize("variant", IMG2IMG_VARIANTS)
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++_2m"])
+def test_same_images_as_stable_diffusion_controlnet_img2img(t2i, scheduler, variant):
+    ours, theirs = img2img_pipelines(t2i, controlnet(), SCHEDULERS[scheduler])
+    picture, control = control_image(5), control_image(6)
+    kwargs = {
+        "num_inference_steps": 5,
+        "guidance_scale": 6.0,
+        "output_type": "np",
+        **IMG2IMG_VARIANTS[variant],
+    }
+    a, b = (
+        pipe("a red circle", image=picture, control_image=control, generator=generators(1), **kwargs).images
+        for pipe in (ours, theirs)
+    )
+    assert a.shape == b.shape == (1, 32, 32, 3) and np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+
+
+def test_control_modes_per_net(t2i):
+    """ "control" is diffusers' guess mode; without CFG "prompt" is too (its rows are all text rows); one net's
+    mode changes only that net's part."""
+    ours, theirs = pipelines(t2i, controlnet())
+    image = control_image()
+    guess = run(theirs, image, guess_mode=True)
+    assert np.abs(run(ours, image, control_mode="control") - guess).max() < 1e-4
+    plain_guess = run(theirs, image, guess_mode=True, guidance_scale=1.0)
+    assert np.abs(run(ours, image, control_mode="prompt", guidance_scale=1.0) - plain_guess).max() < 1e-4
+    prompt, balanced = run(ours, image, control_mode="prompt"), run(ours, image)
+    assert np.abs(prompt - balanced).max() > 1e-3 and np.abs(prompt - guess).max() > 1e-3
+    nets, images = [controlnet(0), controlnet(1)], [control_image(0), control_image(1)]
+    multi, _ = pipelines(t2i, nets)
+    mixed = run(multi, images, control_mode=["balanced", "control"])
+    assert np.abs(mixed - run(multi, images)).max() > 1e-3
+    assert np.abs(mixed - run(multi, images, guess_mode=True)).max() > 1e-3
+    with pytest.raises(
+        ValueError, match=r"control_mode 'loud' must be one of \['balanced', 'prompt', 'control'\]"
+    ):
+        run(ours, image, control_mode="loud")
+    with pytest.raises(ValueError, match=r"control_mode: 1 values for 2 ControlNet\(s\)"):
+        run(multi, images, control_mode=["balanced"])

@@ -72,7 +72,12 @@ def basic(user: str, password: str) -> dict:
         ),
         ("/sdapi/v1/txt2img", {"prompt": "x", "n_iter": 0}, 422, "n_iter=0: Input should be greater"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 8, "n_iter": 8}, 422, "images in one request 64"),
-        ("/sdapi/v1/txt2img", {"prompt": "x", "seed": -5}, 422, "seed -5 must be an integer from 0 to 18446744073709551615"),
+        (
+            "/sdapi/v1/txt2img",
+            {"prompt": "x", "seed": -5},
+            422,
+            "seed -5 must be an integer from 0 to 18446744073709551615",
+        ),
         ("/sdapi/v1/txt2img", {"prompt": "x", "width": 60}, 422, "nearest valid: 64"),
         (
             "/sdapi/v1/txt2img",

@@ -14,7 +14,7 @@ from gen import generation as G
 from gen.cli import outputs
 from gen.generation import metadata
 from gen.generation.clip_skip import check_recorded
-from gen.generation.inputs import InitImages, read_init_images
+from gen.generation.inputs import ControlPictures, InitImages, read_control_pictures, read_init_images
 from gen.loading.assets import model_folder
 from gen.pixels import contact_sheet
 
@@ -38,9 +38,10 @@ class Runner:
         self.saved = 0  # a count, not a list: a run may write millions of images
         # Read and checked before a model loads: a bad file fails in a moment.
         self.init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
+        self.control = read_control_pictures(o.control)
 
     def _record(self, pipe, job: G.Job, image) -> dict:
-        return metadata.record(pipe, self.o, job, image, self.model_hash, self.init)
+        return metadata.record(pipe, self.o, job, image, self.model_hash, self.init, self.control)
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
@@ -70,7 +71,14 @@ class Runner:
                 step = len(batch)
                 for job, image in zip(
                     batch,
-                    G.render(pipe, o, batch, on_step=lambda n=step: bar.update(n), init=self.init),
+                    G.render(
+                        pipe,
+                        o,
+                        batch,
+                        on_step=lambda n=step: bar.update(n),
+                        init=self.init,
+                        control=self.control,
+                    ),
                     strict=True,
                 ):
                     info = metadata.png_info(self._record(pipe, job, image))
@@ -121,6 +129,25 @@ def _given_inputs(record: dict, o: G.Options, args) -> InitImages | None:
     return init
 
 
+def _given_control(record: dict, o: G.Options, args) -> ControlPictures | None:
+    """The ControlNet units' pictures for `gen reproduce`: those given again (--control-image, in unit order),
+    else the recorded paths; refused when their pixels are not the ones the PNG was made from."""
+    for k, path in enumerate(args.control_image or []):
+        if k >= len(o.control):
+            raise ValueError(f"--control-image {path}: {args.image} has {len(o.control)} ControlNet unit(s)")
+        o.control[k]["image"] = str(path)
+    control = read_control_pictures(o.control)
+    for k, (want, got) in enumerate(
+        zip(record.get("control_image_hashes", []), control.hashes if control else [], strict=False)
+    ):
+        if want != got:
+            raise ValueError(
+                f"control image {o.control[k]['image']} (unit {k}) is not the one {args.image} was made from"
+                f" (pixel hash {got[:12]}, recorded {want[:12]}); give the original with --control-image"
+            )
+    return control
+
+
 def reproduce(args) -> int:
     """Re-run the generation recorded in a PNG; report the largest pixel difference."""
     from PIL import Image
@@ -132,13 +159,14 @@ def reproduce(args) -> int:
         o.model = args.model
     G.check_options(o)
     init = _given_inputs(record, o, args)
+    control = _given_control(record, o, args)
     pipe = G.task_pipeline(G.load(o), init)
     try:
         check_recorded(pipe, o.clip_skip, record["read_from_format"])
     except ValueError as e:
         raise ValueError(f"{args.image}: {e}") from None
     G.validate(pipe, o, init)
-    image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)], init=init)[0]
+    image = G.render(pipe, o, [G.Job(0, o.prompt, o.seed)], init=init, control=control)[0]
     if args.output:
         out = outputs.save(
             image,

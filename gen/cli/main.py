@@ -245,6 +245,13 @@ def cmd_reproduce(argv: list[str]) -> int:
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
     p.add_argument("--init-image", default=None, help="the init image, if not at its recorded path")
     p.add_argument("--mask", default=None, help="the mask, if not at its recorded path")
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=None,
+        metavar="PNG",
+        help="ControlNet units' pictures, in unit order, if not at their recorded paths (repeatable)",
+    )
     args = p.parse_args(argv)
     quiet_libraries()
     from gen.cli.loop import reproduce

@@ -2,7 +2,10 @@
 
 options.py    THE REQUEST (Options): every field's default, bounds and help once; its rules; the job plan
 fields.py     how a field is described (Spec), read by the checks, the CLI's flags and the HTTP schemas
-inputs.py     init images and masks for image-to-image and inpainting: read, checked, hashed (torch-free)
+inputs.py     init images and masks for image-to-image and inpainting, ControlNet units' pictures: read,
+              checked, hashed (torch-free)
+control_units.py  ControlNet units in sd-webui-controlnet's terms, the CLI's --control syntax (torch-free)
+controlnets.py    the units at render time: nets loaded once, control images per pass size, call arguments
 upscale.py    upscalers by A1111's names and hires fix's sizes (torch-free)
 hires.py      hires fix: first pass, upscale (latents or pixels), image-to-image at the larger size
 core.py       load and prepare a pipeline, check a request against it once, render batches, gen.generate

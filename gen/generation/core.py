@@ -19,8 +19,16 @@ import torch
 
 from gen.diffusion.samplers import make_scheduler
 from gen.generation.clip_skip import not_applied, pipeline_clip_skip
+from gen.generation.control_units import check_units
+from gen.generation.controlnets import nets, steered
 from gen.generation.hires import hires_size, render_hires
-from gen.generation.inputs import InitImages, paste_back, read_init_images
+from gen.generation.inputs import (
+    ControlPictures,
+    InitImages,
+    paste_back,
+    read_control_pictures,
+    read_init_images,
+)
 from gen.generation.options import Job, Options, batches, check_options, hires_on, parse_lora, pick_seed, plan
 from gen.loading.pipeline import load_pipeline
 from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
@@ -132,9 +140,11 @@ def render(
     batch: list[Job],
     on_step: Callable[[], None] | None = None,
     init: InitImages | None = None,
+    control: ControlPictures | None = None,
 ) -> list:
     """PIL images for one batch of jobs, one generator per image; from `init` (image-to-image, inpainting)
-    when given, the original pasted back outside an inpainting mask."""
+    when given, the original pasted back outside an inpainting mask; steered by the ControlNet units of
+    `o.control`, whose pictures `control` holds."""
     callback = _step_callback(on_step) if on_step else None
     height, width = size_of(pipe, o, init)
     kwargs = {
@@ -153,15 +163,30 @@ def render(
     }
     prompts = [j.prompt for j in batch]
     if init is None and hires_on(o):
-        second = pipeline_for(pipe, "image", o.hires_sampler or o.sampler)
-        return render_hires(task_pipeline(pipe, None), second, o, prompts, kwargs)
+        return _render_hires(pipe, o, prompts, kwargs, control, height, width)
+    task = task_pipeline(pipe, init)
+    if control is not None:
+        task, extra = steered(task, o, task_of(init), control, width, height)
+        kwargs.update(extra)
     if init is None:
-        return task_pipeline(pipe, None)(prompts, **kwargs).images
+        return task(prompts, **kwargs).images
     kwargs.update(image=init.image, strength=o.strength)
     if init.mask is None:
-        return task_pipeline(pipe, init)(prompts, **kwargs).images
-    images = task_pipeline(pipe, init)(prompts, mask_image=init.mask, **kwargs).images
+        return task(prompts, **kwargs).images
+    images = task(prompts, mask_image=init.mask, **kwargs).images
     return [paste_back(init, image) for image in images]
+
+
+def _render_hires(pipe, o: Options, prompts, kwargs: dict, control, height: int, width: int) -> list:
+    """Hires fix's two passes, each steered by the ControlNet units its hr_option names."""
+    first, second = task_pipeline(pipe, None), pipeline_for(pipe, "image", o.hires_sampler or o.sampler)
+    extra = {}
+    if control is not None:
+        first, first_extra = steered(first, o, "text", control, width, height, hires_pass=False)
+        kwargs = {**kwargs, **first_extra}
+        big_h, big_w = hires_size(pipe, o, height, width)
+        second, extra = steered(second, o, "image", control, big_w, big_h, hires_pass=True)
+    return render_hires(first, second, o, prompts, kwargs, extra)
 
 
 def _step_callback(on_step: Callable[[], object]) -> Callable:
@@ -202,6 +227,8 @@ def validate(pipe, o: Options, init: InitImages | None = None) -> None:
     height, width = final_size(pipe, o, init)
     check_size(pipe, height, width)
     check_clip_skip(pipe, pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip))
+    if o.control:  # the nets load here, once: a net of another base is named before any image work
+        nets(pipe, check_units(o.control), o.allow_pickle)
     note = not_applied(pipe, o.clip_skip, o.sdxl_clip_l_skip)
     if note:
         logger.warning(note)
@@ -281,10 +308,11 @@ def generate(prompt: str | list[str], **options) -> list:
     if o.seed is None:
         o.seed = pick_seed()
     init = read_init_images(o.init_image, o.mask, o.mask_blur, o.invert_mask)
+    control = read_control_pictures(o.control)
     pipe = load(o)
     validate(pipe, o, init)
     return [
         image
         for batch in batches(plan(prompts, o.num_images, o.seed), o.batch_size)
-        for image in render(pipe, o, batch, init=init)
+        for image in render(pipe, o, batch, init=init, control=control)
     ]

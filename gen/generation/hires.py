@@ -34,10 +34,13 @@ def upscale_latents(
     return x[..., top:bottom, left:right]
 
 
-def render_hires(first_pipe, second_pipe, o: Options, prompts: list[str], kwargs: dict) -> list:
+def render_hires(
+    first_pipe, second_pipe, o: Options, prompts: list[str], kwargs: dict, second_extra: dict | None = None
+) -> list:
     """PIL images of one batch with hires fix: `first_pipe` (text-to-image) makes the small ones, `second_pipe`
     (image-to-image, sharing the weights, with the hires sampler) re-draws them upscaled. `kwargs` are the first
-    pass's call arguments (generators, guidance, size, step callback)."""
+    pass's call arguments (generators, guidance, size, step callback, its ControlNet inputs); `second_extra` the
+    second pass's own (its ControlNet inputs at the upscaled size)."""
     latent = o.hires_upscaler in LATENT_MODES
     small = first_pipe(prompts, **kwargs, output_type="latent" if latent else "pil").images
     height, width = hires_size(first_pipe, o, kwargs["height"], kwargs["width"])
@@ -45,7 +48,10 @@ def render_hires(first_pipe, second_pipe, o: Options, prompts: list[str], kwargs
         image = upscale_latents(small, height, width, first_pipe.vae_scale_factor, o.hires_upscaler)
     else:
         image = [resize_image(picture, width, height, o.hires_upscaler) for picture in small]
-    second = {**kwargs, "height": height, "width": width, "num_inference_steps": o.hires_steps or o.steps}
+    first_only = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+    second = {k: v for k, v in kwargs.items() if k not in (*first_only, "control_mode")}
+    second |= {"height": height, "width": width, "num_inference_steps": o.hires_steps or o.steps}
+    second |= second_extra or {}
     if o.hires_negative:
         second["negative_prompt"] = [o.hires_negative] * len(prompts)
     again = [o.hires_prompt] * len(prompts) if o.hires_prompt else prompts

@@ -8,7 +8,7 @@ PIL only (no torch): the CLI reads and checks these before it loads a model.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -32,6 +32,33 @@ class InitImages:
         if self.mask_hash is not None:
             out["mask_hash"] = self.mask_hash
         return out
+
+
+@dataclass
+class ControlPictures:
+    """The pictures of a request's ControlNet units, one per unit in order, as given (RGB); their hashes for the
+    PNG metadata; the control images made from them per size (gen.generation.controlnets fills it)."""
+
+    pictures: list[Image.Image]
+    hashes: list[str]
+    made: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"control_image_hashes": list(self.hashes)}
+
+
+def control_pictures(images: list[Image.Image]) -> ControlPictures:
+    rgb = [as_rgb(image) for image in images]
+    return ControlPictures(rgb, [pixel_hash(image) for image in rgb])
+
+
+def read_control_pictures(units: list[dict]) -> ControlPictures | None:
+    """The CLI's control images (each unit's `image` file); None without units."""
+    if not units:
+        return None
+    return control_pictures(
+        [read_image(u["image"], f"control image of unit {k}") for k, u in enumerate(units)]
+    )
 
 
 def pixel_hash(image: Image.Image) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from gen.control import module as control_module
 from gen.diffusion.samplers import SAMPLERS, sampler_name
 from gen.files import atomic_write_text
 from gen.generation.options import hires_on
@@ -65,7 +66,7 @@ def model_hash(folder: str | Path) -> str:
     return value
 
 
-def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
+def record(pipe, o, job, image, model_hash: str, init=None, control=None) -> dict:
     """What the PNG of `job` (made with options `o` by `pipe`, from `init`'s image and mask if given) records: one
     function, so the CLI and the server write the same metadata and `gen reproduce` reads either."""
     sampler = sampler_name(pipe.scheduler)
@@ -88,6 +89,7 @@ def record(pipe, o, job, image, model_hash: str, init=None) -> dict:
         "device": o.device,
         "dtype": o.dtype,
         **(init.hashes() if init is not None else {}),
+        **(control.record() if control is not None else {}),
         **_first_pass(pipe, o),
     }
 
@@ -97,6 +99,33 @@ def _first_pass(pipe, o) -> dict:
     if not hires_on(o):
         return {}
     return {"first_pass": {"width": o.width or pipe.default_size, "height": o.height or pipe.default_size}}
+
+
+def _control_pairs(o: dict) -> dict:
+    """sd-webui-controlnet's keys: "ControlNet K" -> its unit's settings, quoted."""
+    out = {}
+    for k, u in enumerate(o.get("control") or []):
+        settings = {
+            "Module": u["module"],
+            "Model": Path(u["model"]).stem,
+            "Weight": u["weight"],
+            "Resize Mode": u["resize_mode"],
+            "Processor Res": u["processor_res"],
+            "Threshold A": _threshold(u, "a"),
+            "Threshold B": _threshold(u, "b"),
+            "Guidance Start": u["guidance_start"],
+            "Guidance End": u["guidance_end"],
+            "Pixel Perfect": u["pixel_perfect"],
+            "Control Mode": u["control_mode"],
+        }
+        out[f"ControlNet {k}"] = '"' + ", ".join(f"{a}: {b}" for a, b in settings.items()) + '"'
+    return out
+
+
+def _threshold(unit: dict, which: str):
+    """A unit's setting as it ran: given, else its module's default; -1 (A1111's "none") if it has none."""
+    given, setting = unit[f"threshold_{which}"], getattr(control_module(unit["module"]), which)
+    return given if given is not None else setting.default if setting is not None else -1
 
 
 def a1111_parameters(record: dict) -> str:
@@ -123,6 +152,7 @@ def a1111_parameters(record: dict) -> str:
         if o.get("invert_mask"):
             pairs["Mask mode"] = "Inpaint not masked"
     pairs |= _hires_pairs(o, record)
+    pairs |= _control_pairs(o)
     lines = [record["prompt"]]
     if o.get("negative"):
         lines.append(f"Negative prompt: {o['negative']}")

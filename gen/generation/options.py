@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 from gen.diffusion.samplers import SAMPLERS, unknown_sampler
+from gen.generation.control_units import check_units, parse_control
 from gen.generation.fields import check_value, option, specs
 from gen.generation.upscale import UPSCALERS
 from gen.loading.precision import PRECISIONS, check_precision
@@ -120,6 +121,14 @@ class Options:
     hires_sampler: str | None = option(None, "hires fix: the second pass's sampler (default: --sampler's)")
     hires_prompt: str = option("", "hires fix: the second pass's prompt (default: the prompt)")
     hires_negative: str = option("", "hires fix: the second pass's negative prompt (default: --negative)")
+    # ControlNet units (gen.generation.control_units), in A1111's sd-webui-controlnet terms
+    control: list[dict] = option(
+        [],
+        "ControlNet unit (repeatable): model=NET,image=PNG[,module=canny,weight=1,start=0,end=1,"
+        "mode=balanced|prompt|control,resize=crop|just|fill,res=512,a=..,b=..,pixel_perfect=1,hr=both|low|high]",
+        metavar="UNIT",
+        parse=parse_control,
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +173,10 @@ def check_options(o: Options) -> None:
         parse_interval(",".join(str(x) for x in o.guidance_interval))
     check_init(o)
     check_hires(o)
+    if check_units(o.control) and o.mask is not None:
+        raise ValueError(
+            "ControlNet with inpainting (a mask) is not supported; use an init image without a mask"
+        )
 
 
 def hires_on(o: Options) -> bool:

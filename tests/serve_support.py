@@ -55,15 +55,15 @@ class Running:
 
 
 @contextmanager
-def serving(**config):
-    """A real uvicorn server on the shared models; stopped as SIGTERM would stop it."""
+def serving(models=None, **config):
+    """A real uvicorn server on the shared models (or `models`); stopped as SIGTERM would stop it."""
     import uvicorn
 
     from gen.serve.app import Server, create_app
     from gen.serve.config import ServeConfig
 
     port = free_port()
-    app = create_app(ServeConfig(port=port, **config), shared_models())
+    app = create_app(ServeConfig(port=port, **config), models or shared_models())
     server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app.state.gen)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ from gen.diffusion.samplers import SAMPLERS
 from gen.generation.clip_skip import DEFAULT as DEFAULT_CLIP_SKIP
 from gen.generation.clip_skip import pipeline_clip_skip
 from gen.serve import sampler_names as samplers
+from gen.serve.controlnet import read_units
 from gen.serve.results import decode_image, parse_parameters
 from gen.serve.schema import Number, request_field
 from gen.serve.state import State
@@ -64,6 +65,8 @@ class GenerationFields(BaseModel):
     height: int | None = request_field("height", None)
     override_settings: dict | None = None
     send_images: bool | None = True
+    # sd-webui-controlnet's units under "controlnet" (any case): gen.serve.controlnet reads them
+    alwayson_scripts: dict | None = None
 
 
 # txt2img's hires fix fields -> gen's, read when enable_hr is true; A1111's 0 for "no resize" is None in gen
@@ -152,11 +155,32 @@ def to_values(state: State, body: GenerationFields) -> dict:
 
 
 def img2img_task(state: State, body: Img2ImgRequest) -> Task:
-    """The txt2img fields plus the first init image and the mask, decoded and checked before queueing."""
+    """The txt2img fields plus the first init image and the mask, decoded and checked before queueing; ControlNet
+    units without an image of their own read the init image, as sd-webui-controlnet's do."""
     values = {**to_values(state, body), **request_values(body, IMG2IMG_NAMES)}
     values["invert_mask"] = bool(values.get("invert_mask", 0))
     init = read_uploads(values, body.init_images[0], body.mask, state.config.max_pixels)
-    return build_task(state.config, state.models, values, init)
+    values["control"], control = read_units(state, body.alwayson_scripts, body.init_images[0])
+    return build_task(state.config, state.models, values, init, control)
+
+
+def _without_pictures(body: GenerationFields) -> GenerationFields:
+    """The request as the response's `parameters` echo it: ControlNet units without their pictures."""
+    if not body.alwayson_scripts:
+        return body
+    scripts = {
+        name: {**entry, "args": [_unit_echo(u) for u in entry.get("args", [])]}
+        if name.lower() == "controlnet" and isinstance(entry, dict) and isinstance(entry.get("args"), list)
+        else entry
+        for name, entry in body.alwayson_scripts.items()
+    }
+    return body.model_copy(update={"alwayson_scripts": scripts})
+
+
+def _unit_echo(unit):
+    if not isinstance(unit, dict):
+        return unit
+    return {k: v for k, v in unit.items() if k not in ("image", "input_image", "mask", "mask_image")}
 
 
 def info(task: Task, body: GenerationFields) -> dict:
@@ -260,13 +284,16 @@ def _generation_routes(api: APIRouter, state: State) -> None:
     @api.post("/txt2img", response_model=GenerationResponse)
     async def txt2img(body: Txt2ImgRequest, http: HttpRequest):
         values = {**to_values(state, body), **hires_values(body)}
-        return await generate(state, http, body, build_task(state.config, state.models, values))
+        values["control"], control = read_units(state, body.alwayson_scripts)
+        task = build_task(state.config, state.models, values, control=control)
+        return await generate(state, http, _without_pictures(body), task)
 
     @api.post("/img2img", response_model=GenerationResponse)
     async def img2img(body: Img2ImgRequest, http: HttpRequest):
         task = img2img_task(state, body)
         # As A1111: the response's parameters leave out the uploaded pictures.
-        return await generate(state, http, body.model_copy(update={"init_images": None, "mask": None}), task)
+        body = _without_pictures(body).model_copy(update={"init_images": None, "mask": None})
+        return await generate(state, http, body, task)
 
 
 def _other_routes(api: APIRouter, state: State) -> None:

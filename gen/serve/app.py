@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 import gen
-from gen.serve import a1111, errors, jobs, openai_images, page, schema, upscaling
+from gen.serve import a1111, controlnet, errors, jobs, openai_images, page, schema, upscaling
 from gen.serve.config import ServeConfig
 from gen.serve.middleware import Auth, BodyLimit
 from gen.serve.models import Models
@@ -40,6 +40,7 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     schema.document(app, config)
     app.include_router(a1111.router(state))
     app.include_router(upscaling.router(state))
+    app.include_router(controlnet.router(state))
     app.include_router(openai_images.router(state))
     app.include_router(jobs.router(state))
     app.include_router(page.router())

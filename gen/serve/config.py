@@ -38,6 +38,11 @@ class ServeConfig:
         [None], "model folder or file; repeat to serve several (first: default)", flags=("--model",)
     )
     device: str = option("cpu", "cpu, cuda, cuda:1, ... one worker per device")
+    controlnet_dir: str | None = option(
+        None,
+        "ControlNets to serve (A1111's models/ControlNet): original-layout files and diffusers folders in DIR",
+        metavar="DIR",
+    )
     dtype: str = option("fp32", "precision", choices=PRECISIONS)
     attention: str = option("sdpa", "attention kernels", choices=ATTENTION)
     api_auth: str | None = option(
@@ -114,6 +119,8 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key must not be empty")
         self.credentials()
+        if self.controlnet_dir is not None and not Path(self.controlnet_dir).is_dir():
+            raise ValueError(f"--controlnet-dir {self.controlnet_dir}: no such folder")
 
     def _check_jobs(self) -> None:
         """The native jobs' store and how long finished ones are kept."""

@@ -24,9 +24,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 import gen
+from gen.control import MODULES
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation.upscale import UPSCALERS
 from gen.serve import sampler_names as samplers
+from gen.serve.controlnet import checked_units
 from gen.serve.schema import Number, request_field
 from gen.serve.state import State
 from gen.serve.tasks import ServeError, Task, build_task, read_uploads, request_defaults, request_values
@@ -60,6 +62,27 @@ NAMES = {
     "hires_prompt": "hires_prompt",
     "hires_negative_prompt": "hires_negative",
 }
+
+
+class ControlUnitRequest(BaseModel):
+    """A ControlNet unit by gen's names (gen.generation.control_units.ControlUnit): `model` a name from
+    /controlnet/model_list (with or without its hash), `image` the picture as raw base64 or a data: URL."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    image: str
+    module: str = "none"
+    weight: Number = 1.0
+    guidance_start: Number = 0.0
+    guidance_end: Number = 1.0
+    processor_res: int = 512
+    threshold_a: Number | None = None
+    threshold_b: Number | None = None
+    resize_mode: str = "Crop and Resize"
+    pixel_perfect: bool = False
+    control_mode: str = "Balanced"
+    hr_option: str = "Both"
 
 
 class JobRequest(BaseModel):
@@ -99,6 +122,8 @@ class JobRequest(BaseModel):
     hires_sampler: str | None = None
     hires_prompt: str = request_field("hires_prompt")
     hires_negative_prompt: str = request_field("hires_negative")
+    # ControlNet units (GET /controlnet/model_list and /controlnet/module_list name the models and modules)
+    control: list[ControlUnitRequest] = []
 
 
 def to_task(state: State, body: JobRequest) -> Task:
@@ -118,7 +143,9 @@ def to_task(state: State, body: JobRequest) -> Task:
         init = read_uploads(values, body.init_image, body.mask, state.config.max_pixels)
     elif body.mask:  # refused by the request's own rule (gen.generation.options.check_init)
         values["mask"] = "upload"
-    return build_task(state.config, state.models, values, init)
+    units = [u.model_dump(exclude={"image"}) for u in body.control]
+    values["control"], control = checked_units(state, units, [u.image for u in body.control])
+    return build_task(state.config, state.models, values, init, control)
 
 
 def describe(state: State, task: Task) -> dict:
@@ -242,6 +269,8 @@ def router(state: State) -> APIRouter:
             "samplers": [{"name": n, "label": s.a1111} for n, s in SAMPLERS.items()],
             "defaults": request_defaults(c),
             "upscalers": list(UPSCALERS),
+            "controlnets": list(state.controlnets),
+            "control_modules": list(MODULES),
             "limits": {
                 k: getattr(c, k) for k in ("max_batch", "max_queue", "max_pixels", "max_steps", "max_images")
             },

@@ -3,8 +3,10 @@ titled as A1111 lists checkpoints ("name [hash10]") so its clients can pick one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gen import generation as G
@@ -91,3 +93,27 @@ class Models:
             if key in (m.title.lower(), m.name.lower(), folder.name.lower(), m.hash, m.sha256):
                 return m
         raise ValueError(f"model {name!r} is not served here; choose one of: {', '.join(self._titles)}")
+
+
+def short_hash(path: Path) -> str:
+    """A1111's old short model hash (sd_models.model_hash, which the extension's model names carry): SHA-256 of
+    the 64 KiB from 1 MiB into the file, first 8 hex digits."""
+    with path.open("rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def find_controlnets(folder: str | None) -> dict[str, str]:
+    """ "name [hash]" -> path for each ControlNet in `folder`: original-layout files (.safetensors; .pth/.ckpt
+    need --allow-pickle elsewhere) and diffusers folders (a config.json), named by their file or folder stem."""
+    if folder is None:
+        return {}
+    found = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_dir() and (path / "config.json").is_file():
+            weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+            if weights:
+                found[f"{path.name} [{short_hash(weights[0])}]"] = str(path.resolve())
+        elif path.suffix.lower() in (".safetensors", ".pth", ".ckpt", ".bin"):
+            found[f"{path.stem} [{short_hash(path)}]"] = str(path.resolve())
+    return found

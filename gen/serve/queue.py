@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from gen import generation as G
-from gen.generation.inputs import InitImages
+from gen.generation.inputs import ControlPictures, InitImages
 from gen.serve import results
 from gen.serve.models import ServedModel
 from gen.serve.tasks import ServeError, Task
@@ -32,14 +32,19 @@ class Interrupted(Exception):
 
 
 def render_batch(
-    model: ServedModel, o: G.Options, jobs: list[G.Job], on_step, init: InitImages | None = None
+    model: ServedModel,
+    o: G.Options,
+    jobs: list[G.Job],
+    on_step,
+    init: InitImages | None = None,
+    control: ControlPictures | None = None,
 ) -> list[results.Result]:
-    """On the worker thread: the generation core's render (from `init` for img2img and inpainting), then PNGs
-    with the CLI's metadata."""
+    """On the worker thread: the generation core's render (from `init` for img2img and inpainting, steered by
+    the ControlNet units' pictures in `control`), then PNGs with the CLI's metadata."""
     pipe = model.pipeline(o.sampler, init)
-    images = G.render(pipe, o, jobs, on_step=on_step, init=init)
+    images = G.render(pipe, o, jobs, on_step=on_step, init=init, control=control)
     return [
-        results.encode(pipe, o, job, image, model.sha256, init)
+        results.encode(pipe, o, job, image, model.sha256, init, control)
         for job, image in zip(jobs, images, strict=True)
     ]
 
@@ -208,7 +213,14 @@ class Queue:
         start = time.monotonic()
         try:
             made = await self._loop.run_in_executor(
-                self._executor, render_batch, first.model, first.options, jobs, self._on_step, first.init
+                self._executor,
+                render_batch,
+                first.model,
+                first.options,
+                jobs,
+                self._on_step,
+                first.init,
+                first.control,
             )
         finally:
             self.running = []

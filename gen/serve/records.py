@@ -39,6 +39,7 @@ class JobRecord:
     finished: float | None = None
     error: str | None = None
     images: dict[int, StoredImage] = field(default_factory=dict)  # the finished ones, by index
+    control: list[bytes] | None = None  # the ControlNet units' pictures (PNG), in unit order
 
     @property
     def model_title(self) -> str:

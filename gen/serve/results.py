@@ -28,12 +28,19 @@ class Result:
         return base64.b64encode(self.png).decode("ascii")
 
 
-def encode(pipe, o, job, image, model_hash: str, init=None) -> Result:
-    record = metadata.record(pipe, o, job, image, model_hash, init)
+def encode(pipe, o, job, image, model_hash: str, init=None, control=None) -> Result:
+    record = metadata.record(pipe, o, job, image, model_hash, init, control)
     buffer = io.BytesIO()
     parameters = metadata.a1111_parameters(record)
     image.save(buffer, format="PNG", pnginfo=metadata.png_info(record, parameters))
     return Result(job.index, job.seed, job.prompt, buffer.getvalue(), parameters, record["sampler_label"])
+
+
+def encode_png(image: Image.Image) -> str:
+    """A picture as base64 PNG (no metadata): the preprocessors' and upscalers' answers."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def decode_image(text: str, max_pixels: int | None = None, what: str = "image") -> Image.Image:

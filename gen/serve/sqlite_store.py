@@ -5,6 +5,7 @@ leaves every accepted job and no half image; one server per folder (DIR/lock). S
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -24,7 +25,7 @@ except ImportError:  # Windows: no advisory locks; one server per folder is then
 
 logger = logging.getLogger("gen.serve.store")  # the store's log, wherever its classes live
 
-SCHEMA = 1  # PRAGMA user_version of jobs.sqlite3
+SCHEMA = 2  # PRAGMA user_version of jobs.sqlite3 (2: the ControlNet units' pictures)
 
 
 _TABLES = """
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     created REAL NOT NULL,
     finished REAL,
-    error TEXT
+    error TEXT,
+    control TEXT                            -- JSON: the ControlNet units' pictures, base64 PNGs
 );
 CREATE TABLE IF NOT EXISTS images (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -51,7 +53,7 @@ CREATE TABLE IF NOT EXISTS images (
 """
 _COLUMNS = (
     "id, model_name, model_sha256, options, jobs, init_image, init_hash, mask, mask_hash,"
-    " status, created, finished, error"
+    " status, created, finished, error, control"
 )
 
 
@@ -85,6 +87,11 @@ class SqliteStore(JobStore):
 
     def _migrate(self, path: Path) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:  # a store of gen before ControlNet units: the same jobs, one column more
+            with self._db:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN control TEXT")
+                self._db.execute(f"PRAGMA user_version={SCHEMA}")
+            version = SCHEMA
         if version not in (0, SCHEMA):
             raise ValueError(
                 f"--state-dir {self.folder}: {path.name} has schema {version}, this gen reads {SCHEMA}; "
@@ -129,6 +136,9 @@ class SqliteStore(JobStore):
             record.created,
             record.finished,
             record.error,
+            None
+            if record.control is None
+            else json.dumps([base64.b64encode(p).decode() for p in record.control]),
         )
         with self._transaction() as db:
             db.execute(f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
@@ -167,10 +177,11 @@ class SqliteStore(JobStore):
         return [self._record(row) for row in rows]
 
     def _record(self, row: tuple) -> JobRecord:
-        job_id, name, sha, options, jobs, image, image_hash, mask, mask_hash, *progress = row
+        job_id, name, sha, options, jobs, image, image_hash, mask, mask_hash, *progress, control = row
         init = None if image is None else StoredInit(image, image_hash, mask, mask_hash)
         jobs = [tuple(j) for j in json.loads(jobs)]
         record = JobRecord(job_id, name, sha, json.loads(options), jobs, init, *progress)
+        record.control = None if control is None else [base64.b64decode(p) for p in json.loads(control)]
         with self._transaction() as db:
             rows = db.execute("SELECT idx, parameters, sampler FROM images WHERE job_id = ?", (job_id,))
             for index, parameters, sampler in rows.fetchall():

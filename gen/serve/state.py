@@ -14,7 +14,7 @@ from fastapi import Request as HttpRequest
 
 from gen.serve import store as S
 from gen.serve.config import ServeConfig
-from gen.serve.models import Models, ServedModel
+from gen.serve.models import Models, ServedModel, find_controlnets
 from gen.serve.queue import Queue
 from gen.serve.tasks import ServeError, Task
 
@@ -45,6 +45,8 @@ class State:
             "sdxl_clip_l_skip": False,
             "sd_vae": "Automatic",
         }
+        # sd-webui-controlnet's model_list: "name [hash]" -> path, from --controlnet-dir (re-read on ?update)
+        self.controlnets = find_controlnets(config.controlnet_dir)
         self.jobs: OrderedDict[str, Task] = OrderedDict()  # native jobs in memory, newest last
         self.store = S.open_store(config)  # here, not in start(): a folder in use fails before uvicorn starts
         self._expired = 0.0

@@ -24,7 +24,7 @@ from dataclasses import replace
 from PIL import Image
 
 from gen import generation as G
-from gen.generation.inputs import InitImages
+from gen.generation.inputs import InitImages, control_pictures
 from gen.serve.config import ServeConfig
 from gen.serve.models import ServedModel
 from gen.serve.records import JobRecord, JobStore, StoredImage, StoredInit
@@ -105,6 +105,7 @@ def record_of(task: Task, pictures: bool = True) -> JobRecord:
         created=task.created,
         finished=task.finished,
         error=task.error.message if task.error else None,
+        control=None if task.control is None or not pictures else [_png(p) for p in task.control.pictures],
     )
 
 
@@ -118,7 +119,9 @@ def restore(record: JobRecord, model: ServedModel, config: ServeConfig) -> Task:
     o = G.Options.from_dict(record.options)
     o.model, o.device, o.dtype, o.attention = model.path, config.device, config.dtype, config.attention
     jobs = [G.Job(index, prompt, seed) for index, prompt, seed in record.jobs]
-    task = Task(model, o, jobs, None if record.init is None else _init_images(record.init))
+    init = None if record.init is None else _init_images(record.init)
+    control = None if not record.control else control_pictures([_decode(png) for png in record.control])
+    task = Task(model, o, jobs, init, control)
     task.id, task.created = record.id, record.created
     for index, image in record.images.items():
         job = jobs[index]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from gen import generation as G
-from gen.generation.inputs import InitImages, init_images
+from gen.generation.inputs import ControlPictures, InitImages, init_images
 from gen.serve.config import ServeConfig
 from gen.serve.models import Models, ServedModel
 from gen.serve.results import Result, decode_image
@@ -33,10 +33,16 @@ class Task:
     """One request in the queue. Its jobs may be rendered over several batches, beside other requests' jobs."""
 
     def __init__(
-        self, model: ServedModel, options: G.Options, jobs: list[G.Job], init: InitImages | None = None
+        self,
+        model: ServedModel,
+        options: G.Options,
+        jobs: list[G.Job],
+        init: InitImages | None = None,
+        control: ControlPictures | None = None,
     ):
         self.id = uuid.uuid4().hex
         self.model, self.options, self.jobs, self.init = model, options, jobs, init
+        self.control = control  # the ControlNet units' pictures (options.control names them by hash)
         self.key = model.title + json.dumps(
             {k: v for k, v in options.to_dict().items() if k not in PER_IMAGE}, sort_keys=True, default=str
         )
@@ -107,7 +113,13 @@ def read_uploads(
     return init
 
 
-def build_task(config: ServeConfig, models: Models, values: dict, init: InitImages | None = None) -> Task:
+def build_task(
+    config: ServeConfig,
+    models: Models,
+    values: dict,
+    init: InitImages | None = None,
+    control: ControlPictures | None = None,
+) -> Task:
     """The request (its fields by gen's names, as each API's table maps them) checked against the server's
     limits and the model, before it queues; ServeError(422) otherwise. Fields left out take the request's
     defaults; the server's device, precision and attention, and its --max-steps on the default steps."""
@@ -126,7 +138,7 @@ def build_task(config: ServeConfig, models: Models, values: dict, init: InitImag
         raise ServeError(422, " ".join(str(e).split())) from None
     if o.seed is None:
         o.seed = G.pick_seed()
-    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)), init)
+    return Task(model, o, list(G.plan([o.prompt], o.num_images, o.seed)), init, control)
 
 
 def server_values(config: ServeConfig) -> dict:

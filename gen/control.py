@@ -1,16 +1,22 @@
-"""ControlNet preprocessors that need no weights: a picture in, the control image a ControlNet reads out.
+"""ControlNet preprocessors: a picture in, the control image a ControlNet reads out.
 
 Each is one function on an RGB uint8 array (H, W, 3), with A1111's sd-webui-controlnet module name and its two
 numeric settings in that extension's terms (`threshold_a`, `threshold_b`: Canny's low and high thresholds, the
-binarizing threshold, XDoG's, the tile down-sampling rate). The algorithms follow that extension's annotators
-(written here with OpenCV and NumPy). Weight-based preprocessors (openpose, depth, ...) are not drawn here:
-`detect` names what they would need instead of failing later.
+binarizing threshold, XDoG's, the tile down-sampling rate). Those that need no weights follow that extension's
+annotators (written here with OpenCV and NumPy). The weight-based ones (openpose, depth, ...) run through the
+controlnet-aux package (`pip install 'gen[annotators]'`) on lllyasviel's Annotators files in a local folder
+($GEN_ANNOTATORS, default ~/.cache/gen/annotators): controlnet-aux's own from_pretrained would fetch them from the
+hub, gen downloads nothing; without the package or the file, one line names both.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -31,21 +37,27 @@ class Module:
     b: Setting | None = None
 
 
-# Need weights (lllyasviel's Annotators); named so a request for one gets a clear refusal, not "unknown"
-NEEDS_WEIGHTS = (
-    "openpose",
-    "openpose_full",
-    "depth_midas",
-    "depth_zoe",
-    "depth_leres",
-    "normal_bae",
-    "mlsd",
-    "lineart_realistic",
-    "lineart_anime",
-    "softedge_hed",
-    "softedge_pidinet",
-    "seg_ofade20k",
-)
+ANNOTATORS_ENV = "GEN_ANNOTATORS"
+# Weight-based modules: A1111's name -> (controlnet-aux's detector class, the Annotators file it reads, its call's
+# options); seg_ofade20k has no controlnet-aux detector and is refused by name
+WEIGHTED = {
+    "openpose": ("OpenposeDetector", "body_pose_model.pth", {"include_hand": False, "include_face": False}),
+    "openpose_full": (
+        "OpenposeDetector",
+        "body_pose_model.pth",
+        {"include_hand": True, "include_face": True},
+    ),
+    "depth_midas": ("MidasDetector", "dpt_hybrid-midas-501f0c75.pt", {}),
+    "depth_zoe": ("ZoeDetector", "ZoeD_M12_N.pt", {}),
+    "depth_leres": ("LeresDetector", "res101.pth", {}),
+    "normal_bae": ("NormalBaeDetector", "scannet.pt", {}),
+    "mlsd": ("MLSDdetector", "mlsd_large_512_fp32.pth", {}),
+    "lineart_realistic": ("LineartDetector", "sk_model.pth", {"coarse": False}),
+    "lineart_anime": ("LineartAnimeDetector", "netG.pth", {}),
+    "softedge_hed": ("HEDdetector", "ControlNetHED.pth", {}),
+    "softedge_pidinet": ("PidiNetDetector", "table5_pidinet.pth", {}),
+}
+NEEDS_WEIGHTS = (*WEIGHTED, "seg_ofade20k")
 
 
 def _cv2():
@@ -153,17 +165,72 @@ ALIASES = {
 
 
 def module(name: str) -> Module:
-    """The preprocessor named `name` (A1111's names and labels, any case); ValueError naming the choices."""
+    """The preprocessor named `name` (A1111's names and labels, any case); ValueError naming the choices, or
+    what a weight-based one needs."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key in MODULES:
         return MODULES[key]
+    if key in WEIGHTED and _annotator_ready(key):
+        return _weighted_module(key)
     if key in NEEDS_WEIGHTS:
+        folder, file = annotators_dir(), WEIGHTED.get(key, ("", "its weights"))[1]
         raise ValueError(
-            f"preprocessor {name!r} needs model weights (lllyasviel's Annotators), which gen does not download;"
-            f" run it elsewhere and give its output as the control image with module 'none'. Without weights:"
-            f" {', '.join(MODULES)}"
+            f"preprocessor {name!r} needs lllyasviel's Annotators weights ({file}) in {folder} (set"
+            f" {ANNOTATORS_ENV} to another folder) and the controlnet-aux package (pip install"
+            f" 'gen[annotators]'); gen downloads nothing. Or give its output as the control image with module"
+            f" 'none'. Without weights: {', '.join(MODULES)}"
         )
     raise ValueError(f"unknown preprocessor {name!r}; choose one of {', '.join(MODULES)}")
+
+
+def annotators_dir() -> Path:
+    return Path(os.environ.get(ANNOTATORS_ENV) or Path.home() / ".cache" / "gen" / "annotators")
+
+
+def available() -> list[str]:
+    """Every module this machine can run: the weight-free ones, and the weight-based ones whose package and
+    file are here."""
+    return [*MODULES, *(name for name in WEIGHTED if _annotator_ready(name))]
+
+
+def _annotator_ready(name: str) -> bool:
+    return (
+        importlib.util.find_spec("controlnet_aux") is not None
+        and (annotators_dir() / WEIGHTED[name][1]).is_file()
+    )
+
+
+_MLSD = (Setting("value threshold", 0.1, 0.01, 2.0), Setting("distance threshold", 0.1, 0.01, 20.0))
+
+
+def _weighted_module(name: str) -> Module:
+    a, b = _MLSD if name == "mlsd" else (None, None)
+    return Module(functools.partial(_run_annotator, name), a, b)
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(cls_name: str, folder: str):
+    """The detector from the local folder (controlnet-aux reads a folder's files under its default names)."""
+    import controlnet_aux  # the optional extra, imported only when a weight-based module runs
+
+    return getattr(controlnet_aux, cls_name).from_pretrained(folder)
+
+
+def _run_annotator(name: str, rgb: np.ndarray, a, b, rng) -> np.ndarray:
+    """controlnet-aux's detector on the picture at its size (detect has resized and padded it already)."""
+    cls_name, _, options = WEIGHTED[name]
+    detector = _detector(cls_name, str(annotators_dir()))
+    side = min(rgb.shape[:2])
+    extra = {"thr_v": a, "thr_d": b} if name == "mlsd" else {}
+    out = detector(
+        Image.fromarray(rgb),
+        detect_resolution=side,
+        image_resolution=side,
+        output_type="np",
+        **options,
+        **extra,
+    )
+    return _rgb(np.asarray(out, dtype=np.uint8))
 
 
 def detect(
@@ -182,7 +249,7 @@ def detect(
     a = _setting(m.a, threshold_a, name, "threshold_a")
     b = _setting(m.b, threshold_b, name, "threshold_b")
     rgb = np.asarray(image.convert("RGB"))
-    if m is MODULES["none"]:
+    if m is MODULES["none"]:  # as the extension: no resize
         return Image.fromarray(rgb)
     padded, (height, width) = _with_pad(rgb, resolution)
     out = m.run(np.ascontiguousarray(padded), a, b, np.random.default_rng(seed))

@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# An empty Annotators folder: the weight-based preprocessors' refusals do not depend on this machine's cache
+os.environ["GEN_ANNOTATORS"] = __import__("tempfile").mkdtemp(prefix="gen-annotators-")
 
 import pytest  # noqa: E402
 

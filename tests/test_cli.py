@@ -190,11 +190,11 @@ def test_from_file_and_grid(tmp_path, capsys):
 def test_ctrl_c_keeps_finished_images(tmp_path, capsys, monkeypatch):
     real, calls = G.render, []
 
-    def interrupted(pipe, o, batch, on_step=None, init=None):
+    def interrupted(pipe, o, batch, on_step=None, init=None, control=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(pipe, o, batch, on_step, init)
+        return real(pipe, o, batch, on_step, init, control)
 
     monkeypatch.setattr(G, "render", interrupted)
     assert main(["x", "-o", str(tmp_path / "o") + "/", "-n", "3", *STEPS]) == 130

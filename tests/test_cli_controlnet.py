@@ -155,7 +155,11 @@ def test_record_a1111_keys_and_reproduce(parts, tmp_path, capsys):
     ("extra", "model", "message"),
     [
         ({"module": "cany"}, "unet", "unknown preprocessor 'cany'; choose one of none, canny"),
-        ({"module": "openpose"}, "unet", "preprocessor 'openpose' needs model weights"),
+        (
+            {"module": "openpose"},
+            "unet",
+            "preprocessor 'openpose' needs lllyasviel's Annotators weights (body_pose_model.pth) in",
+        ),
         ({"weight": 3}, "unet", "ControlNet unit 0: weight 3.0 must be a finite number from 0 to 2"),
         ({"start": 0.6, "end": 0.2}, "unet", "guidance-start 0.6 must be less than guidance-end 0.2"),
         (

@@ -1,5 +1,7 @@
 """The weight-free ControlNet preprocessors (gen.control) and `gen control detect`."""
 
+import importlib.machinery
+
 import cv2
 import numpy as np
 import pytest
@@ -60,7 +62,11 @@ def test_processor_resolution_is_the_short_side():
     "name, kwargs, message",
     [
         ("sobel", {}, "unknown preprocessor 'sobel'; choose one of none, canny, invert"),
-        ("openpose", {}, "preprocessor 'openpose' needs model weights"),
+        (
+            "openpose",
+            {},
+            "preprocessor 'openpose' needs lllyasviel's Annotators weights (body_pose_model.pth) in",
+        ),
         (
             "canny",
             {"threshold_a": 300},
@@ -85,7 +91,8 @@ def test_gen_control_detect(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert (
-        err.startswith("gen: error: preprocessor 'depth_midas' needs model weights") and err.count("\n") == 1
+        err.startswith("gen: error: preprocessor 'depth_midas' needs lllyasviel's Annotators weights")
+        and err.count("\n") == 1
     )
     assert main(["control", "modules"]) == 0
     assert "canny" in capsys.readouterr().out
@@ -95,3 +102,47 @@ def test_threshold_is_on_the_darkest_channel_as_a1111s():
     red = Image.new("RGB", (8, 8), (200, 50, 50))
     assert np.asarray(detect(red, "threshold", threshold_a=127)).max() == 0  # A1111: black, not red
     assert np.asarray(detect(Image.new("RGB", (8, 8), (200, 200, 200)), "threshold")).min() == 255
+
+
+class FakeOpenpose:
+    """controlnet-aux's detector interface (from_pretrained(folder), then called on a PIL picture)."""
+
+    loaded_from: list = []
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        cls.loaded_from.append(folder)
+        return cls()
+
+    def __call__(self, image, detect_resolution, image_resolution, output_type, include_hand, include_face):
+        assert output_type == "np" and not include_hand and not include_face
+        assert detect_resolution == image_resolution == min(image.size)
+        return 255 - np.asarray(image)
+
+
+def test_weight_based_modules_run_controlnet_aux_on_the_local_folder(tmp_path, monkeypatch):
+    """With controlnet-aux importable and the Annotators file in $GEN_ANNOTATORS, openpose runs its detector from
+    that folder (never the hub); without the file it is the one-line refusal naming the folder."""
+    import sys
+    import types
+
+    from gen.control import _detector, available
+
+    fake = types.ModuleType("controlnet_aux")
+    fake.OpenposeDetector = FakeOpenpose
+    fake.__spec__ = importlib.machinery.ModuleSpec("controlnet_aux", None)
+    monkeypatch.setitem(sys.modules, "controlnet_aux", fake)
+    monkeypatch.setenv("GEN_ANNOTATORS", str(tmp_path))
+    _detector.cache_clear()
+    with pytest.raises(
+        ValueError, match=f"needs lllyasviel's Annotators weights \\(body_pose_model.pth\\) in {tmp_path}"
+    ):
+        detect(picture(), "openpose")
+    assert "openpose" not in available()
+    (tmp_path / "body_pose_model.pth").write_bytes(b"")
+    made = np.asarray(detect(picture(), "openpose", resolution=64))
+    assert FakeOpenpose.loaded_from == [str(tmp_path)] and made.shape == (64, 96, 3)
+    resized = cv2.resize(np.asarray(picture()), (96, 64), interpolation=cv2.INTER_AREA)
+    assert (made == 255 - resized).all()
+    assert {"openpose", "openpose_full"} <= set(available())  # both read body_pose_model.pth
+    _detector.cache_clear()

@@ -118,7 +118,7 @@ def test_hires_record_reproduces_and_a1111_keys(tmp_path, capsys):
             ["--hires-upscaler", "ESRGAN"],
             "invalid choice: 'ESRGAN' (choose from 'Latent', 'Latent (antialiased)',",
         ),
-        (["--hires-scale", "0.5"], "hires-scale 0.5 must be a finite number >= 1"),
+        (["--hires-scale", "0.5"], "hires-scale 0.5 must be a finite number from 1 to 16"),
         (["--hires-scale", "2", "--hires-strength", "0.01"], "hires fix: strength=0.01 of 6 steps runs no"),
         (["--hires-scale", "2", "--hires-sampler", "nope"], "unknown sampler 'nope'"),
         (["--hires-scale", "2", "--init-image", "x.png"], "hires fix is for text-to-image"),

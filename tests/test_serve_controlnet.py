@@ -218,7 +218,10 @@ def test_jobs_api_units_and_the_store_keeps_their_pictures(setup):
         ({"model": "nope"}, "ControlNet unit 0: model 'nope' not found; models: "),
         ({"model": "None"}, "ControlNet unit 0: no model selected"),
         ({"module": "cany"}, "ControlNet unit 0: unknown preprocessor 'cany'; choose one of none, canny"),
-        ({"module": "openpose"}, "preprocessor 'openpose' needs model weights"),
+        (
+            {"module": "openpose"},
+            "preprocessor 'openpose' needs lllyasviel's Annotators weights (body_pose_model.pth) in",
+        ),
         ({"weight": 3.0}, "ControlNet unit 0: weight 3.0 must be a finite number from 0 to 2"),
         (
             {"guidance_start": 0.8, "guidance_end": 0.2},
@@ -229,6 +232,10 @@ def test_jobs_api_units_and_the_store_keeps_their_pictures(setup):
         ({"image": "bm90IGEgcGljdHVyZQ=="}, "ControlNet unit 0's image"),
         ({"mask": "x"}, "unit masks (the inpaint modules') are not supported"),
         (
+            {"image": "BIG"},
+            "ControlNet unit 0's image is 1100x1000 = 1100000 pixels, more than this server allows",
+        ),
+        (
             {"model": "wide"},
             "ControlNet 0 was made for SD (text width 64), but this pipeline's UNet is SD (text width 32)",
         ),
@@ -237,6 +244,8 @@ def test_jobs_api_units_and_the_store_keeps_their_pictures(setup):
 def test_bad_units_are_422_in_one_line(setup, unit, message):
     d, server = setup
     base = {"model": "net", "image": b64(Image.open(d / "pic.png")), "module": "canny"}
+    if unit.get("image") == "BIG":  # over --max-pixels (1048576): refused from its header, before decoding
+        unit = {"image": b64(Image.new("RGB", (1100, 1000)))}
     body = {
         "prompt": PROMPT,
         "steps": 4,

@@ -145,3 +145,40 @@ def test_page_shows_the_servers_default_steps():
         expect(page.locator("#steps")).to_have_value("8")
         expect(page.locator("#guidance")).to_have_value("5")
     assert not errors, errors
+
+
+def test_page_controlnet_unit(tmp_path):
+    """Choose a control picture, a ControlNet and a preprocessor: the image is the CLI's with that --control."""
+    from playwright.sync_api import expect
+
+    from gen.serve.models import Models
+    from tests import components
+    from tests.test_controlnet import controlnet
+
+    tokenizer = components.write_tokenizer(tmp_path / "tok")
+    components.pipeline(tokenizer, "unet").save_pretrained(tmp_path / "unet")
+    controlnet(0).save_pretrained(tmp_path / "nets" / "net")
+    picture, _ = init_pictures(tmp_path)
+    models = Models.load([str(tmp_path / "unet")], device="cpu", dtype="fp32", attention="sdpa")
+    with (
+        serving(models=models, controlnet_dir=str(tmp_path / "nets")) as server,
+        page_of(server) as (page, errors),
+    ):
+        page.fill("#prompt", "a red circle")
+        page.fill("#seed", "8")
+        page.fill("#steps", "4")
+        page.set_input_files("#control", str(tmp_path / "in.png"))
+        page.select_option("#control-model", index=1)
+        page.select_option("#control-module", "canny")
+        page.fill("#control-weight", "0.8")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("done: 1 image(s), seed 8", timeout=60_000)
+        href = page.locator("#gallery a[download]").first.get_attribute("href")
+        made = Image.open(io.BytesIO(page.request.get(server.url + href).body()))
+    assert not errors, errors
+    assert 'ControlNet 0: "Module: canny, Model: net, Weight: 0.8' in made.text["parameters"]
+    unit = f"model={tmp_path / 'nets' / 'net'},image={tmp_path / 'in.png'},module=canny,weight=0.8"
+    cli = cli_image(
+        tmp_path, "a red circle", 8, "--steps", "4", "--model", str(tmp_path / "unet"), "--control", unit
+    )
+    assert_same_image(made, cli, exact=True)  # alone

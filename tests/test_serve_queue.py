@@ -167,10 +167,10 @@ def test_a_request_whose_render_fails_fails_alone(tmp_path, monkeypatch):
 
     real = queue.render_batch
 
-    def fragile(model, o, jobs, on_step, init=None):
+    def fragile(model, o, jobs, on_step, init=None, control=None):
         if any("boom" in job.prompt for job in jobs):
             raise RuntimeError("the text encoder choked")
-        return real(model, o, jobs, on_step, init)
+        return real(model, o, jobs, on_step, init, control)
 
     monkeypatch.setattr(queue, "render_batch", fragile)
     requests = [("a red circle", 1), ("boom", 2), ("a blue star", 3)]

@@ -107,7 +107,11 @@ class Options:
     # Hires fix (A1111's): render at width x height, upscale, then re-draw at the larger size with image-to-image;
     # on when a hires scale or size is given.
     hires_scale: float | None = option(
-        None, "hires fix: upscale by this factor, then refine with image-to-image", ge=1.0, finite=True
+        None,
+        "hires fix: upscale by this factor, then refine with image-to-image",
+        ge=1.0,
+        le=16.0,
+        finite=True,
     )
     hires_width: int | None = option(None, "hires fix: upscale to this width (alone: aspect kept)", ge=1)
     hires_height: int | None = option(None, "hires fix: upscale to this height (alone: aspect kept)", ge=1)

@@ -84,7 +84,7 @@ class Txt2ImgRequest(GenerationFields):
     """txt2img's hires fix: A1111's names; `hr_scale` applies unless `hr_resize_x`/`hr_resize_y` give a size."""
 
     enable_hr: bool | None = False
-    hr_scale: Number | None = Field(2.0, ge=1, allow_inf_nan=False)  # A1111's default when enable_hr is on
+    hr_scale: Number | None = request_field("hires_scale", 2.0)  # A1111's default when enable_hr is on
     hr_upscaler: str | None = None  # None: "Latent"
     hr_second_pass_steps: int | None = request_field("hires_steps")
     hr_resize_x: int | None = Field(0, ge=0)

@@ -21,7 +21,7 @@ import logging
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict
 
-from gen.control import ALIASES, MODULES, Setting, detect, module
+from gen.control import ALIASES, Setting, available, detect, module
 from gen.generation.control_units import CONTROL_MODES, ControlUnit, check_unit
 from gen.generation.inputs import ControlPictures, control_pictures
 from gen.serve.models import find_controlnets
@@ -110,7 +110,7 @@ def _module_name(name: str, k: int) -> str:
 
 def _defaults_for_out_of_range(values: dict) -> None:
     """-1 or a value outside the module's slider -> None (its default), as the extension resets them."""
-    m = MODULES[values["module"]]
+    m = module(values["module"])
     for field, setting in (("threshold_a", m.a), ("threshold_b", m.b), ("processor_res", RESOLUTION)):
         value = values.get(field)
         if value is None:
@@ -187,11 +187,11 @@ def _picture_of(raw: dict, k: int) -> str | None:
 
 def module_list(alias_names: bool) -> dict:
     labels = {v: k for k, v in ALIASES.items()}
-    names = list(MODULES)
+    names = available()
     shown = [labels.get(n, n) if alias_names else n for n in names]
     detail = {}
     for name, label in zip(names, shown, strict=True):
-        m = MODULES[name]
+        m = module(name)
         sliders = [] if name == "none" else [_slider(RESOLUTION)]
         sliders += [_slider(s) for s in (m.a, m.b) if s is not None]
         detail[label] = {"model_free": False, "sliders": sliders}

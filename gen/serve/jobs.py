@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 import gen
-from gen.control import MODULES
+from gen.control import available
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation.upscale import UPSCALERS
 from gen.serve import sampler_names as samplers
@@ -270,7 +270,7 @@ def router(state: State) -> APIRouter:
             "defaults": request_defaults(c),
             "upscalers": list(UPSCALERS),
             "controlnets": list(state.controlnets),
-            "control_modules": list(MODULES),
+            "control_modules": available(),
             "limits": {
                 k: getattr(c, k) for k in ("max_batch", "max_queue", "max_pixels", "max_steps", "max_images")
             },

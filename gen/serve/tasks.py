@@ -130,9 +130,9 @@ def build_task(
         o = G.Options(**{**server_values(config), **values, "model": model.path})
         if init is None:
             o.strength, o.mask_blur, o.invert_mask = G.Options.strength, G.Options.mask_blur, False
+        G.check_options(o)  # first: the sizes below are computed from these values
         o.height, o.width = G.size_of(model.pipe, o, init)
         check_limits(config, o, *G.final_size(model.pipe, o, init))
-        G.check_options(o)
         G.validate(model.pipe, replace(o, batch_size=min(o.num_images, config.max_batch)), init)
     except ValueError as e:
         raise ServeError(422, " ".join(str(e).split())) from None

@@ -39,6 +39,8 @@ async function init() {
   $("hires-steps").value = info.defaults.hires_steps;
   $("hires-strength").value = info.defaults.hires_strength;
   $("batch").max = info.limits.max_images;
+  for (const c of info.controlnets) option($("control-model"), c, c);
+  for (const m of info.control_modules) option($("control-module"), m, m);
 }
 
 function number(id) {
@@ -68,6 +70,14 @@ async function request() {
     hires_steps: number("hires-steps"),
     hires_strength: number("hires-strength"),
   } : {};
+  // One ControlNet unit: its picture (the control image, or what the preprocessor makes one from) and net
+  const picture = $("control-model").value ? await dataUrl("control") : null;
+  const control = picture ? { control: [{
+    model: $("control-model").value,
+    image: picture,
+    module: $("control-module").value,
+    weight: number("control-weight") ?? 1,
+  }] } : {};
   const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative").value,
@@ -81,6 +91,7 @@ async function request() {
     model: $("model").value || null,
     ...images,
     ...hires,
+    ...control,
   };
   // A field left empty is left out: the server's default applies (a null would be refused where none is allowed)
   return Object.fromEntries(Object.entries(body).filter(([, value]) => value !== null));

@@ -10,6 +10,7 @@ from pathlib import Path
 from gen.cli.common import CliError, Parser, quiet_libraries
 from gen.cli.flags import argparse_type
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision, parse_interval
+from gen.loading.precision import BACKENDS, check_backend
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -107,6 +108,7 @@ def cmd_bench(argv: list[str]) -> int:
         reps=args.reps,
         pairs=args.pairs,
         unet=not args.no_unet,
+        backend=args.backend,
     )
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0
@@ -122,6 +124,7 @@ def _bench_batches(args: argparse.Namespace) -> tuple[int, ...]:
     if min(batches) < 1 or args.steps < 1 or args.reps < 1 or args.pairs < 1:
         raise CliError("--batch, --steps, --reps and --pairs must be >= 1")
     check_precision(args.dtype or "fp32", args.device)
+    check_backend(args.backend, args.dtype or "fp32", args.device)
     return batches
 
 
@@ -149,6 +152,12 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION, help="(default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKENDS,
+        help="openvino: with --arch sd15, add gen's OpenVINO rows; else time that backend (default: %(default)s)",
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the denoiser; warm-up reported apart"
     )
@@ -217,6 +226,16 @@ def cmd_bench_serve(argv: list[str]) -> int:
     return 0 if report["ok"] else 1
 
 
+def _openvino_rows(args: argparse.Namespace) -> tuple[str, ...]:
+    """--backend openvino: its rows in --dtype, else f32 and, where the CPU has native bf16, bf16 too."""
+    if args.backend != "openvino":
+        return ()
+    check_backend("openvino", args.dtype or "fp32", args.device)
+    from gen.loading.backend import cpu_has_bf16
+
+    return (args.dtype,) if args.dtype else ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+
+
 def _bench_sd(args: argparse.Namespace) -> int:
     if args.size < 64 or args.size % 8:
         raise CliError(f"--size {args.size} must be a multiple of 8, at least 64")
@@ -230,6 +249,7 @@ def _bench_sd(args: argparse.Namespace) -> int:
         pairs=args.pairs,
         dtypes=(args.dtype,) if args.dtype else None,
         device=args.device,
+        openvino=_openvino_rows(args),
     )
     print(json.dumps(report, indent=2) if args.json else bench_sd.format_report(report))
     return 0

@@ -62,7 +62,7 @@ def prepare(pipe, o: Options):
     if o.compile:
         pipe.denoiser.compile()  # in place: the module keeps its type; the compiled graph is reused across calls
     channels_last(pipe)
-    if o.dtype == "bf16" and not bf16_native(pipe.denoiser.device):
+    if o.dtype == "bf16" and not bf16_native(pipe.denoiser.device):  # OpenVINO's hint too: the same CPU
         logger.warning(
             "this %s has no native bf16 (AVX-512 BF16 or AMX): bf16 runs many times slower than fp32 here",
             pipe.denoiser.device.type,
@@ -293,7 +293,9 @@ def check_device(device: str) -> None:
 def load(o: Options):
     check_device(o.device)
 
-    pipe = load_pipeline(o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle)
+    pipe = load_pipeline(
+        o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle, backend=o.backend
+    )
     return prepare(pipe, o)
 
 

@@ -3,18 +3,16 @@ and others) and a JSON chunk with everything needed to make the same image again
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from gen.control import module as control_module
 from gen.diffusion.samplers import SAMPLERS, sampler_name
-from gen.files import atomic_write_text
 from gen.generation.options import hires_on
 from gen.loading.assets import model_folder
+from gen.loading.hashing import model_hash  # noqa: F401 (callers read it from here)
 
 JSON_KEY = "gen"
 A1111_KEY = "parameters"
@@ -22,51 +20,12 @@ A1111_KEY = "parameters"
 # 0-255 levels per channel: none where the CPU's matrix kernels do not depend on the batch shape or the thread
 # count (AVX2 machines measured so), one level on a few pixels where they do (seen on an AVX-512 machine).
 PIXEL_TOLERANCE = 1
-_CHUNK = 1 << 20
 # The JSON record's layout. 2: options.clip_skip in A1111's numbering (records without "format" held the
 # pipeline's, one less); `read` turns older records into the current layout.
 FORMAT = 2
 
 
-def _cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gen" / "model-hashes.json"
-
-
-def model_hash(folder: str | Path) -> str:
-    """SHA-256 of the model's weight files (content, in sorted order), cached by path, size and mtime."""
-    folder = Path(folder).resolve()
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
-    key = (
-        str(folder)
-        + "|"
-        + "|".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    )
-    cache_path = _cache_file()
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    digest = hashlib.sha256()
-    for p in files:
-        if p != folder:
-            digest.update(str(p.relative_to(folder)).encode())
-        with p.open("rb") as f:
-            while block := f.read(_CHUNK):
-                digest.update(block)
-    value = digest.hexdigest()
-    try:  # the cache is a convenience: a read-only home must not stop generation
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache[key] = value
-        atomic_write_text(cache_path, json.dumps(cache))
-    except OSError:
-        pass
-    return value
-
-
-def record(pipe, o, job, image, model_hash: str, init=None, control=None) -> dict:
+def record(pipe, o, job, image, weights_hash: str, init=None, control=None) -> dict:
     """What the PNG of `job` (made with options `o` by `pipe`, from `init`'s image and mask if given) records: one
     function, so the CLI and the server write the same metadata and `gen reproduce` reads either."""
     sampler = sampler_name(pipe.scheduler)
@@ -84,7 +43,7 @@ def record(pipe, o, job, image, model_hash: str, init=None, control=None) -> dic
         "scheduler": dict(pipe.scheduler.config),
         "model_path": o.model,
         "model_name": folder.stem,
-        "model_hash": model_hash,
+        "model_hash": weights_hash,
         "versions": versions(),
         "device": o.device,
         "dtype": o.dtype,

@@ -15,7 +15,7 @@ from gen.diffusion.samplers import SAMPLERS, unknown_sampler
 from gen.generation.control_units import check_units, parse_control
 from gen.generation.fields import check_value, option, specs
 from gen.generation.upscale import UPSCALERS
-from gen.loading.precision import PRECISIONS, check_precision
+from gen.loading.precision import BACKENDS, PRECISIONS, check_backend, check_precision
 from gen.pipelines.attention_backend import ATTENTION
 from gen.pipelines.checks import check_strength
 
@@ -68,6 +68,12 @@ class Options:
     height: int | None = option(None, "image height in pixels (default: the model's)")
     device: str = option("cpu", "cpu, cuda, cuda:1, ...")
     dtype: str = option("fp32", "precision", choices=PRECISIONS)
+    backend: str = option(
+        "torch",
+        "what runs the denoiser and VAE: torch, or openvino (pip install 'gen[openvino]'; CPU; converted once and"
+        " cached, each new size compiled once)",
+        choices=BACKENDS,
+    )
     # A1111's numbering: 1 the last layer, 2 the penultimate (gen.generation.clip_skip)
     clip_skip: int | None = option(
         None,
@@ -172,6 +178,11 @@ def check_options(o: Options) -> None:
         check_text(getattr(o, name), what)
     check_text(o.hires_negative, "hires negative prompt")
     check_precision(o.dtype, o.device)
+    check_backend(o.backend, o.dtype, o.device)
+    if o.backend == "openvino" and (o.lora or o.compile):
+        what = "LoRA" if o.lora else "--compile"
+        raise ValueError(f"backend 'openvino' runs the weights as converted: {what} is not supported there yet;"
+                         " use --backend torch")  # fmt: skip
     check_a1111_clip_skip(o.clip_skip, o.sdxl_clip_l_skip)
     if o.guidance_interval is not None:
         parse_interval(",".join(str(x) for x in o.guidance_interval))

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from gen.loading.assets import DEFAULT_MODEL, model_folder  # noqa: F401  (DEFAULT_MODEL: public here too)
-from gen.loading.precision import check_precision
+from gen.loading.backend import use_openvino
+from gen.loading.hashing import model_hash
+from gen.loading.precision import check_backend, check_precision
 from gen.pipelines import TextToImagePipeline
 from gen.pipelines.single_file import load_original
 
@@ -20,11 +22,20 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
+    backend: str = "torch",
 ):
     """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
     names text_encoder_2) or single .safetensors SD checkpoint; with no path, the embedded default model.
-    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety)."""
-    check_precision({torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, "fp32"), str(device))
+    Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety).
+    backend="openvino": the denoiser and VAE run as OpenVINO compiled models (gen.loading.backend), in bf16 when
+    torch_dtype is bfloat16, else f32; the torch modules load in float32."""
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, "fp32")
+    check_precision(dtype, str(device))
+    check_backend(backend, dtype, str(device))
+    if backend == "openvino":
+        pipe = load_pipeline(path, torch.float32, device, allow_pickle)
+        use_openvino(pipe, model_hash(model_folder(path)), dtype)
+        return pipe
     folder = model_folder(path)
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
         pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     """The app; `models` already loaded (tests share them between apps) or loaded here from config.models."""
     config.check()
-    models = models or Models.load(config.models, config.device, config.dtype, config.attention)
+    models = models or Models.load(
+        config.models, config.device, config.dtype, config.attention, config.backend
+    )
     state = State(config, models)
 
     @asynccontextmanager

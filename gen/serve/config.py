@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gen.generation.fields import option
 from gen.generation.options import ATTENTION, PRECISIONS
+from gen.loading.precision import BACKENDS
 
 
 def default_state_dir() -> Path:
@@ -45,6 +46,11 @@ class ServeConfig:
     )
     dtype: str = option("fp32", "precision", choices=PRECISIONS)
     attention: str = option("sdpa", "attention kernels", choices=ATTENTION)
+    backend: str = option(
+        "torch",
+        "what runs the denoiser and VAE: torch, or openvino (CPU; pip install 'gen[openvino]')",
+        choices=BACKENDS,
+    )
     api_auth: str | None = option(
         None, "HTTP Basic on every route (default: $GEN_API_AUTH, else none)", metavar="USER:PASS[,U2:P2]"
     )

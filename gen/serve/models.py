@@ -53,10 +53,16 @@ class ServedModel:
         }
 
 
-def load_model(path: str | None, device: str, dtype: str, attention: str) -> ServedModel:
+def load_model(
+    path: str | None, device: str, dtype: str, attention: str, backend: str = "torch"
+) -> ServedModel:
     folder = model_folder(path).resolve()
     o = G.Options(
-        model=str(folder) if path is not None else None, device=device, dtype=dtype, attention=attention
+        model=str(folder) if path is not None else None,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        backend=backend,
     )
     G.check_options(o)
     pipe = G.load(o)
@@ -76,8 +82,10 @@ class Models:
         self._titles = titles
 
     @classmethod
-    def load(cls, paths: list[str | None], device: str, dtype: str, attention: str) -> Models:
-        return cls([load_model(p, device, dtype, attention) for p in paths])
+    def load(
+        cls, paths: list[str | None], device: str, dtype: str, attention: str, backend: str = "torch"
+    ) -> Models:
+        return cls([load_model(p, device, dtype, attention, backend) for p in paths])
 
     def __iter__(self):
         return iter(self.all)

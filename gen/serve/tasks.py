@@ -148,6 +148,7 @@ def server_values(config: ServeConfig) -> dict:
         "device": config.device,
         "dtype": config.dtype,
         "attention": config.attention,
+        "backend": config.backend,
         "steps": min(G.Options.steps, config.max_steps),
     }
 

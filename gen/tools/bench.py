@@ -133,6 +133,43 @@ def dtype_speedup(pipe, batch: int, pairs: int) -> dict:
     return {"batch": batch, "fp32_over_this_dtype": stats(ratios)}
 
 
+def backend_speedup(model, dtype: str, batch: int, steps: int, pairs: int) -> dict:
+    """Whole images at `batch` with the OpenVINO backend in `dtype` against gen's torch fp32, timed alternately
+    in the same run; the OpenVINO load and first call (conversion or the cache, then compilation) apart; the
+    pictures' mean and largest difference in 0-255 levels."""
+    import numpy as np
+
+    start = time.perf_counter()
+    fast = load_pipeline(model, torch_dtype=DTYPES[dtype], backend="openvino")
+    prompts = ["a red circle on a blue background"] * batch
+
+    def run(pipe):
+        generator = [torch.Generator().manual_seed(k) for k in range(batch)]
+        return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="np").images
+
+    first = run(fast)
+    first_s = time.perf_counter() - start
+    slow = load_pipeline(model)
+    reference = run(slow)
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        run(slow)
+        t1 = time.perf_counter()
+        run(fast)
+        ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    diff = np.abs(first - reference) * 255
+    return {
+        "batch": batch,
+        "dtype": dtype,
+        "conversion": fast._openvino["transformer" if fast.denoiser_name == "transformer" else "unet"],
+        "load_and_first_call_s": first_s,
+        "torch_fp32_over_openvino": stats(ratios),
+        "mean_diff_levels": float(diff.mean()),
+        "max_diff_levels": float(diff.max()),
+    }
+
+
 def compare_with_diffusers(pipe, steps: int, pairs: int, batch: int = 1) -> dict:
     """gen's pipeline vs StableDiffusionPipeline on the same UNet components: ratio per paired run."""
     import warnings
@@ -218,6 +255,7 @@ def benchmark(
     reps: int = 5,
     pairs: int = 5,
     unet: bool = True,
+    backend: str = "torch",
 ) -> dict:
     torch_dtype = DTYPES[dtype]
     pipe = load_pipeline(model, torch_dtype=torch_dtype, device=device)
@@ -245,6 +283,8 @@ def benchmark(
         if device != "cpu" or dtype == "fp32":
             sd.unet.to(memory_format=torch.channels_last)
         report["unet_vs_diffusers"] = compare_with_diffusers(sd, steps, pairs)
+    if backend == "openvino":
+        report["openvino"] = backend_speedup(model, dtype, max(batches), steps, pairs)
     report["peak_memory_mb"] = peak_memory_mb(dev)
     return report
 
@@ -279,6 +319,15 @@ def format_report(r: dict) -> str:
             f"SD-architecture UNet, gen / diffusers time ratio over {c['pairs']} paired runs: min {ratio['min']:.3f}"
             f"  median {ratio['median']:.3f}  max {ratio['max']:.3f}  (gen {c['gen_s']['median']:.3f} s,"
             f" diffusers {c['diffusers_s']['median']:.3f} s per image)"
+        )
+    if "openvino" in r:
+        o = r["openvino"]
+        ratio = o["torch_fp32_over_openvino"]
+        lines.append(
+            f"OpenVINO {o['dtype']} ({o['conversion']}; load + first call {o['load_and_first_call_s']:.1f} s), whole"
+            f" images at batch {o['batch']}: torch fp32 / OpenVINO time min {ratio['min']:.2f}x median"
+            f" {ratio['median']:.2f}x max {ratio['max']:.2f}x; pictures differ by mean {o['mean_diff_levels']:.3f},"
+            f" max {o['max_diff_levels']:.0f} levels"
         )
     lines.append(f"peak memory: {r['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)

@@ -143,14 +143,19 @@ class ComponentTimer:
         return timed
 
     def __enter__(self) -> ComponentTimer:
+        self._own = {}  # what the instances had themselves (the OpenVINO backend's forward), put back after
         for name, attr in self.PARTS:
             module = getattr(self.pipe, name)
+            self._own[name] = vars(module).get(attr)
             setattr(module, attr, self._wrap(name, getattr(module, attr)))
         return self
 
     def __exit__(self, *exc) -> None:
         for name, attr in self.PARTS:
-            vars(getattr(self.pipe, name)).pop(attr, None)  # the class's method shows through again
+            module = getattr(self.pipe, name)
+            vars(module).pop(attr, None)  # the class's method shows through again
+            if self._own[name] is not None:
+                setattr(module, attr, self._own[name])
 
 
 # -- the pipelines timed -------------------------------------------------------------------------------------
@@ -165,6 +170,7 @@ class Row:
     pipe: object
     dtype: str
     is_gen: bool = False
+    first_s: float | None = None  # loading and the first call (OpenVINO: conversion, then compilation)
     seconds: list[float] = field(default_factory=list)
     call_mb: list[float] = field(default_factory=list)
     parts: dict[str, float] = field(default_factory=dict)
@@ -239,12 +245,18 @@ def _diffusers_obvious(folder: Path, device: str):
 # -- the benchmark -------------------------------------------------------------------------------------------
 
 
-def _rows(folder: Path, dtypes: tuple[str, ...], device: str) -> list[Row]:
+def _rows(folder: Path, dtypes: tuple[str, ...], device: str, openvino: tuple[str, ...] = ()) -> list[Row]:
     rows = []
     for dtype in dtypes:
         gen = _gen_pipeline(folder, dtype, device)
         rows.append(Row(f"gen {dtype}", gen, dtype, is_gen=True))
         rows.append(Row(f"diffusers, gen's modules, {dtype}", _diffusers_on(gen), dtype))
+    for dtype in openvino:  # timed from the load: a first process converts, a later one reads the cache
+        start = time.perf_counter()
+        pipe = load(Options(model=str(folder), dtype=dtype, device=device, backend="openvino"))
+        row = Row(f"gen openvino {dtype} ({pipe._openvino['unet']})", pipe, dtype)
+        row.first_s = time.perf_counter() - start
+        rows.append(row)
     rows.append(Row(OBVIOUS, _diffusers_obvious(folder, device), "fp32"))
     return rows
 
@@ -273,18 +285,25 @@ def benchmark_sd(
     dtypes: tuple[str, ...] | None = None,
     device: str = "cpu",
     seed: int = 0,
+    openvino: tuple[str, ...] = (),
 ) -> dict:
     """Seconds per image of gen and diffusers on SD 1.5 (random weights unless `folder` is an SD folder), batch 1,
-    in rounds that rotate the order of the pipelines; see the module's docstring for the rows."""
+    in rounds that rotate the order of the pipelines; see the module's docstring for the rows. `openvino`: the
+    precisions to add gen's OpenVINO backend in."""
     dev = torch.device(device)
     folder = Path(folder) if folder is not None else sd15_folder(seed)
     peaks = {
         name: matmul_peak(dt, dev, n=512) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
     }
     chosen, skipped = _pick_dtypes(dtypes, dev, peaks)
-    rows = _rows(folder, chosen, device)
-    for row in rows:  # warm-up: oneDNN builds its kernels for these shapes on the first call
+    rows = _rows(folder, chosen, device, openvino)
+    for (
+        row
+    ) in rows:  # warm-up: oneDNN builds its kernels (OpenVINO compiles) for these shapes on the first call
+        start = time.perf_counter()
         _generate(row.pipe, size, 1, guidance, seed)
+        if row.first_s is not None:
+            row.first_s += time.perf_counter() - start
     for k in range(pairs):
         for row in rows[k % len(rows) :] + rows[: k % len(rows)]:
             row.run(
@@ -332,7 +351,11 @@ def _summary(row: Row, rows: list[Row], base: Row, ref: Row) -> dict:
         "weights_mb": weights_mb(row.pipe),
         "call_peak_mb": max(row.call_mb) if row.call_mb else None,
         "max_abs_diff_vs_gen_fp32": float(np.abs(row.image - ref.image).max() * 255),
+        "mean_abs_diff_vs_gen_fp32": float(np.abs(row.image - ref.image).mean() * 255),
+        "first_call_s": row.first_s,
     }
+    if row.first_s is not None:
+        out["over_gen_fp32"] = stats([a / b for a, b in zip(row.seconds, ref.seconds, strict=True)])
     if row.is_gen:
         theirs = next(r for r in rows if r.name == f"diffusers, gen's modules, {row.dtype}")
         out["over_diffusers_same"] = stats([a / b for a, b in zip(row.seconds, theirs.seconds, strict=True)])
@@ -370,6 +393,12 @@ def format_report(r: dict) -> str:
             o = row["over_gen_fp32"]
             lines.append(
                 f"{row['name']} / gen fp32 time: median {o['median']:.3f} (min {o['min']:.3f}, max {o['max']:.3f})"
+            )
+    for row in r["rows"]:
+        if row.get("first_call_s") is not None:
+            lines.append(
+                f"{row['name']}: load + first call {row['first_call_s']:.1f} s; image vs gen fp32: mean"
+                f" {row['mean_abs_diff_vs_gen_fp32']:.3f}, max {row['max_abs_diff_vs_gen_fp32']:.0f} levels"
             )
     if r["skipped"]:
         lines.append(r["skipped"])

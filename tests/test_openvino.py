@@ -1,0 +1,148 @@
+"""The OpenVINO backend (gen.loading.backend) on tiny parts built in code: the same pictures as the torch backend
+within the stated tolerance (a UNet, SDXL's, gen's DiT; text-to-image and image-to-image through the converted
+VAE encoder), the converted models read back from the cache by a second load, ControlNet's residuals still
+reaching the UNet, and the refusals in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gen.cli import main
+from gen.loading.pipeline import load_pipeline
+from gen.pipelines import ControlNetPipeline, ImageToImagePipeline
+from tests import components
+from tests.images import assert_same_image, pixels
+
+pytest.importorskip("openvino")
+
+# f32 OpenVINO against torch fp32: kernels differ (measured max |diff| on [0, 1] pictures ~1e-6 on these parts)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ov")
+    tokenizer = components.write_tokenizer(d / "tok")
+    components.pipeline(tokenizer, "unet").save_pretrained(d / "unet")
+    components.pipeline(tokenizer).save_pretrained(d / "dit")
+    components.sdxl_pipeline(d / "xl-parts").save_pretrained(d / "xl")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "ov-cache"))
+
+
+def images(pipe, **kwargs) -> np.ndarray:
+    generator = [torch.Generator().manual_seed(k) for k in range(2)]
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "output_type": "np", **kwargs}
+    return pipe(["a red circle", "a blue square"], generator=generator, **kwargs).images
+
+
+@pytest.mark.parametrize("model", ["unet", "dit", "xl"])
+def test_same_pictures_as_torch_and_a_second_load_reads_the_cache(folders, model):
+    torch_pipe = load_pipeline(str(folders / model))
+    ov_pipe = load_pipeline(str(folders / model), backend="openvino")
+    assert ov_pipe._openvino[ov_pipe.denoiser_name] == "converted"
+    a, b = images(torch_pipe), images(ov_pipe)
+    assert a.shape == b.shape and np.abs(a - b).max() < TOLERANCE, np.abs(a - b).max()
+    wide = images(ov_pipe, height=48, width=32)  # another shape: compiled once more
+    assert np.abs(wide - images(torch_pipe, height=48, width=32)).max() < TOLERANCE
+    again = load_pipeline(str(folders / model), backend="openvino")
+    assert again._openvino == {
+        **ov_pipe._openvino,
+        **{k: "cached" for k in ov_pipe._openvino if k != "precision"},
+    }
+    assert np.array_equal(images(again), b)  # the cached conversion is the same model
+
+
+def test_image_to_image_runs_the_converted_encoder(folders):
+    picture = Image.new("RGB", (32, 32), "navy")
+    made = []
+    for backend in ("torch", "openvino"):
+        pipe = ImageToImagePipeline.from_pipe(load_pipeline(str(folders / "unet"), backend=backend))
+        made.append(images(pipe, image=picture, strength=0.6))
+    assert np.abs(made[0] - made[1]).max() < TOLERANCE
+
+
+def test_controlnet_residuals_still_reach_the_unet(folders):
+    from tests.test_controlnet import control_image, controlnet
+
+    net = controlnet()
+    made = []
+    for backend in ("torch", "openvino"):
+        pipe = ControlNetPipeline.from_pipe(
+            load_pipeline(str(folders / "unet"), backend=backend), controlnet=net
+        )
+        made.append(images(pipe, image=control_image()))
+    plain = images(load_pipeline(str(folders / "unet"), backend="openvino"))
+    assert np.abs(made[0] - made[1]).max() < TOLERANCE and np.abs(made[1] - plain).max() > 0.05
+
+
+def test_cli_backend_reproduces(folders, tmp_path):
+    out, torch_out = tmp_path / "ov.png", tmp_path / "pt.png"
+    args = ["a red circle", "--model", str(folders / "dit"), "--seed", "2", "--steps", "4", "--quiet"]
+    assert main([*args, "--backend", "openvino", "-o", str(out)]) == 0
+    assert main([*args, "-o", str(torch_out)]) == 0
+    assert_same_image(out, torch_out)  # within PIXEL_TOLERANCE
+    assert main(["reproduce", str(out), "--verify"]) == 0
+    from gen.generation import metadata
+
+    assert metadata.read(out)["options"]["backend"] == "openvino"
+    assert pixels(out).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--lora", "x.safetensors"],
+            "backend 'openvino' runs the weights as converted: LoRA is not supported",
+        ),
+        (["--device", "cuda"], "backend 'openvino' runs on the CPU here; got device 'cuda'"),
+        (["--dtype", "fp16"], "dtype fp16 is ~10x slower than fp32 on a CPU"),
+        (["--backend", "tensorrt"], "argument --backend: invalid choice: 'tensorrt'"),
+    ],
+)
+def test_bad_backend_requests_are_one_line(tmp_path, capsys, argv, message):
+    backend = [] if "--backend" in argv else ["--backend", "openvino"]
+    assert main(["x", "-o", str(tmp_path / "x.png"), *backend, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from gen.loading.precision import check_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
+    )
+    with pytest.raises(
+        ValueError, match=r"backend 'openvino' needs the openvino package: pip install 'gen\[openvino\]'"
+    ):
+        check_backend("openvino", "fp32", "cpu")
+
+
+def test_served_with_the_backend_equals_the_cli(folders, tmp_path):
+    from gen.serve.models import Models
+    from tests.serve_support import cli_image, png, serving
+
+    models = Models.load(
+        [str(folders / "dit")], device="cpu", dtype="fp32", attention="sdpa", backend="openvino"
+    )
+    body = {"prompt": "a red circle", "seed": 5, "steps": 4}
+    with serving(models=models, backend="openvino") as server, server.client() as c:
+        answer = c.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    served = png(answer.json()["images"][0])
+    cli = cli_image(
+        tmp_path, "a red circle", 5, "--model", str(folders / "dit"), "--steps", "4", "--backend", "openvino"
+    )
+    assert_same_image(served, cli, exact=True)

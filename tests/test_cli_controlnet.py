@@ -210,3 +210,25 @@ def test_img2img_with_a_control_unit(parts, tmp_path):
     assert main([PROMPT, "-o", str(plain), *RUN, *init]) == 0
     assert pixels(out).shape == (32, 32, 3) and differ(out, plain)
     assert main(["reproduce", str(out), "--verify"]) == 0
+
+
+def test_lora_and_prompt_weights_keep_working_with_a_unit(parts, tmp_path):
+    from tests.test_lora import adapted
+
+    tokenizer = components.write_tokenizer(tmp_path / "tok")
+    adapted(tokenizer, "unet", 1).save_lora_weights(tmp_path / "style.safetensors")
+    model = ["--model", str(parts / "unet"), *RUN]
+    made = {}
+    for name, extra in {
+        "control": unit(parts),
+        "control+lora": [*unit(parts), "--lora", f"{tmp_path / 'style.safetensors'}:0.8"],
+        "lora": ["--lora", f"{tmp_path / 'style.safetensors'}:0.8"],
+    }.items():
+        out = tmp_path / f"{name}.png"
+        assert main([PROMPT, "-o", str(out), *model, *extra]) == 0
+        made[name] = out
+    assert differ(made["control+lora"], made["control"]) and differ(made["control+lora"], made["lora"])
+    assert main(["reproduce", str(made["control+lora"]), "--verify"]) == 0
+    weighted = tmp_path / "weighted.png"
+    assert main(["(a red:1.5) circle", "-o", str(weighted), *model, *unit(parts)]) == 0
+    assert differ(weighted, made["control"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # kohya-s
 READ_OPTIONS = ("weight_name", "subfolder", "use_safetensors")
 # diffusers' download options: no-ops for the local paths gen loads, accepted so diffusers code runs unchanged.
 HUB_OPTIONS = {"cache_dir", "force_download", "proxies", "local_files_only", "token", "revision"}
+# diffusers' loading options that change how memory is used, not the result: taken and left to peft's defaults
+MEMORY_OPTIONS = {"low_cpu_mem_usage"}
 
 
 def _weight_names(weight_name: str | None, use_safetensors: bool | None) -> list[str]:
@@ -96,7 +99,7 @@ def _read(path: Path, allow_pickle: bool) -> tuple[dict, dict | None]:
 def _read_options(kwargs: dict) -> dict:
     """load_lora_weights' reading options; anything else but diffusers' (unused) download options is refused."""
     options = {name: kwargs.pop(name, None) for name in READ_OPTIONS}
-    unknown = sorted(set(kwargs) - HUB_OPTIONS)
+    unknown = sorted(set(kwargs) - HUB_OPTIONS - MEMORY_OPTIONS)
     if unknown:
         raise TypeError(
             f"load_lora_weights() got unexpected keyword arguments {unknown}; it takes adapter_name,"
@@ -133,6 +136,23 @@ def _check_lora_keys(state: dict, label: str) -> None:
         raise ValueError(
             f"{label} mixes kohya keys ({mixed!r}) with other keys; diffusers converts only all-kohya files"
         )
+
+
+def _diffusers_save(cls):
+    """diffusers' save_lora_weights (a classmethod: the layers in, a folder out), bound to `cls`."""
+    return types.MethodType(StableDiffusionLoraLoaderMixin.save_lora_weights.__func__, cls)
+
+
+class _class_or_instance:  # noqa: N801 (used as a decorator, like classmethod)
+    """On the class, diffusers' classmethod (its tests and scripts call `Pipeline.save_lora_weights(save_directory,
+    unet_lora_layers=...)`); on an instance, the decorated method."""
+
+    def __init__(self, method):
+        self.method = method
+        self.__doc__ = method.__doc__
+
+    def __get__(self, obj, cls=None):
+        return _diffusers_save(cls) if obj is None else types.MethodType(self.method, obj)
 
 
 class LoraMixin(StableDiffusionLoraLoaderMixin):
@@ -237,11 +257,11 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
         return state, alphas
 
     def _check_components(self, state: dict, label: str) -> None:
-        """Every component the LoRA adapts is in this pipeline, the denoiser among them."""
+        """Every component the LoRA adapts is in this pipeline (a text-encoder-only LoRA is one, as in diffusers)."""
         prefix = self.denoiser_name
         texts = self._text_encoders()
         found = sorted({k.split(".")[0] for k in state})
-        if prefix not in found:
+        if not set(found) & {prefix, *texts}:
             raise ValueError(
                 f"{label} is a LoRA for {', '.join(found) or 'nothing'}; this pipeline's denoiser is `{prefix}`"
             )
@@ -298,10 +318,19 @@ class LoraMixin(StableDiffusionLoraLoaderMixin):
             for encoder in self._text_encoders().values():
                 unscale_lora_layers(encoder, scale)
 
-    def save_lora_weights(self, path: str | Path, adapter_name: str = "default") -> Path:
+    @_class_or_instance
+    def save_lora_weights(
+        self, path: str | Path | None = None, adapter_name: str = "default", **diffusers_form
+    ) -> Path:
         """Write the adapter `adapter_name` of the denoiser (and of the text encoders, if they have it) to the
         file `path`, atomically, in diffusers' format. gen's own: diffusers' save_lora_weights is a classmethod
-        that takes the layers and writes a folder in place."""
+        that takes the layers and writes a folder in place -- called that way (`save_directory=`,
+        `unet_lora_layers=`, `text_encoder_lora_layers=`, ...), it is diffusers' own."""
+        if "save_directory" in diffusers_form or any(k.endswith("_lora_layers") for k in diffusers_form):
+            directory = diffusers_form.pop("save_directory", path)
+            return _diffusers_save(type(self))(directory, **diffusers_form)
+        if path is None:
+            raise ValueError("save_lora_weights needs the file to write (path=...)")
         from peft.utils import get_peft_model_state_dict
 
         state, metadata = {}, {}

@@ -444,3 +444,24 @@ def test_lora_sources_are_refused_with_one_line_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"is not a LoRA: its key 'x'"):
         components.pipeline(tokenizer, "unet").load_lora_weights(tmp_path / "run")
     assert not getattr(dit.transformer, "peft_config", None)
+
+
+def test_diffusers_classmethod_save_and_a_text_encoder_only_lora(tokenizer, tmp_path):
+    """`Pipeline.save_lora_weights(save_directory, text_encoder_lora_layers=...)` is diffusers' own classmethod;
+    a LoRA adapting only the text encoder loads (as in diffusers) and gives the adapted pipeline's pictures."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = components.pipeline(tokenizer, "unet")
+    plain = run(pipe)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pipe.text_encoder.add_adapter(config)
+    adapted_images = run(pipe)
+    TextToImagePipeline.save_lora_weights(
+        save_directory=tmp_path, text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder)
+    )
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    fresh = components.pipeline(tokenizer, "unet")
+    fresh.load_lora_weights(tmp_path, low_cpu_mem_usage=True)
+    again = run(fresh)
+    assert abs(again - adapted_images).max() < 1e-5 and abs(again - plain).max() > 1e-3

@@ -313,3 +313,35 @@ def test_cancel_keeps_the_job_and_delete_forgets_it():
         assert http.post("/gen/v1/jobs/nope/cancel").status_code == 404
         assert http.delete(f"/gen/v1/jobs/{job['id']}").status_code == 200
         assert http.get(f"/gen/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_a_schema_1_store_is_migrated_in_place(tmp_path):
+    """A store written before ControlNet units (schema 1: no `control` column) opens: its jobs read back, new
+    ones keep their units' pictures."""
+    import sqlite3
+
+    from gen.serve.records import JobRecord
+    from gen.serve.sqlite_store import SCHEMA, SqliteStore
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    old.executescript(
+        """CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+        model_name TEXT NOT NULL, model_sha256 TEXT NOT NULL, options TEXT NOT NULL, jobs TEXT NOT NULL,
+        init_image BLOB, init_hash TEXT, mask BLOB, mask_hash TEXT, status TEXT NOT NULL, created REAL NOT NULL,
+        finished REAL, error TEXT);
+        CREATE TABLE images (job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, idx INTEGER NOT NULL,
+        parameters TEXT NOT NULL, sampler TEXT NOT NULL, PRIMARY KEY (job_id, idx));
+        INSERT INTO jobs (id, model_name, model_sha256, options, jobs, status, created)
+        VALUES ('old', 'm', 'abc', '{"prompt": "x"}', '[[0, "x", 1]]', 'queued', 1.0);
+        PRAGMA user_version=1;"""
+    )
+    old.commit()
+    old.close()
+    store = SqliteStore(tmp_path)
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 2
+        assert store.get("old").control is None and store.get("old").options == {"prompt": "x"}
+        store.add(JobRecord("new", "m", "abc", {}, [(0, "y", 2)], control=[b"png-bytes"]))
+        assert store.get("new").control == [b"png-bytes"]
+    finally:
+        store.close()

@@ -12,6 +12,7 @@ The module path gen.pipelines.controlnet.ControlNetPipeline is written into save
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,24 @@ class ControlSteps:
     def nets(self) -> list[ControlNetModel]:
         net = self.controlnet
         return list(net.nets) if isinstance(net, MultiControlNetModel) else [net]
+
+    @contextmanager
+    def _steering(self, image, height, width, scale, guess_mode, start, end, mode, kwargs: dict):
+        """This call's control inputs set (yielding its height and width) while the task's call runs, cleared after."""
+        try:
+            yield self._set_control(
+                image,
+                height,
+                width,
+                scale,
+                guess_mode,
+                start,
+                end,
+                mode,
+                kwargs.get("num_images_per_prompt", 1),
+            )
+        finally:
+            self._pending_control, self._control = None, None
 
     def _set_control(
         self, image, height, width, scale, guess_mode, start, end, mode, per_prompt: int
@@ -211,21 +230,9 @@ class ControlNetPipeline(ControlSteps, TextToImagePipeline):
         to the control image's (rounded down to the VAE's factor). `control_mode` per net (CONTROL_MODES;
         guess_mode=True is "control" for every net). Every other argument is TextToImagePipeline's (prompt,
         negative_prompt, num_inference_steps, guidance_scale, generator, ...)."""
-        height, width = self._set_control(
-            image,
-            height,
-            width,
-            controlnet_conditioning_scale,
-            guess_mode,
-            control_guidance_start,
-            control_guidance_end,
-            control_mode,
-            kwargs.get("num_images_per_prompt", 1),
-        )
-        try:
+        steer = (controlnet_conditioning_scale, guess_mode, control_guidance_start, control_guidance_end)
+        with self._steering(image, height, width, *steer, control_mode, kwargs) as (height, width):
             return super().__call__(prompt, height=height, width=width, **kwargs)
-        finally:
-            self._pending_control, self._control = None, None
 
 
 class ControlNetImageToImagePipeline(ControlSteps, ImageToImagePipeline):
@@ -253,21 +260,9 @@ class ControlNetImageToImagePipeline(ControlSteps, ImageToImagePipeline):
         """diffusers' default scale here is 0.8, as in its img2img ControlNet pipeline; the size defaults to the
         control image's, as there (give the picture and the control image the same size, or height/width)."""
         I.check_image(image)
-        height, width = self._set_control(
-            control_image,
-            height,
-            width,
-            controlnet_conditioning_scale,
-            guess_mode,
-            control_guidance_start,
-            control_guidance_end,
-            control_mode,
-            kwargs.get("num_images_per_prompt", 1),
-        )
-        try:
+        steer = (controlnet_conditioning_scale, guess_mode, control_guidance_start, control_guidance_end)
+        with self._steering(control_image, height, width, *steer, control_mode, kwargs) as (height, width):
             return super().__call__(prompt, image, height=height, width=width, **kwargs)
-        finally:
-            self._pending_control, self._control = None, None
 
 
 def _per_net(start, end, n: int) -> tuple[list[float], list[float]]:

@@ -17,7 +17,7 @@ from gen.loading.pipeline import load_pipeline
 from gen.pipelines import ControlNetPipeline
 from tests import components
 from tests.images import assert_same_image, differ, pixels
-from tests.test_controlnet import controlnet
+from tests.test_controlnet import controlnet, red_disc
 
 PROMPT = "a red circle"
 RUN = ["--steps", "4", "--seed", "3", "--width", "32", "--height", "32", "--quiet", "--overwrite"]
@@ -33,9 +33,7 @@ def parts(tmp_path_factory):
     controlnet(0).save_pretrained(d / "net")
     controlnet(1).save_pretrained(d / "net2")
     controlnet(2, cross_dim=64).save_pretrained(d / "wide")
-    picture = Image.new("RGB", (48, 40), "navy")
-    ImageDraw.Draw(picture).ellipse((8, 6, 36, 34), fill="red")
-    picture.save(d / "pic.png")
+    red_disc(d / "pic.png")
     return d
 
 

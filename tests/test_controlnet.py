@@ -64,6 +64,17 @@ def generators(n: int, first: int = 0) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(first + k) for k in range(n)]
 
 
+def red_disc(path=None):
+    """The control tests' picture: a red disc on navy, 48x40 (saved to `path` if given)."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (48, 40), "navy")
+    ImageDraw.Draw(picture).ellipse((8, 6, 36, 34), fill="red")
+    if path is not None:
+        picture.save(path)
+    return picture
+
+
 def control_image(seed: int = 0, size: int = 32) -> torch.Tensor:
     return torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(seed))
 
@@ -73,10 +84,14 @@ def t2i(tmp_path_factory):
     return components.pipeline(components.write_tokenizer(tmp_path_factory.mktemp("tok")), "unet")
 
 
-def pipelines(t2i, net, scheduler_cls=DDIMScheduler):
+def pipelines(
+    t2i, net, scheduler_cls=DDIMScheduler, ours=ControlNetPipeline, theirs=StableDiffusionControlNetPipeline
+):
+    """gen's ControlNet pipeline and diffusers' on t2i's parts, one scheduler config (text-to-image by default;
+    the image-to-image pair with ControlNetImageToImagePipeline and StableDiffusionControlNetImg2ImgPipeline)."""
     scheduler = scheduler_cls.from_config(t2i.scheduler.config)
-    ours = ControlNetPipeline.from_pipe(t2i, controlnet=net, scheduler=scheduler)
-    theirs = StableDiffusionControlNetPipeline(
+    gen_pipe = ours.from_pipe(t2i, controlnet=net, scheduler=scheduler)
+    sd_pipe = theirs(
         **{k: getattr(t2i, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
         scheduler=scheduler,
         controlnet=net,
@@ -84,9 +99,9 @@ def pipelines(t2i, net, scheduler_cls=DDIMScheduler):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    for pipe in (ours, theirs):
+    for pipe in (gen_pipe, sd_pipe):
         pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
+    return gen_pipe, sd_pipe
 
 
 def run(pipe, image, seed: int = 0, **kwargs) -> np.ndarray:
@@ -263,19 +278,9 @@ def test_sdxl_guidance_fractions_count_the_whole_schedule_with_denoising_end(tmp
 
 
 def img2img_pipelines(t2i, net, scheduler_cls=DDIMScheduler):
-    scheduler = scheduler_cls.from_config(t2i.scheduler.config)
-    ours = ControlNetImageToImagePipeline.from_pipe(t2i, controlnet=net, scheduler=scheduler)
-    theirs = StableDiffusionControlNetImg2ImgPipeline(
-        **{k: getattr(t2i, k) for k in ("vae", "text_encoder", "tokenizer", "unet")},
-        scheduler=scheduler,
-        controlnet=net,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return pipelines(
+        t2i, net, scheduler_cls, ControlNetImageToImagePipeline, StableDiffusionControlNetImg2ImgPipeline
     )
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
 
 
 IMG2IMG_VARIANTS = {

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import webuiapi
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from gen.cli import main
 from gen.control import detect
@@ -19,7 +19,7 @@ from gen.serve.models import Models
 from tests import components
 from tests.images import assert_same_image, differ, pixels
 from tests.serve_support import cli_image, png, serving
-from tests.test_controlnet import controlnet
+from tests.test_controlnet import controlnet, red_disc
 
 PROMPT = "a red circle"
 
@@ -33,9 +33,7 @@ def setup(tmp_path_factory):
     controlnet(0).save_pretrained(nets / "net")
     controlnet(1).save_pretrained(nets / "control_v11p_tiny_canny")
     controlnet(2, cross_dim=64).save_pretrained(nets / "wide")
-    picture = Image.new("RGB", (48, 40), "navy")
-    ImageDraw.Draw(picture).ellipse((8, 6, 36, 34), fill="red")
-    picture.save(d / "pic.png")
+    red_disc(d / "pic.png")
     models = Models.load([str(d / "unet")], device="cpu", dtype="fp32", attention="sdpa")
     with serving(models=models, controlnet_dir=str(nets), state_dir=str(d / "state")) as server:
         yield d, server

@@ -21,6 +21,7 @@ CONTROL_MODES = {
     "ControlNet is more important": "control",
 }
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # which hires fix passes a unit steers
+NO_INPAINT = "ControlNet with inpainting (a mask) is not supported; use an init image without a mask"
 
 # What the command line may write for a value, beside A1111's names
 SHORT = {

@@ -12,13 +12,14 @@ from __future__ import annotations
 from weakref import WeakKeyDictionary
 
 from gen.control import detect, fit, pixel_perfect
-from gen.generation.control_units import CONTROL_MODES, ControlUnit, check_units
+from gen.generation.control_units import CONTROL_MODES, NO_INPAINT, ControlUnit, check_units
 from gen.generation.inputs import ControlPictures
 from gen.loading.controlnet import load_controlnet
 from gen.pipelines import ControlNetImageToImagePipeline, ControlNetPipeline
 from gen.pipelines.checks import check_base
 
-# A loaded pipeline -> {ControlNet path: its net}; -> {(task, paths): its ControlNet pipeline}
+# A UNet -> {ControlNet path: its net} (every pipeline made from one loaded model shares its UNet, so a net loads
+# once for all of them); a pipeline -> {(task, paths): its ControlNet pipeline}
 _NETS: WeakKeyDictionary = WeakKeyDictionary()
 _PIPELINES: WeakKeyDictionary = WeakKeyDictionary()
 SOFT_IN_HIRES = ("canny",)  # A1111: mlsd too, a preprocessor gen does not draw
@@ -39,7 +40,7 @@ def nets(pipe, units: list[ControlUnit], allow_pickle: bool = False) -> list:
         raise ValueError(
             "ControlNet steers UNet models (SD 1.x, 2.x, SDXL); this model's denoiser is gen's DiT"
         )
-    loaded = _NETS.setdefault(pipe, {})
+    loaded = _NETS.setdefault(pipe.unet, {})
     for k, unit in enumerate(units):
         if unit.model not in loaded:
             net = load_controlnet(unit.model, torch_dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
@@ -52,9 +53,7 @@ def control_pipeline(pipe, task: str, units: list[ControlUnit], allow_pickle: bo
     """`pipe`'s task ("text" or "image": image-to-image and hires fix's second pass) steered by the units'
     nets, sharing `pipe`'s weights and scheduler; made once per (task, nets)."""
     if task not in ("text", "image"):
-        raise ValueError(
-            "ControlNet with inpainting (a mask) is not supported; use an init image without a mask"
-        )
+        raise ValueError(NO_INPAINT)
     made = _PIPELINES.setdefault(pipe, {})
     key = (task, tuple(u.model for u in units))
     if key not in made:

@@ -164,7 +164,7 @@ def render(
     prompts = [j.prompt for j in batch]
     if init is None and hires_on(o):
         return _render_hires(pipe, o, prompts, kwargs, control, height, width)
-    task = task_pipeline(pipe, init)
+    task = pipeline_for(pipe, task_of(init), None)  # made once, not per batch (its ControlNet variant too)
     if control is not None:
         task, extra = steered(task, o, task_of(init), control, width, height)
         kwargs.update(extra)
@@ -180,13 +180,12 @@ def render(
 def _render_hires(pipe, o: Options, prompts, kwargs: dict, control, height: int, width: int) -> list:
     """Hires fix's two passes, each steered by the ControlNet units its hr_option names."""
     first, second = task_pipeline(pipe, None), pipeline_for(pipe, "image", o.hires_sampler or o.sampler)
-    extra = {}
-    if control is not None:
-        first, first_extra = steered(first, o, "text", control, width, height, hires_pass=False)
-        kwargs = {**kwargs, **first_extra}
-        big_h, big_w = hires_size(pipe, o, height, width)
-        second, extra = steered(second, o, "image", control, big_w, big_h, hires_pass=True)
-    return render_hires(first, second, o, prompts, kwargs, extra)
+    if control is None:
+        return render_hires(first, second, o, prompts, kwargs)
+    first, first_extra = steered(first, o, "text", control, width, height, hires_pass=False)
+    big_h, big_w = hires_size(pipe, o, height, width)
+    second, second_extra = steered(second, o, "image", control, big_w, big_h, hires_pass=True)
+    return render_hires(first, second, o, prompts, kwargs, first_extra, second_extra)
 
 
 def _step_callback(on_step: Callable[[], object]) -> Callable:

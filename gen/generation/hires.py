@@ -35,22 +35,28 @@ def upscale_latents(
 
 
 def render_hires(
-    first_pipe, second_pipe, o: Options, prompts: list[str], kwargs: dict, second_extra: dict | None = None
+    first_pipe,
+    second_pipe,
+    o: Options,
+    prompts: list[str],
+    kwargs: dict,
+    first_extra: dict | None = None,
+    second_extra: dict | None = None,
 ) -> list:
     """PIL images of one batch with hires fix: `first_pipe` (text-to-image) makes the small ones, `second_pipe`
     (image-to-image, sharing the weights, with the hires sampler) re-draws them upscaled. `kwargs` are the first
-    pass's call arguments (generators, guidance, size, step callback, its ControlNet inputs); `second_extra` the
-    second pass's own (its ControlNet inputs at the upscaled size)."""
+    pass's call arguments (generators, guidance, size, step callback), shared by the second; `first_extra` and
+    `second_extra` each pass's own (its ControlNet inputs at its size)."""
     latent = o.hires_upscaler in LATENT_MODES
-    small = first_pipe(prompts, **kwargs, output_type="latent" if latent else "pil").images
+    small = first_pipe(
+        prompts, **kwargs, **(first_extra or {}), output_type="latent" if latent else "pil"
+    ).images
     height, width = hires_size(first_pipe, o, kwargs["height"], kwargs["width"])
     if latent:
         image = upscale_latents(small, height, width, first_pipe.vae_scale_factor, o.hires_upscaler)
     else:
         image = [resize_image(picture, width, height, o.hires_upscaler) for picture in small]
-    first_only = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-    second = {k: v for k, v in kwargs.items() if k not in (*first_only, "control_mode")}
-    second |= {"height": height, "width": width, "num_inference_steps": o.hires_steps or o.steps}
+    second = {**kwargs, "height": height, "width": width, "num_inference_steps": o.hires_steps or o.steps}
     second |= second_extra or {}
     if o.hires_negative:
         second["negative_prompt"] = [o.hires_negative] * len(prompts)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 from gen.diffusion.samplers import SAMPLERS, unknown_sampler
-from gen.generation.control_units import check_units, parse_control
+from gen.generation.control_units import NO_INPAINT, check_units, parse_control
 from gen.generation.fields import check_value, option, specs
 from gen.generation.upscale import UPSCALERS
 from gen.loading.precision import BACKENDS, PRECISIONS, check_backend, check_precision
@@ -189,9 +189,7 @@ def check_options(o: Options) -> None:
     check_init(o)
     check_hires(o)
     if check_units(o.control) and o.mask is not None:
-        raise ValueError(
-            "ControlNet with inpainting (a mask) is not supported; use an init image without a mask"
-        )
+        raise ValueError(NO_INPAINT)
 
 
 def hires_on(o: Options) -> bool:

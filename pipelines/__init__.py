@@ -12,22 +12,28 @@ from typing import TYPE_CHECKING
 _MODULES = {
     "ControlNetImageToImagePipeline": "gen.pipelines.controlnet",
     "ControlNetPipeline": "gen.pipelines.controlnet",
+    "FluxTextToImagePipeline": "gen.pipelines.flux",
     "ImageToImagePipeline": "gen.pipelines.image_to_image",
     "InpaintPipeline": "gen.pipelines.inpaint",
+    "SD3TextToImagePipeline": "gen.pipelines.sd3",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
 __all__ = [
     "ControlNetImageToImagePipeline",
     "ControlNetPipeline",
+    "FluxTextToImagePipeline",
     "ImageToImagePipeline",
     "InpaintPipeline",
+    "SD3TextToImagePipeline",
     "TextToImagePipeline",
 ]
 
 if TYPE_CHECKING:
     from gen.pipelines.controlnet import ControlNetImageToImagePipeline, ControlNetPipeline
+    from gen.pipelines.flux import FluxTextToImagePipeline
     from gen.pipelines.image_to_image import ImageToImagePipeline
     from gen.pipelines.inpaint import InpaintPipeline
+    from gen.pipelines.sd3 import SD3TextToImagePipeline
     from gen.pipelines.text_to_image import TextToImagePipeline
 
 

@@ -125,6 +125,14 @@ def check_clip_skip(pipe, clip_skip: ClipSkip) -> None:
             _check_layers(value, clip_skip, name, encoder, low=-1 if pipe.is_sdxl else 0)
 
 
+def check_clip_skip_layers(clip_skip, encoders: tuple, low: int = 0) -> None:
+    """One clip_skip for several encoders read from their penultimate layer (SD3's two CLIPs; -1: the last)."""
+    if clip_skip is None:
+        return
+    for i, encoder in enumerate(encoders):
+        _check_layers(clip_skip, clip_skip, f"text_encoder{'_' + str(i + 1) if i else ''}", encoder, low)
+
+
 def _per_encoder(clip_skip, encoders: int) -> tuple:
     if not isinstance(clip_skip, (tuple, list)):
         return (clip_skip,) * encoders

@@ -142,12 +142,12 @@ def encode(vae, pixels: torch.Tensor, generator, batch: int) -> torch.Tensor:
 def scale_latents(vae, x: torch.Tensor) -> torch.Tensor:
     """A VAE posterior's latents (B, C, h, w) -> the denoiser's: times `scaling_factor`, after the per-channel
     `latents_mean` / `latents_std` normalisation where the VAE's config has them (as diffusers' SDXL pipelines
-    encode). unscale_latents undoes it."""
+    encode), or minus `shift_factor` where it has that (SD3's and Flux's VAEs). unscale_latents undoes it."""
     stats = _channel_stats(vae, x)
-    if stats is None:
-        return x * vae.config.scaling_factor
-    mean, std = stats
-    return (x - mean) * vae.config.scaling_factor / std
+    if stats is not None:
+        mean, std = stats
+        return (x - mean) * vae.config.scaling_factor / std
+    return (x - _shift(vae)) * vae.config.scaling_factor
 
 
 def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -155,9 +155,14 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     x = latents / vae.config.scaling_factor
     stats = _channel_stats(vae, x)
     if stats is None:
-        return x
+        return x + _shift(vae)
     mean, std = stats
     return x * std + mean
+
+
+def _shift(vae) -> float:
+    """The VAE's latent shift (SD3, Flux), 0 where its config has none (SD's: None)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def _channel_stats(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -32,6 +32,10 @@ PIPELINES = (
     "ControlNetPipeline",  # gen.pipelines.ControlNetPipeline.from_pretrained
     "StableDiffusionControlNetPipeline",
     "StableDiffusionXLControlNetPipeline",
+    "SD3TextToImagePipeline",
+    "StableDiffusion3Pipeline",
+    "FluxTextToImagePipeline",
+    "FluxPipeline",
 )
 LFS_MAGIC = b"version https://git-lfs"
 
@@ -113,7 +117,7 @@ def check_folder(folder: Path, allow_pickle: bool = False) -> dict:
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ValueError(
-            f"{folder} is a {kind} folder; gen loads {', '.join(PIPELINES)} folders (SD 1.x/2.x and SDXL layouts)"
+            f"{folder} is a {kind} folder; gen loads {', '.join(PIPELINES)} folders (SD 1.x/2.x, SDXL, SD3 and Flux layouts)"
         )
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
+import gen.pipelines
 from gen.loading.assets import DEFAULT_MODEL, model_folder  # noqa: F401  (DEFAULT_MODEL: public here too)
 from gen.loading.backend import use_openvino
 from gen.loading.hashing import model_hash
@@ -25,7 +27,8 @@ def load_pipeline(
     backend: str = "torch",
 ):
     """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
-    names text_encoder_2) or single .safetensors SD checkpoint; with no path, the embedded default model.
+    names text_encoder_2; SD3 and Flux: their own classes, from model_index.json's _class_name) or single
+    .safetensors SD checkpoint; with no path, the embedded default model.
     Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety).
     backend="openvino": the denoiser and VAE run as OpenVINO compiled models (gen.loading.backend), in bf16 when
     torch_dtype is bfloat16, else f32; the torch modules load in float32."""
@@ -40,10 +43,14 @@ def load_pipeline(
     if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
         pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:
-        pipe = TextToImagePipeline.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
-        check_tokenizer(pipe.tokenizer, pipe.text_encoder, folder)
-        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
-            check_tokenizer(pipe.tokenizer_2, pipe.text_encoder_2, folder, "tokenizer_2")
+        cls = pipeline_class(folder)
+        pipe = cls.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
+        for suffix in ("", "_2", "_3"):  # SDXL's, SD3's and Flux's further encoders too
+            if getattr(pipe, f"text_encoder{suffix}", None) is not None:
+                tokenizer = getattr(pipe, f"tokenizer{suffix}")
+                check_tokenizer(
+                    tokenizer, getattr(pipe, f"text_encoder{suffix}"), folder, f"tokenizer{suffix}"
+                )
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if torch_dtype in (torch.float16, torch.bfloat16):
@@ -51,6 +58,22 @@ def load_pipeline(
             torch.float32
         )  # half-precision VAEs overflow or band; the decoder is a small part of the time
     return pipe
+
+
+# model_index.json's _class_name -> gen's text-to-image pipeline for that family (SD 1.x/2.x and SDXL otherwise).
+FAMILIES = {
+    "StableDiffusion3Pipeline": "SD3TextToImagePipeline",
+    "SD3TextToImagePipeline": "SD3TextToImagePipeline",
+    "FluxPipeline": "FluxTextToImagePipeline",
+    "FluxTextToImagePipeline": "FluxTextToImagePipeline",
+}
+
+
+def pipeline_class(folder: Path):
+    """gen's pipeline class for a diffusers folder, from its model_index.json (checked later by the loader)."""
+    index = folder / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return getattr(gen.pipelines, FAMILIES.get(name, "TextToImagePipeline"))
 
 
 def load_single_file(

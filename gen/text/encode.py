@@ -114,6 +114,12 @@ def _chunked(tokenizer, text_encoder, prompts: list[str], truncate: bool, weight
     return [*chunked, tokenize_weighted(tokenizer, "", truncate=False, weighting=False, length=length)]
 
 
+def first_window(tokenizer, text_encoder, prompts: list[str], weighting: bool = True) -> list[list[int]]:
+    """Each prompt's first window of ids (BOS, tokens, EOS, padding), A1111's syntax removed: what a pooled-only
+    reading of a prompt takes (Flux's CLIP), as a truncating tokenizer call gives for a plain prompt."""
+    return [c.ids[0] for c in _chunked(tokenizer, text_encoder, prompts, True, weighting)[:-1]]
+
+
 def _penultimate(
     text_encoder, chunked: list[Chunks], device, clip_skip: int | None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -132,6 +138,24 @@ def _penultimate(
             pooled.append(first[at])
         at += k
     return rows, torch.stack(pooled) if pooled else None
+
+
+def embed_penultimate(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    device: torch.device | str,
+    clip_skip: int | None = None,
+    truncate: bool = False,
+    weighting: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One CLIP encoder read as SDXL and SD3 read theirs (see _penultimate): each prompt's chunks (K_i*L, D), the
+    empty chunk (L, D), each prompt's pooled embedding (B, P) and the empty prompt's (P); one encoder call."""
+    chunked = _chunked(tokenizer, text_encoder, prompts, truncate, weighting)
+    rows, pooled = _penultimate(text_encoder, chunked, device, clip_skip)
+    if pooled is None:
+        return rows[:-1], rows[-1], None, None
+    return rows[:-1], rows[-1], pooled[:-1], pooled[-1]
 
 
 def embed_sdxl(

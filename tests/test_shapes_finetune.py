@@ -56,6 +56,10 @@ def test_tiny_run_trains_the_dit_from_caches(tmp_path):
         "0",
         "--cache-dir",
         str(tmp_path / "cache"),
+        # fp32 on every CPU: "auto" picks bf16 where the CPU has it natively, and accelerate's process-wide
+        # state, set to fp32 by the tests before this one, cannot change precision within one process
+        "--precision",
+        "no",
     ]
     F.main(["--out", str(out), *args])
     report = json.loads((out / "report.json").read_text())

@@ -21,12 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from gen.diffusion.guidance import guidance
 from gen.pipelines.checks import check_guidance
 from gen.pipelines.flow import FlowMatchingPipeline
+from gen.pipelines.flow_lora import FlowLoraMixin
 from gen.text.encode import first_window
 from gen.text.t5 import embed_t5
 
@@ -63,12 +65,13 @@ def _rows(value: Prompts, fallback: list[str] | None = None) -> list[str] | None
     return list(value)
 
 
-class FluxTextToImagePipeline(FlowMatchingPipeline):
+class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoaderMixin):
     """Generate images from text with a Flux.1 folder, as FluxPipeline does."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _lora_loader = FluxLoraLoaderMixin
 
     def __init__(
         self,
@@ -138,7 +141,8 @@ class FluxTextToImagePipeline(FlowMatchingPipeline):
                 pooled.to(device),
                 torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
             )
-        return self.encode_prompt(_rows(prompt), prompt_2, device, **opts)
+        with self._text_lora_scale():
+            return self.encode_prompt(_rows(prompt), prompt_2, device, **opts)
 
     # -- the call -----------------------------------------------------------------------------------------------
     @torch.no_grad()

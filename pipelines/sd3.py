@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.loaders import SD3LoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from gen.diffusion.guidance import guidance
 from gen.pipelines.checks import check_clip_skip_layers
 from gen.pipelines.flow import FlowMatchingPipeline
+from gen.pipelines.flow_lora import FlowLoraMixin
 from gen.text.encode import embed_penultimate, pad_chunks
 from gen.text.t5 import embed_t5
 
@@ -38,12 +40,13 @@ def _listed(value: Prompts, fallback: list[str]) -> list[str]:
     return [value] * len(fallback) if isinstance(value, str) else list(value)
 
 
-class SD3TextToImagePipeline(FlowMatchingPipeline):
+class SD3TextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, SD3LoraLoaderMixin):
     """Generate images from text with a Stable Diffusion 3 / 3.5 folder, as StableDiffusion3Pipeline does."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->transformer->vae"
     _optional_components = ["text_encoder_3", "tokenizer_3"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "pooled_prompt_embeds"]
+    _lora_loader = SD3LoraLoaderMixin
 
     def __init__(
         self,
@@ -128,7 +131,8 @@ class SD3TextToImagePipeline(FlowMatchingPipeline):
             texts[2] = texts[2] + _listed(per_encoder["negative_prompt_3"], negatives)
         embeds = pooled = None
         if texts[0]:
-            embeds, pooled = self.encode_prompt(texts[0], texts[1], texts[2], device, **opts)
+            with self._text_lora_scale():
+                embeds, pooled = self.encode_prompt(texts[0], texts[1], texts[2], device, **opts)
         pos = (embeds[:batch], pooled[:batch]) if rows is not None else None
         pos = pos or (given["prompt_embeds"].to(device), given["pooled_prompt_embeds"].to(device))
         neg = None

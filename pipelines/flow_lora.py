@@ -1,0 +1,95 @@
+"""LoRA on the SD3 and Flux pipelines through diffusers' own loader mixins (SD3LoraLoaderMixin,
+FluxLoraLoaderMixin): their key conversions (diffusers', kohya's and ComfyUI's layouts, Flux's BFL names) and
+their adapter API (set_adapters, fuse_lora, unload_lora_weights, ...), behind gen's checks: local paths only,
+safetensors only unless allow_pickle=True, the file checked whole before it is read, one line for a LoRA of
+another model. The scale in joint_attention_kwargs={"scale": s} weighs the transformer's and, as diffusers does,
+the CLIP (and Flux's T5) encoders' adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+from gen.pipelines.lora import _lora_source, _read_options
+
+
+class _Collect(logging.Handler):
+    def __init__(self, found: list[str]):
+        super().__init__(logging.WARNING)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "unexpected keys" in message:
+            self.found.append(" ".join(message.split()))
+
+
+@contextmanager
+def _unexpected_keys():
+    """diffusers' warnings that a LoRA's keys name layers the model lacks (it loads the rest and goes on)."""
+    found: list[str] = []
+    handler = _Collect(found)
+    log = logging.getLogger("diffusers.utils.peft_utils")
+    log.addHandler(handler)
+    try:
+        yield found
+    finally:
+        log.removeHandler(handler)
+
+
+class FlowLoraMixin:
+    """load_lora_weights for a pipeline whose diffusers mixin (`_lora_loader`) is among its bases."""
+
+    _lora_loader: type
+    _lora_text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        allow_pickle: bool = False,
+        **kwargs,
+    ) -> str:
+        """Load a LoRA file, folder (`weight_name=`, default pytorch_lora_weights.safetensors) or state dict as a
+        named adapter, as the diffusers pipeline's load_lora_weights does; returns the adapter's name."""
+        options = _read_options(kwargs)
+        state, _, path, label = _lora_source(pretrained_model_name_or_path_or_dict, allow_pickle, options)
+        name = adapter_name or f"adapter_{len(getattr(self.transformer, 'peft_config', None) or {})}"
+        # A checked .safetensors file goes by path, so diffusers reads its LoraConfig header as from its own call.
+        by_path = path is not None and path.suffix.lower() == ".safetensors"
+        source = str(path) if by_path else state
+        try:
+            with _unexpected_keys() as unexpected:
+                self._lora_loader.load_lora_weights(
+                    self, source, adapter_name=name, **({"use_safetensors": True} if by_path else {})
+                )
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise self._misfit(label, " ".join(str(e).split())) from None
+        if unexpected:  # diffusers only warns, and the LoRA would be applied in part: taken off, refused
+            self.delete_adapters(name)
+            raise self._misfit(label, unexpected[0])
+        return name
+
+    def _misfit(self, label: str, detail: str) -> ValueError:
+        return ValueError(
+            f"{label} does not fit this {type(self.transformer).__name__} (another model's LoRA?): {detail[:300]}"
+        )
+
+    @contextmanager
+    def _text_lora_scale(self):
+        """The text encoders' adapters weighed by joint_attention_kwargs' "scale" while the prompts encode."""
+        scale = (self.joint_attention_kwargs or {}).get("scale")
+        encoders = [getattr(self, n, None) for n in self._lora_text_encoders]
+        encoders = [e for e in encoders if e is not None and getattr(e, "peft_config", None)]
+        for encoder in encoders if scale is not None else []:
+            scale_lora_layers(encoder, scale)
+        try:
+            yield
+        finally:
+            for encoder in encoders if scale is not None else []:
+                unscale_lora_layers(encoder, scale)

@@ -50,6 +50,19 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
         """Pixels per side when height/width are not given, as diffusers' pipelines default them."""
         return self.transformer.config.sample_size * self.vae_scale_factor
 
+    # -- memory: the VAE's slicing and tiling, as StableDiffusion3Pipeline users call them ----------------------
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
     # -- the call's state, read by diffusers-style properties (and by callbacks) --------------------------------
     @property
     def guidance_scale(self) -> float:

@@ -182,3 +182,13 @@ def test_bad_input_is_one_line(tmp_path, family, call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         ours(**{**BASE, **call})
     assert "\n" not in str(error.value)
+
+
+def test_vae_tiling_and_slicing_reach_the_vae(tmp_path):
+    ours, _ = pair("flux", tmp_path)
+    ours.enable_vae_tiling()
+    ours.enable_vae_slicing()
+    assert ours.vae.use_tiling and ours.vae.use_slicing
+    ours.disable_vae_tiling()
+    ours.disable_vae_slicing()
+    assert not ours.vae.use_tiling and not ours.vae.use_slicing

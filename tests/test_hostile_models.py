@@ -51,7 +51,7 @@ def custom_module(f):
 
 def other_pipeline(f):
     index = json.loads((f / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "KandinskyPipeline"
     (f / "model_index.json").write_text(json.dumps(index))
 
 
@@ -100,7 +100,7 @@ CATALOGUE = [
     (custom_module, r"component 'transformer' names module 'os'; gen imports classes only from diffusers"),
     (
         other_pipeline,
-        r"is a FluxPipeline folder; gen loads TextToImagePipeline, ImageToImagePipeline, InpaintPipeline,",
+        r"is a KandinskyPipeline folder; gen loads TextToImagePipeline, ImageToImagePipeline, InpaintPipeline,",
     ),
     (bad_json, r"model_index.json is not valid JSON"),
     (nan_weights, r"vae: tensor '.*' contains NaN or Inf values"),

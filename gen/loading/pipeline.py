@@ -71,8 +71,10 @@ FAMILIES = {
 
 def pipeline_class(folder: Path):
     """gen's pipeline class for a diffusers folder, from its model_index.json (checked later by the loader)."""
-    index = folder / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):  # no index, or a broken one: the loader's checks say which
+        name = None
     return getattr(gen.pipelines, FAMILIES.get(name, "TextToImagePipeline"))
 
 

@@ -56,11 +56,11 @@ def test_rows_agree_and_report_is_complete(tiny_folder):
 
 def test_bf16_rows_are_left_out_without_native_bf16(monkeypatch):
     peaks = {"fp32": 40e9, "bf16": 0.6e9}
-    monkeypatch.setattr(bench_sd, "bf16_native", lambda device: False)
+    monkeypatch.setattr(bench_sd, "native_bf16", lambda device: (False, ""))
     chosen, why = bench_sd._pick_dtypes(None, torch.device("cpu"), peaks)
     assert chosen == ("fp32",) and "no native bf16" in why and "0.6 GFLOP/s" in why
     assert bench_sd._pick_dtypes(("bf16",), torch.device("cpu"), peaks) == (("fp32", "bf16"), None)
-    monkeypatch.setattr(bench_sd, "bf16_native", lambda device: True)
+    monkeypatch.setattr(bench_sd, "native_bf16", lambda device: (True, ""))
     assert bench_sd._pick_dtypes(None, torch.device("cpu"), {"fp32": 1e9, "bf16": 4e9}) == (
         ("fp32", "bf16"),
         None,

@@ -123,12 +123,12 @@ def test_bf16_without_native_support_warns(dit_pipe, caplog, monkeypatch):
     from gen.generation import core
     from gen.generation.options import Options
 
-    monkeypatch.setattr(core, "bf16_native", lambda device: False)
+    monkeypatch.setattr(core, "native_bf16", lambda device: (False, ""))
     with caplog.at_level(logging.WARNING):
         core.prepare(dit_pipe, Options(dtype="bf16"))
     assert "no native bf16" in caplog.text
     caplog.clear()
-    monkeypatch.setattr(core, "bf16_native", lambda device: True)
+    monkeypatch.setattr(core, "native_bf16", lambda device: (True, ""))
     with caplog.at_level(logging.WARNING):
         core.prepare(dit_pipe, Options(dtype="bf16"))
         core.prepare(dit_pipe, Options(dtype="fp32"))

@@ -45,10 +45,13 @@ class Runner:
 
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
+        why = G.resolve_precision(o)  # "auto" decided here, once: load keeps it, the PNGs record it
         pipe = G.task_pipeline(G.load(o), self.init)
         G.validate(pipe, o, self.init)
         if self.announce_seed:
             print(f"gen: seed: {o.seed}", file=sys.stderr)
+        if why and not quiet:  # after the checks, as the seed: a refused run's error stays one line
+            print(f"gen: precision: {o.dtype} ({why})", file=sys.stderr)
         self.model_hash = metadata.model_hash(model_folder(o.model or None))
         if self.state is not None:  # every process takes every num_processes-th image; seeds stay per image
             jobs = (j for j in jobs if j.index % self.state.num_processes == self.state.process_index)

@@ -7,10 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-from gen.cli.common import CliError, Parser, quiet_libraries
+from gen.cli.common import CliError, Parser, err, quiet_libraries
 from gen.cli.flags import argparse_type
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision, parse_interval
-from gen.loading.precision import BACKENDS, check_backend
+from gen.loading.precision import BACKENDS, check_backend, native_bf16, pick_precision
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -125,6 +125,10 @@ def _bench_batches(args: argparse.Namespace) -> tuple[int, ...]:
         raise CliError("--batch, --steps, --reps and --pairs must be >= 1")
     check_precision(args.dtype or "fp32", args.device)
     check_backend(args.backend, args.dtype or "fp32", args.device)
+    if args.dtype:
+        args.dtype, why = pick_precision(args.dtype, args.device, args.backend)
+        if why:
+            err(f"precision: {args.dtype} ({why})")
     return batches
 
 
@@ -145,7 +149,8 @@ def bench_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=PRECISIONS,
-        help="precision (default: fp32; with --arch sd15, fp32 rows and bf16 rows where the hardware has bf16)",
+        help="precision (default: fp32; with --arch sd15, fp32 rows and bf16 rows where the hardware has bf16;"
+        " auto: gen's choice, printed)",
     )
     p.add_argument(
         "--size", type=int, default=512, help="--arch sd15: pixels per side (default: %(default)s)"
@@ -231,9 +236,7 @@ def _openvino_rows(args: argparse.Namespace) -> tuple[str, ...]:
     if args.backend != "openvino":
         return ()
     check_backend("openvino", args.dtype or "fp32", args.device)
-    from gen.loading.backend import cpu_has_bf16
-
-    return (args.dtype,) if args.dtype else ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+    return (args.dtype,) if args.dtype else ("fp32", "bf16") if native_bf16("cpu")[0] else ("fp32",)
 
 
 def _bench_sd(args: argparse.Namespace) -> int:

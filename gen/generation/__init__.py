@@ -33,6 +33,7 @@ from gen.generation.options import (
     parse_lora,
     pick_seed,
     plan,
+    resolve_precision,
     seed_of,
     steps_run,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "parse_lora",
     "pick_seed",
     "plan",
+    "resolve_precision",
     "seed_of",
     "steps_run",
     *_CORE,

@@ -29,8 +29,19 @@ from gen.generation.inputs import (
     read_control_pictures,
     read_init_images,
 )
-from gen.generation.options import Job, Options, batches, check_options, hires_on, parse_lora, pick_seed, plan
-from gen.loading.pipeline import load_pipeline
+from gen.generation.options import (
+    Job,
+    Options,
+    batches,
+    check_options,
+    hires_on,
+    parse_lora,
+    pick_seed,
+    plan,
+    resolve_precision,
+)
+from gen.loading.pipeline import load_pipeline, model_folder, pipeline_class
+from gen.loading.precision import native_bf16
 from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 from gen.pipelines.attention_backend import set_attention
 from gen.pipelines.checks import check_clip_skip, check_size
@@ -62,7 +73,7 @@ def prepare(pipe, o: Options):
     if o.compile:
         pipe.denoiser.compile()  # in place: the module keeps its type; the compiled graph is reused across calls
     channels_last(pipe)
-    if o.dtype == "bf16" and not bf16_native(pipe.denoiser.device):  # OpenVINO's hint too: the same CPU
+    if o.dtype == "bf16" and not native_bf16(pipe.denoiser.device)[0]:  # OpenVINO's hint too: the same CPU
         logger.warning(
             "this %s has no native bf16 (AVX-512 BF16 or AMX): bf16 runs many times slower than fp32 here",
             pipe.denoiser.device.type,
@@ -83,17 +94,6 @@ def channels_last(pipe) -> bool:
     if pipe.vae.dtype == torch.float32:
         pipe.vae.to(memory_format=torch.channels_last)
     return True
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Does this device compute bf16 natively (CUDA, or a CPU with AVX-512 BF16 / AMX as oneDNN sees it)? Without
-    it a CPU emulates bf16 matmuls and convolutions at a few percent of its fp32 speed (measured on AVX2)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without oneDNN
-        return False
 
 
 def task_pipeline(pipe, init: InitImages | None, scheduler=None):
@@ -289,9 +289,24 @@ def check_device(device: str) -> None:
     raise ValueError(f"device {name!r} is not available on this machine; allowed: {', '.join(allowed)}")
 
 
-def load(o: Options):
-    check_device(o.device)
+def check_family(model: str | None) -> None:
+    """SD3 and Flux folders load from Python (gen.load_pipeline) but not yet here: one line before any loading."""
+    folder = model_folder(model)
+    cls = pipeline_class(folder) if folder.is_dir() else None
+    if cls is not None and cls.__name__ != TextToImagePipeline.__name__:
+        raise ValueError(
+            f"{folder} is an SD3/Flux folder: the gen command and server do not run these families yet; from"
+            f" Python, gen.load_pipeline(folder) gives a {cls.__name__}"
+        )
 
+
+def load(o: Options):
+    """The pipeline `o` asks for, prepared; o.dtype "auto" resolved first (resolve_precision), in place."""
+    check_device(o.device)
+    check_family(o.model)
+    why = resolve_precision(o)
+    if why:
+        logger.info("precision: %s (%s)", o.dtype, why)
     pipe = load_pipeline(
         o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle, backend=o.backend
     )

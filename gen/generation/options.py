@@ -1,8 +1,8 @@
 """Generation options and the job plan: what decides the pictures, checked before anything loads.
 
 Torch-free, so the CLI can offer and check these values without importing torch. One place for each rule the
-front-ends share: the allowed precisions and attention backends, fp16 refused on a CPU, and image k of a run
-with seed S getting seed S + k.
+front-ends share: the allowed precisions (and what "auto" becomes) and attention backends, fp16 refused on a CPU,
+and image k of a run with seed S getting seed S + k.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gen.diffusion.samplers import SAMPLERS, unknown_sampler
 from gen.generation.control_units import NO_INPAINT, check_units, parse_control
 from gen.generation.fields import check_value, option, specs
 from gen.generation.upscale import UPSCALERS
-from gen.loading.precision import BACKENDS, PRECISIONS, check_backend, check_precision
+from gen.loading.precision import BACKENDS, PRECISIONS, check_backend, check_precision, pick_precision
 from gen.pipelines.attention_backend import ATTENTION
 from gen.pipelines.checks import check_strength
 
@@ -67,7 +67,11 @@ class Options:
     width: int | None = option(None, "image width in pixels (default: the model's)")
     height: int | None = option(None, "image height in pixels (default: the model's)")
     device: str = option("cpu", "cpu, cuda, cuda:1, ...")
-    dtype: str = option("fp32", "precision", choices=PRECISIONS)
+    dtype: str = option(
+        "auto",
+        "precision; auto: bf16 where the device has native bf16 (AMX or AVX-512 BF16, CUDA Ampere+), else fp32",
+        choices=PRECISIONS,
+    )
     backend: str = option(
         "torch",
         "what runs the denoiser and VAE: torch, or openvino (pip install 'gen[openvino]'; CPU; converted once and"
@@ -190,6 +194,14 @@ def check_options(o: Options) -> None:
     check_hires(o)
     if check_units(o.control) and o.mask is not None:
         raise ValueError(NO_INPAINT)
+
+
+def resolve_precision(o: Options) -> str | None:
+    """o.dtype "auto" made the precision it picks on o.device (gen.loading.precision.pick_precision), before the
+    pipeline loads: the PNG then records, and `gen reproduce` re-runs, what ran. Returns why auto chose it (None
+    for a precision given by name, or already resolved)."""
+    o.dtype, why = pick_precision(o.dtype, o.device, o.backend)
+    return why
 
 
 def hires_on(o: Options) -> bool:

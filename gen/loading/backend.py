@@ -11,7 +11,8 @@ fast; a new size or batch costs one compile, ~1-4 s at SD scale, and OpenVINO's 
 too). The torch modules stay in place for their configs, and run what OpenVINO is not given: ControlNet
 residuals, LoRA (refused before conversion: see check_openvino_lora), the text encoders (a small part of the time).
 
-Precision: "bf16" asks OpenVINO's INFERENCE_PRECISION_HINT for bf16 (where the CPU has it natively), "fp32" for f32.
+Precision: "bf16" asks OpenVINO's INFERENCE_PRECISION_HINT for bf16 (where the CPU has it natively: "auto" picks it
+there, gen.loading.precision.native_bf16), "fp32" for f32.
 """
 
 from __future__ import annotations
@@ -29,13 +30,6 @@ from gen.files import atomic_write
 from gen.loading.precision import HINTS
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_has_bf16() -> bool:
-    """Does OpenVINO see native bf16 on this CPU (AVX-512 BF16 or AMX)?"""
-    import openvino as ov
-
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def cache_root() -> Path:

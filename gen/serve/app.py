@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     """The app; `models` already loaded (tests share them between apps) or loaded here from config.models."""
     config.check()
+    why = config.resolve_precision()
+    logger.info("precision: %s%s", config.dtype, f" ({why})" if why else "")
     models = models or Models.load(
         config.models, config.device, config.dtype, config.attention, config.backend
     )

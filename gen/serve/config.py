@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gen.generation.fields import option
 from gen.generation.options import ATTENTION, PRECISIONS
-from gen.loading.precision import BACKENDS
+from gen.loading.precision import BACKENDS, pick_precision
 
 
 def default_state_dir() -> Path:
@@ -44,7 +44,11 @@ class ServeConfig:
         "ControlNets to serve (A1111's models/ControlNet): original-layout files and diffusers folders in DIR",
         metavar="DIR",
     )
-    dtype: str = option("fp32", "precision", choices=PRECISIONS)
+    dtype: str = option(
+        "auto",
+        "precision; auto: bf16 where the device has native bf16, else fp32 (logged)",
+        choices=PRECISIONS,
+    )
     attention: str = option("sdpa", "attention kernels", choices=ATTENTION)
     backend: str = option(
         "torch",
@@ -99,6 +103,12 @@ class ServeConfig:
             "state_dir": str(default_state_dir()),
             "max_body": str(ServeConfig.max_body / 2**20),
         }
+
+    def resolve_precision(self) -> str | None:
+        """--dtype auto made the precision it picks on --device (gen.loading.precision.pick_precision), once at
+        startup: every request, job and PNG then carries what runs. Returns why auto chose it (None if named)."""
+        self.dtype, why = pick_precision(self.dtype, self.device, self.backend)
+        return why
 
     def credentials(self) -> list[tuple[str, str]]:
         """--api-auth as (user, password) pairs; ValueError naming a malformed entry."""

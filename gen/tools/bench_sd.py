@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen.generation.core import bf16_native, load
+from gen.generation.core import load
 from gen.generation.options import Options
+from gen.loading.precision import native_bf16
 from gen.pipelines.single_file import CONFIGS, config_folder
 from gen.tools.bench import count_flops, matmul_peak, stats
 
@@ -267,7 +268,7 @@ def _pick_dtypes(
     """fp32, and bf16 where the hardware has it (or where asked for by name); the reason when it is left out."""
     if dtypes is not None:
         return tuple(dict.fromkeys(("fp32", *dtypes))), None  # fp32 always: the ratios are against it
-    if bf16_native(device) and peaks["bf16"] > peaks["fp32"]:
+    if native_bf16(device)[0] and peaks["bf16"] > peaks["fp32"]:
         return ("fp32", "bf16"), None
     return ("fp32",), (
         f"bf16 rows left out: this {device.type} has no native bf16 (AVX-512 BF16 / AMX on a CPU); its bf16 matmul"
@@ -325,7 +326,7 @@ def benchmark_sd(
         "device": device,
         "threads": torch.get_num_threads(),
         "matmul_peak_flops": peaks,
-        "bf16_native": bf16_native(dev),
+        "bf16_native": native_bf16(dev)[0],
         "skipped": skipped,
         "rows": [_summary(r, rows, base, ref) for r in rows],
     }

@@ -150,3 +150,17 @@ def test_auto_on_openvino_takes_bf16_only_with_amx(monkeypatch, flags, torch_pic
     assert P.pick_precision("auto", "cpu", "torch")[0] == torch_pick
     assert P.pick_precision("auto", "cpu", "openvino")[0] == openvino_pick
     assert P.pick_precision("bf16", "cpu", "openvino") == ("bf16", None)  # named: as asked
+
+
+def test_bench_times_openvino_bf16_only_where_auto_would_pick_it(monkeypatch):
+    import argparse
+
+    from gen.cli.tools import _openvino_rows
+
+    monkeypatch.delenv(P.NATIVE_BF16, raising=False)
+    args = argparse.Namespace(backend="openvino", dtype=None, device="cpu")
+    monkeypatch.setattr(P, "cpu_flags", lambda path: ("avx512_bf16",))
+    assert _openvino_rows(args) == ("fp32",)
+    monkeypatch.setattr(P, "cpu_flags", lambda path: ("amx_bf16", "avx512_bf16"))
+    assert _openvino_rows(args) == ("fp32", "bf16")
+    assert _openvino_rows(argparse.Namespace(backend="openvino", dtype="bf16", device="cpu")) == ("bf16",)

@@ -10,7 +10,7 @@ from pathlib import Path
 from gen.cli.common import CliError, Parser, err, quiet_libraries
 from gen.cli.flags import argparse_type
 from gen.generation.options import ATTENTION, PRECISIONS, check_precision, parse_interval
-from gen.loading.precision import BACKENDS, check_backend, native_bf16, pick_precision
+from gen.loading.precision import BACKENDS, check_backend, pick_precision
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -232,11 +232,14 @@ def cmd_bench_serve(argv: list[str]) -> int:
 
 
 def _openvino_rows(args: argparse.Namespace) -> tuple[str, ...]:
-    """--backend openvino: its rows in --dtype, else f32 and, where the CPU has native bf16, bf16 too."""
+    """--backend openvino: its rows in --dtype, else f32 and bf16 too where auto would pick OpenVINO's bf16 (a CPU
+    with AMX: see gen.loading.precision.pick_precision)."""
     if args.backend != "openvino":
         return ()
     check_backend("openvino", args.dtype or "fp32", args.device)
-    return (args.dtype,) if args.dtype else ("fp32", "bf16") if native_bf16("cpu")[0] else ("fp32",)
+    if args.dtype:
+        return (args.dtype,)
+    return ("fp32", "bf16") if pick_precision("auto", "cpu", "openvino")[0] == "bf16" else ("fp32",)
 
 
 def _bench_sd(args: argparse.Namespace) -> int:

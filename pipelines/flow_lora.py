@@ -19,27 +19,39 @@ from gen.pipelines.lora import _lora_source, _read_options
 
 
 class _Collect(logging.Handler):
-    def __init__(self, found: list[str]):
-        super().__init__(logging.WARNING)
-        self.found = found
+    """Keeps diffusers' "unexpected keys" warnings (gen raises them instead) and passes every other record on
+    as the logger would have, at the level the caller had set."""
+
+    def __init__(self, found: list[str], passes: int, parent: logging.Logger):
+        super().__init__(logging.NOTSET)
+        self.found, self.passes, self.parent = found, passes, parent
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "unexpected keys" in message:
+        if record.levelno >= logging.WARNING and "unexpected keys" in message:
             self.found.append(" ".join(message.split()))
+        elif record.levelno >= self.passes:
+            self.parent.handle(record)
 
 
 @contextmanager
 def _unexpected_keys():
-    """diffusers' warnings that a LoRA's keys name layers the model lacks (it loads the rest and goes on)."""
+    """diffusers' warnings that a LoRA's keys name layers the model lacks (it loads the rest and goes on).
+    The logger is opened to warnings for the call: a quieted diffusers (`gen`'s CLI sets errors only) would
+    otherwise never make the record, and the misfit LoRA would load in part."""
     found: list[str] = []
-    handler = _Collect(found)
     log = logging.getLogger("diffusers.utils.peft_utils")
+    level, propagate = log.level, log.propagate
+    handler = _Collect(found, log.getEffectiveLevel(), log.parent or logging.getLogger())
     log.addHandler(handler)
+    log.setLevel(min(log.getEffectiveLevel(), logging.WARNING))
+    log.propagate = False
     try:
         yield found
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 class FlowLoraMixin:

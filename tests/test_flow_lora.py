@@ -72,3 +72,19 @@ def test_lora_refusals_are_one_line(tmp_path):
     pickle.write_bytes(b"not read")
     with pytest.raises(ValueError, match="only .safetensors LoRA files"):
         flux.load_lora_weights(str(pickle))
+
+
+def test_misfit_lora_is_refused_with_diffusers_quieted(tmp_path):
+    """gen's CLI sets diffusers' logging to errors only; the misfit check must not depend on that setting."""
+    from diffusers.utils import logging as dlog
+
+    path = lora_file("sd3", tmp_path)
+    flux = FluxTextToImagePipeline(**flux_parts(tmp_path / "flux"))
+    before = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        with pytest.raises(ValueError, match="does not fit this FluxTransformer2DModel"):
+            flux.load_lora_weights(path)
+    finally:
+        dlog.set_verbosity(before)
+    assert not getattr(flux.transformer, "peft_config", None)  # nothing of it left on the model

@@ -125,7 +125,9 @@ class Trainer:
             log_with=o.report_to or None,
             project_dir=self.out / "logs",
         )
-        self.pipe = self.load()
+        # Every part on the accelerator's device: the frozen VAE and text encoder encode there (accelerate's
+        # prepare moves only what trains).
+        self.pipe = self.load().to(self.acc.device)
         self.scheduler = noise_scheduler(self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr)
         self.pipe.scheduler = inference_scheduler(self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr)
         self.pipe.vae.requires_grad_(False)

@@ -19,6 +19,11 @@ def set_attention(pipe, backend: str) -> str:
 
     if backend not in ATTENTION:
         raise ValueError(f"attention {backend!r} must be one of {list(ATTENTION)}")
+    if getattr(pipe, "is_flow", False):
+        # SD3's and Flux's joint attention has its own processors, on SDPA: swapping in UNet-style ones breaks it.
+        if backend != "sdpa":
+            raise ValueError(f"attention {backend!r} is not available for SD3/Flux models here; use 'sdpa'")
+        return backend
     if backend == "xformers":
         if importlib.util.find_spec("xformers") is None or pipe.denoiser.device.type != "cuda":
             logger.warning("xformers needs the xformers package and a CUDA device; using SDPA instead")

@@ -32,6 +32,13 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
     a FlowMatch `scheduler`, its text encoders) and writes `__call__` from these steps."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    is_flow = True  # read by the generation core and the samplers' front-end checks (gen's others: False)
+    is_sdxl = False
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The transformer, under the name the generation core uses for every family's denoiser."""
+        return self.transformer
 
     def _setup_processor(self, pack: int = 1) -> None:
         """vae_scale_factor and the image processor; `pack`: latent pixels per token side beyond the VAE's
@@ -147,7 +154,10 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
     ) -> torch.Tensor:
         """The scheduler's timesteps for the call (custom sigmas and the shift `mu` where given; a scheduler
         that takes no shift spaces its steps itself)."""
-        kwargs = {} if mu is None or not self.accepts("mu") else {"mu": mu}
+        # mu only to a scheduler that shifts dynamically: FlowMatchEuler ignores it otherwise, the multistep
+        # solvers on flow sigmas refuse it.
+        dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
+        kwargs = {"mu": mu} if mu is not None and dynamic and self.accepts("mu") else {}
         steps, count = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, sigmas=sigmas, **kwargs
         )

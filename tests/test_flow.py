@@ -192,17 +192,3 @@ def test_vae_tiling_and_slicing_reach_the_vae(tmp_path):
     ours.disable_vae_tiling()
     ours.disable_vae_slicing()
     assert not ours.vae.use_tiling and not ours.vae.use_slicing
-
-
-def test_the_gen_command_refuses_these_folders_in_one_line(tmp_path):
-    """Not yet run by the CLI and the server: refused before any loading, naming what works instead."""
-    from gen.generation.core import load
-    from gen.generation.options import Options
-
-    _, theirs = pair("sd3", tmp_path / "parts")
-    theirs.save_pretrained(tmp_path / "model")
-    with pytest.raises(
-        ValueError, match="is an SD3/Flux folder: the gen command and server do not run"
-    ) as error:
-        load(Options(model=str(tmp_path / "model")))
-    assert "SD3TextToImagePipeline" in str(error.value) and "\n" not in str(error.value)

@@ -143,7 +143,9 @@ def test_page_shows_the_servers_default_steps():
     shared_models()
     with serving(max_steps=8) as server, page_of(server) as (page, errors):
         expect(page.locator("#steps")).to_have_value("8")
-        expect(page.locator("#guidance")).to_have_value("5")
+        # left empty: the model's own CFG scale (5 here, 7 for SD3, 1 for Flux), as the placeholder says
+        expect(page.locator("#guidance")).to_have_value("")
+        expect(page.locator("#guidance")).to_have_attribute("placeholder", "model's own")
     assert not errors, errors
 
 

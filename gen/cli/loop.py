@@ -46,8 +46,9 @@ class Runner:
     def run(self, jobs) -> int:
         o, quiet = self.o, self.args.quiet
         why = G.resolve_precision(o)  # "auto" decided here, once: load keeps it, the PNGs record it
-        pipe = G.task_pipeline(G.load(o), self.init)
-        G.validate(pipe, o, self.init)
+        pipe = G.load(o)
+        G.validate(pipe, o, self.init)  # on the loaded model, as the server checks: before the task is made
+        pipe = G.task_pipeline(pipe, self.init)
         if self.announce_seed:
             print(f"gen: seed: {o.seed}", file=sys.stderr)
         if why and not quiet:  # after the checks, as the seed: a refused run's error stays one line

@@ -141,7 +141,8 @@ def cmd_samplers(argv: list[str]) -> int:
     from gen.diffusion.samplers import SAMPLERS
 
     for name, s in SAMPLERS.items():
-        print(f"{name:<22}{s.description}")
+        flow = "  [also SD3/Flux]" if s.flow else ""
+        print(f"{name:<22}{s.description}{flow}")
     return 0
 
 

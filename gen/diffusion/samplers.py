@@ -3,6 +3,12 @@
 The mapping follows diffusers' own table of A1111 equivalents. Each scheduler is built from the model's scheduler
 config, so training-time settings (prediction type, betas, timestep count) are kept; only the sampler's own
 options change.
+
+Flow-matching models (SD3, Flux: their scheduler config is a FlowMatch one) take the same names where the
+sampler is defined for a velocity model, as Forge and ComfyUI offer them: Euler and Heun are diffusers' FlowMatch
+schedulers, DPM++ 2M and UniPC diffusers' multistep solvers on flow sigmas (`use_flow_sigmas`, the model's shift).
+The ancestral, Karras, LMS, DDIM/PNDM/DDPM and LCM samplers are defined on a noise-prediction schedule and are
+refused for these models rather than run on a schedule they were not made for.
 """
 
 from __future__ import annotations
@@ -17,18 +23,28 @@ class Sampler:
     description: str
     kwargs: dict = field(default_factory=dict)
     a1111: str = ""  # the name A1111 writes in PNG metadata
+    flow: str = ""  # the diffusers scheduler class for flow-matching models ("": not defined for them)
+    flow_kwargs: dict = field(default_factory=dict)
 
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler(
-        "EulerDiscreteScheduler", "Euler: first-order ODE solver, a solid default", a1111="Euler"
+        "EulerDiscreteScheduler",
+        "Euler: first-order ODE solver, a solid default",
+        a1111="Euler",
+        flow="FlowMatchEulerDiscreteScheduler",
     ),
     "euler_a": Sampler(
         "EulerAncestralDiscreteScheduler",
         "Euler ancestral: adds fresh noise each step (varied, never converges)",
         a1111="Euler a",
     ),
-    "heun": Sampler("HeunDiscreteScheduler", "Heun: second order, two model calls per step", a1111="Heun"),
+    "heun": Sampler(
+        "HeunDiscreteScheduler",
+        "Heun: second order, two model calls per step",
+        a1111="Heun",
+        flow="FlowMatchHeunDiscreteScheduler",
+    ),
     "dpm2": Sampler("KDPM2DiscreteScheduler", "DPM2: second order, two model calls per step", a1111="DPM2"),
     "dpm2_a": Sampler("KDPM2AncestralDiscreteScheduler", "DPM2 ancestral", a1111="DPM2 a"),
     "lms": Sampler("LMSDiscreteScheduler", "LMS: linear multistep", a1111="LMS"),
@@ -36,13 +52,24 @@ SAMPLERS: dict[str, Sampler] = {
     "pndm": Sampler("PNDMScheduler", "PNDM / PLMS: pseudo linear multistep", a1111="PLMS"),
     "ddpm": Sampler("DDPMScheduler", "DDPM: the original ancestral sampler, needs many steps", a1111="DDPM"),
     "unipc": Sampler(
-        "UniPCMultistepScheduler", "UniPC: fast predictor-corrector, good at 10-20 steps", a1111="UniPC"
+        "UniPCMultistepScheduler",
+        "UniPC: fast predictor-corrector, good at 10-20 steps",
+        a1111="UniPC",
+        flow="UniPCMultistepScheduler",
+        flow_kwargs={"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
     ),
     "dpm++_2m": Sampler(
         "DPMSolverMultistepScheduler",
         "DPM++ 2M: fast and sharp at 20 steps",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
         "DPM++ 2M",
+        flow="DPMSolverMultistepScheduler",
+        flow_kwargs={
+            "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
+            "use_flow_sigmas": True,
+            "prediction_type": "flow_prediction",
+        },
     ),
     "dpm++_2m_karras": Sampler(
         "DPMSolverMultistepScheduler",
@@ -80,6 +107,20 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+FLOW_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.flow)
+
+
+def is_flow(config) -> bool:
+    """Is this scheduler config a flow-matching model's (SD3, Flux): a FlowMatch scheduler's (a shift and no betas:
+    an instance's config does not name its class), or a solver on flow sigmas?"""
+    flow_match = "shift" in config and "beta_schedule" not in config
+    return (
+        flow_match
+        or bool(config.get("use_flow_sigmas"))
+        or config.get("prediction_type") == "flow_prediction"
+    )
+
+
 def unknown_sampler(name: str) -> ValueError:
     close = difflib.get_close_matches(name, SAMPLERS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -93,14 +134,26 @@ def make_scheduler(name: str, config):
     spec = SAMPLERS[name]
     import diffusers  # here, not at import: `gen samplers` and argument checks must not load torch
 
+    if is_flow(config):
+        if not spec.flow:
+            raise ValueError(
+                f"sampler {name!r} is not defined for flow-matching models (SD3, Flux); choose one of:"
+                f" {', '.join(FLOW_SAMPLERS)}"
+            )
+        cls = getattr(diffusers, spec.flow)
+        # The multistep solvers call the model's shift flow_shift, and take dynamic shifting's mu from the call.
+        shift = {"flow_shift": config.get("shift", 1.0)} if spec.flow_kwargs.get("use_flow_sigmas") else {}
+        return cls.from_config(config, **shift, **spec.flow_kwargs)
     cls = getattr(diffusers, spec.cls)
     return cls.from_config(config, **spec.kwargs)
 
 
 def sampler_name(scheduler) -> str:
     """The gen name of a scheduler instance (best match by class and options), for metadata."""
-    cfg = scheduler.config
+    cfg, cls = scheduler.config, type(scheduler).__name__
+    flow = is_flow(cfg)
     for name, spec in SAMPLERS.items():
-        if type(scheduler).__name__ == spec.cls and all(cfg.get(k) == v for k, v in spec.kwargs.items()):
+        want, kwargs = (spec.flow, spec.flow_kwargs) if flow else (spec.cls, spec.kwargs)
+        if cls == want and all(cfg.get(k) == v for k, v in kwargs.items()):
             return name
-    return type(scheduler).__name__
+    return cls

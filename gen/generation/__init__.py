@@ -10,6 +10,8 @@ upscale.py    upscalers by A1111's names and hires fix's sizes (torch-free)
 hires.py      hires fix: first pass, upscale (latents or pixels), image-to-image at the larger size
 core.py       load and prepare a pipeline, check a request against it once, render batches, gen.generate
 clip_skip.py  A1111's Clip skip number and which encoders it applies to, as the pipelines take it
+families.py   the request per model family: the model's own CFG scale, Flux's two guidances, what SD3/Flux
+              cannot do yet, each family's call arguments
 metadata.py   what each PNG records, and how far an image made again may differ
 
 Importing this package loads no torch: core's names load on first use.

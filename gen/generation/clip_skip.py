@@ -43,7 +43,10 @@ def pipeline_clip_skip(pipe, clip_skip: int | None, sdxl_clip_l_skip: bool = Fal
 
 
 def applies(pipe, sdxl_clip_l_skip: bool = False) -> bool:
-    """Does A1111 apply Clip skip to this model's text encoder (see the module's docstring)?"""
+    """Does A1111 apply Clip skip to this model's text encoder (see the module's docstring)? Not to SD3 or Flux
+    here: their CLIP encoders are read as diffusers reads them."""
+    if getattr(pipe, "is_flow", False):
+        return False
     if pipe.is_sdxl:
         return sdxl_clip_l_skip
     return getattr(pipe.text_encoder.config, "hidden_act", "quick_gelu") != "gelu"
@@ -58,6 +61,8 @@ def not_applied(pipe, clip_skip: int | None, sdxl_clip_l_skip: bool = False) -> 
             f"clip skip {clip_skip} is not applied to SDXL, as in A1111: --sdxl-clip-l-skip (A1111's 'Clip skip"
             " SDXL' setting) applies it to the first text encoder"
         )
+    if getattr(pipe, "is_flow", False) and clip_skip > 1:
+        return f"clip skip {clip_skip} is not applied to SD3/Flux models here"
     if not pipe.is_sdxl and clip_skip > 1:
         return f"clip skip {clip_skip} is not applied to SD 2.x's OpenCLIP text encoder, as in A1111"
     return None

@@ -21,6 +21,8 @@ from gen.diffusion.samplers import make_scheduler
 from gen.generation.clip_skip import not_applied, pipeline_clip_skip
 from gen.generation.control_units import check_units
 from gen.generation.controlnets import nets, steered
+from gen.generation.families import call_arguments, check_family, is_flow
+from gen.generation.families import not_applied as distilled_not_applied
 from gen.generation.hires import hires_size, render_hires
 from gen.generation.inputs import (
     ControlPictures,
@@ -148,19 +150,15 @@ def render(
     callback = _step_callback(on_step) if on_step else None
     height, width = size_of(pipe, o, init)
     kwargs = {
-        # No negative prompt: None, which SDXL models configured so (force_zeros_for_empty_prompt) read as zeros,
-        # as they were trained; SD 1.x/2.x read None as "".
-        "negative_prompt": [o.negative] * len(batch) if o.negative else None,
         "num_inference_steps": o.steps,
-        "guidance_scale": o.guidance,
-        "guidance_rescale": o.guidance_rescale,
         "width": width if init is None else o.width,
         "height": height if init is None else o.height,
-        "clip_skip": pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip),
-        "guidance_interval": tuple(o.guidance_interval) if o.guidance_interval else None,
         "generator": [torch.Generator().manual_seed(j.seed) for j in batch],
         "callback_on_step_end": callback,
+        **call_arguments(pipe, o, len(batch)),
     }
+    if not is_flow(pipe):
+        kwargs["clip_skip"] = pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip)
     prompts = [j.prompt for j in batch]
     if init is None and hires_on(o):
         return _render_hires(pipe, o, prompts, kwargs, control, height, width)
@@ -222,15 +220,16 @@ def validate(pipe, o: Options, init: InitImages | None = None) -> None:
     """The request (already checked on its own by check_options) against the loaded pipeline, once per request
     and before any image work: its size against the model's stride, its Clip skip against the model's encoders,
     and a memory estimate. The pipeline's call keeps its own checks, for Python callers."""
+    check_family(pipe, o, init)
     check_size(pipe, *size_of(pipe, o, init))
     height, width = final_size(pipe, o, init)
     check_size(pipe, height, width)
     check_clip_skip(pipe, pipeline_clip_skip(pipe, o.clip_skip, o.sdxl_clip_l_skip))
     if o.control:  # the nets load here, once: a net of another base is named before any image work
         nets(pipe, check_units(o.control), o.allow_pickle)
-    note = not_applied(pipe, o.clip_skip, o.sdxl_clip_l_skip)
-    if note:
-        logger.warning(note)
+    for note in (not_applied(pipe, o.clip_skip, o.sdxl_clip_l_skip), distilled_not_applied(pipe, o)):
+        if note:
+            logger.warning(note)
     need = memory_estimate(pipe, o.batch_size, height, width)
     free = available_memory()
     if free and need > free:
@@ -289,21 +288,20 @@ def check_device(device: str) -> None:
     raise ValueError(f"device {name!r} is not available on this machine; allowed: {', '.join(allowed)}")
 
 
-def check_family(model: str | None) -> None:
-    """SD3 and Flux folders load from Python (gen.load_pipeline) but not yet here: one line before any loading."""
+def check_backend_family(model: str | None, backend: str) -> None:
+    """OpenVINO runs gen's DiT and SD's UNet; an SD3/Flux folder is refused in one line before any loading."""
     folder = model_folder(model)
-    cls = pipeline_class(folder) if folder.is_dir() else None
+    cls = pipeline_class(folder) if backend != "torch" and folder.is_dir() else None
     if cls is not None and cls.__name__ != TextToImagePipeline.__name__:
         raise ValueError(
-            f"{folder} is an SD3/Flux folder: the gen command and server do not run these families yet; from"
-            f" Python, gen.load_pipeline(folder) gives a {cls.__name__}"
+            f"backend {backend!r} does not run SD3/Flux models ({folder}) yet; use --backend torch"
         )
 
 
 def load(o: Options):
     """The pipeline `o` asks for, prepared; o.dtype "auto" resolved first (resolve_precision), in place."""
     check_device(o.device)
-    check_family(o.model)
+    check_backend_family(o.model, o.backend)
     why = resolve_precision(o)
     if why:
         logger.info("precision: %s (%s)", o.dtype, why)

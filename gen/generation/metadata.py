@@ -10,6 +10,7 @@ from PIL import Image, PngImagePlugin
 
 from gen.control import module as control_module
 from gen.diffusion.samplers import SAMPLERS, sampler_name
+from gen.generation.families import distilled_of, guidance_of
 from gen.generation.options import hires_on
 from gen.loading.assets import model_folder
 from gen.loading.hashing import model_hash  # noqa: F401 (callers read it from here)
@@ -39,6 +40,8 @@ def record(pipe, o, job, image, weights_hash: str, init=None, control=None) -> d
         "width": image.width,
         "height": image.height,
         "sampler": sampler,
+        "guidance": guidance_of(pipe, o),  # as applied: the request's, else the model's own
+        **({"distilled_guidance": distilled} if (distilled := distilled_of(pipe, o)) is not None else {}),
         "sampler_label": SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler,
         "scheduler": dict(pipe.scheduler.config),
         "model_path": o.model,
@@ -94,7 +97,8 @@ def a1111_parameters(record: dict) -> str:
     pairs = {
         "Steps": o["steps"],
         "Sampler": record["sampler_label"],
-        "CFG scale": o["guidance"],
+        "CFG scale": record.get("guidance", o["guidance"]),
+        **({"Distilled CFG Scale": record["distilled_guidance"]} if "distilled_guidance" in record else {}),
         "Seed": record["seed"],
         "Size": f"{size['width']}x{size['height']}",
         "Model hash": record["model_hash"][:10],

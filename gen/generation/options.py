@@ -54,10 +54,17 @@ class Options:
     )
     steps: int = option(20, "sampling steps", ge=1, le=10_000, hint="; a few dozen is typical")
     sampler: str | None = option(None, "sampler name, see `gen samplers` (default: the model's own)")
-    guidance: float = option(
-        5.0,
-        "classifier-free guidance scale; <= 1 turns CFG off",
+    guidance: float | None = option(
+        None,
+        "classifier-free guidance scale; <= 1 turns CFG off (default: the model's own: 5, SD3 7, Flux 1 = off)",
         flags=("--guidance", "--cfg"),
+        finite=True,
+        ge=0.0,
+    )
+    # Flux-dev's guidance embedding, apart from CFG as Forge has it ("Distilled CFG Scale")
+    distilled_guidance: float | None = option(
+        None,
+        "Flux: the distilled guidance the transformer is given (default: 3.5; not applied to other models)",
         finite=True,
         ge=0.0,
     )

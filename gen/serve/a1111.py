@@ -19,6 +19,7 @@ from gen import generation as G
 from gen.diffusion.samplers import SAMPLERS
 from gen.generation.clip_skip import DEFAULT as DEFAULT_CLIP_SKIP
 from gen.generation.clip_skip import pipeline_clip_skip
+from gen.generation.families import guidance_of
 from gen.serve import sampler_names as samplers
 from gen.serve.controlnet import read_units
 from gen.serve.results import decode_image, parse_parameters
@@ -34,6 +35,7 @@ NAMES = {
     "seed": "seed",
     "steps": "steps",
     "cfg_scale": "guidance",
+    "distilled_cfg_scale": "distilled_guidance",  # Forge's name, for Flux
     "width": "width",
     "height": "height",
 }
@@ -61,6 +63,7 @@ class GenerationFields(BaseModel):
     n_iter: int | None = Field(1, ge=1)
     steps: int | None = request_field("steps", None)
     cfg_scale: Number | None = request_field("guidance", None)
+    distilled_cfg_scale: Number | None = request_field("distilled_guidance", None)
     width: int | None = request_field("width", None)
     height: int | None = request_field("height", None)
     override_settings: dict | None = None
@@ -201,7 +204,7 @@ def info(task: Task, body: GenerationFields) -> dict:
         "width": o.width,
         "height": o.height,
         "sampler_name": sampler,
-        "cfg_scale": o.guidance,
+        "cfg_scale": guidance_of(task.model.pipe, o),  # as applied: the request's, else the model's own
         "steps": o.steps,
         "batch_size": body.batch_size or 1,
         "restore_faces": False,

@@ -45,6 +45,7 @@ NAMES = {
     "seed": "seed",
     "steps": "steps",
     "guidance": "guidance",
+    "distilled_guidance": "distilled_guidance",
     "width": "width",
     "height": "height",
     "model": "model",
@@ -98,6 +99,7 @@ class JobRequest(BaseModel):
     sampler: str | None = None  # gen's or A1111's name
     scheduler: str | None = None  # A1111's: automatic or karras
     guidance: Number | None = request_field("guidance", None)
+    distilled_guidance: Number | None = request_field("distilled_guidance", None)  # Flux-dev's
     width: int | None = request_field("width")
     height: int | None = request_field("height")
     model: str | None = None

@@ -12,24 +12,29 @@ from typing import TYPE_CHECKING
 _MODULES = {
     "ControlNetImageToImagePipeline": "gen.pipelines.controlnet",
     "ControlNetPipeline": "gen.pipelines.controlnet",
+    "FluxImageToImagePipeline": "gen.pipelines.flow_image_to_image",
     "FluxTextToImagePipeline": "gen.pipelines.flux",
     "ImageToImagePipeline": "gen.pipelines.image_to_image",
     "InpaintPipeline": "gen.pipelines.inpaint",
+    "SD3ImageToImagePipeline": "gen.pipelines.flow_image_to_image",
     "SD3TextToImagePipeline": "gen.pipelines.sd3",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
 __all__ = [
     "ControlNetImageToImagePipeline",
     "ControlNetPipeline",
+    "FluxImageToImagePipeline",
     "FluxTextToImagePipeline",
     "ImageToImagePipeline",
     "InpaintPipeline",
+    "SD3ImageToImagePipeline",
     "SD3TextToImagePipeline",
     "TextToImagePipeline",
 ]
 
 if TYPE_CHECKING:
     from gen.pipelines.controlnet import ControlNetImageToImagePipeline, ControlNetPipeline
+    from gen.pipelines.flow_image_to_image import FluxImageToImagePipeline, SD3ImageToImagePipeline
     from gen.pipelines.flux import FluxTextToImagePipeline
     from gen.pipelines.image_to_image import ImageToImagePipeline
     from gen.pipelines.inpaint import InpaintPipeline

@@ -21,7 +21,7 @@ from gen.models.dit import DiT
 from gen.pipelines.checks import check_call
 from gen.pipelines.decoding import DecodingMixin
 from gen.pipelines.denoising import DenoisingMixin
-from gen.pipelines.images import pixel_size, processors
+from gen.pipelines.images import fit_size, processors
 from gen.pipelines.loaders import SafeLoadersMixin
 from gen.pipelines.lora import LoraMixin
 from gen.pipelines.prompting import PromptEncodingMixin, TextContext
@@ -195,17 +195,7 @@ class LatentDiffusionPipeline(
 
     def _size_of(self, image, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width): as given, else the image's own, rounded down to a multiple of the stride."""
-        size = pixel_size(image, self.vae.config.latent_channels)
-        if size is None:  # latents given as the image
-            first = image[0] if isinstance(image, list) else image
-            size = (first.shape[-1] * self.vae_scale_factor, first.shape[-2] * self.vae_scale_factor)
-        stride = self.latent_stride
-        if (not height and size[1] < stride) or (not width and size[0] < stride):
-            raise ValueError(
-                f"the image is {size[0]}x{size[1]}, smaller than this model's stride of {stride} pixels; give an"
-                f" image of at least {stride}x{stride}, or the size (height, width)"
-            )
-        return height or size[1] // stride * stride, width or size[0] // stride * stride
+        return fit_size(self, image, height, width)
 
     def _check_plain_denoiser(self) -> None:
         """Text-to-image and image-to-image need a denoiser that takes the VAE's latents alone; an inpainting

@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from gen.pipelines.checks import check_counts, check_guidance, check_outputs, check_prompts, check_size
 from gen.pipelines.decoding import DecodingMixin
+from gen.pipelines.images import fit_size
 from gen.pipelines.loaders import SafeLoadersMixin
 
 MAX_SEQUENCE_LENGTH = 512  # T5's longest input in these pipelines, as diffusers checks it
@@ -56,6 +57,10 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
     def default_size(self) -> int:
         """Pixels per side when height/width are not given, as diffusers' pipelines default them."""
         return self.transformer.config.sample_size * self.vae_scale_factor
+
+    def _size_of(self, image, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) for an init image: as given, else its own, rounded down to the stride."""
+        return fit_size(self, image, height, width)
 
     # -- memory: the VAE's slicing and tiling, as StableDiffusion3Pipeline users call them ----------------------
     def enable_vae_slicing(self) -> None:
@@ -175,6 +180,19 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
         if latents is not None:
             return latents.to(device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    # -- where the latents start: noise (text-to-image); image-to-image overrides these two ----------------------
+    def _initial_latents(self, shape: tuple, dtype, device, generator, latents=None) -> torch.Tensor:
+        """The starting latents (B, C, h, w) before the schedule is known: Gaussian noise, or the caller's."""
+        return self._noise(shape, dtype, device, generator, latents)
+
+    def _tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) as the transformer reads them (Flux packs them)."""
+        return latents
+
+    def _start(self, latents: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, timesteps) once the schedule is known (`latents` as the transformer reads them)."""
+        return latents, steps
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _flow_loop(

@@ -95,6 +95,10 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
         )
         self._setup_processor(pack=2)
 
+    def _tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) as the transformer reads them: packed 2x2 into tokens."""
+        return pack(latents)
+
     @property
     def latent_stride(self) -> int:
         """Pixels per packed token: the VAE's factor times the 2x2 packing."""
@@ -226,9 +230,9 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
         batch = state["prompt_embeds"].shape[0]
         dtype = state["prompt_embeds"].dtype
         if latents is None:
-            latents = pack(self._noise((batch, channels, h, w), dtype, device, generator))
+            latents = pack(self._initial_latents((batch, channels, h, w), dtype, device, generator))
         else:
-            latents = self._noise((batch, channels, h, w), dtype, device, generator, latents)
+            latents = self._initial_latents((batch, channels, h, w), dtype, device, generator, latents)
         ids = image_ids(h, w, device, dtype)  # (h/2 * w/2, 3)
 
         # 4. Sigmas, shifted by the number of image tokens (FluxPipeline's linear sigmas unless the scheduler
@@ -242,6 +246,7 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
         steps = self._flow_timesteps(num_inference_steps, device, sigmas, self._mu(latents.shape[1], 1.15))
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
+        latents, steps = self._start(latents, steps)
 
         # 5. Denoise.
         distilled = None

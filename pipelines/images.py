@@ -173,3 +173,19 @@ def _channel_stats(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
         return None
     shape = (1, len(mean), 1, 1)
     return torch.tensor(mean).view(shape).to(x), torch.tensor(std).view(shape).to(x)
+
+
+def fit_size(pipe, image, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) for `pipe` (its vae, vae_scale_factor and latent_stride) from an init image: as given, else
+    the image's own, rounded down to a multiple of the stride."""
+    size = pixel_size(image, pipe.vae.config.latent_channels)
+    if size is None:  # latents given as the image
+        first = image[0] if isinstance(image, list) else image
+        size = (first.shape[-1] * pipe.vae_scale_factor, first.shape[-2] * pipe.vae_scale_factor)
+    stride = pipe.latent_stride
+    if (not height and size[1] < stride) or (not width and size[0] < stride):
+        raise ValueError(
+            f"the image is {size[0]}x{size[1]}, smaller than this model's stride of {stride} pixels; give an"
+            f" image of at least {stride}x{stride}, or the size (height, width)"
+        )
+    return height or size[1] // stride * stride, width or size[0] // stride * stride

@@ -247,13 +247,14 @@ class SD3TextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, SD3LoraLoaderM
         # 3. Noise.
         f = self.vae_scale_factor
         shape = (embeds.shape[0], self.transformer.config.in_channels, height // f, width // f)
-        latents = self._noise(shape, embeds.dtype, device, generator, latents)  # (B, C, h, w)
+        latents = self._initial_latents(shape, embeds.dtype, device, generator, latents)  # (B, C, h, w)
 
         # 4. Timesteps.
         if mu is None and self.scheduler.config.get("use_dynamic_shifting", None):
             patch = self.transformer.config.patch_size
             mu = self._mu((latents.shape[2] // patch) * (latents.shape[3] // patch), max_shift=1.16)
         steps = self._flow_timesteps(num_inference_steps, device, sigmas, mu)
+        latents, steps = self._start(latents, steps)
 
         # 5. Denoise.
         skip = {

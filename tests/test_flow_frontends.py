@@ -13,7 +13,9 @@ import pytest
 import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
+    FluxImg2ImgPipeline,
     FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
 )
@@ -175,24 +177,40 @@ def test_what_these_families_cannot_do_is_one_line(folders, tmp_path, capsys, fa
     assert not any("Traceback" in line for line in err)
 
 
-def test_init_image_is_refused_for_flux(folders, tmp_path, capsys):
-    picture = tmp_path / "init.png"
-    Image.new("RGB", (32, 32), "red").save(picture)
-    code = main(
-        [
-            PROMPT,
-            "--model",
-            str(folders / "flux"),
-            "--init-image",
-            str(picture),
-            "-o",
-            str(tmp_path / "o.png"),
-        ]
-    )
-    assert (
-        code != 0
-        and "image-to-image (--init-image) is not available for Flux models yet" in capsys.readouterr().err
-    )
+def init_picture(path) -> str:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_image_to_image_equals_diffusers(folders, tmp_path, family, capsys):
+    """--init-image on SD3 and Flux: diffusers' Img2Img pipeline on the same folder, at the image's own size (40x48),
+    with the request's guidances; the PNG records the strength and reproduces."""
+    picture, out = init_picture(tmp_path / "init.png"), tmp_path / "out.png"
+    args = ["--model", str(folders / family), "--init-image", picture, "--strength", "0.6", "--seed", "2"]
+    assert main([PROMPT, *args, "--steps", "4", "--dtype", "fp32", "-o", str(out)]) == 0
+    cls = {"sd3": StableDiffusion3Img2ImgPipeline, "flux": FluxImg2ImgPipeline}[family]
+    pipe = cls.from_pretrained(folders / family)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = {"sd3": {"guidance_scale": 7.0}, "flux": {"guidance_scale": 3.5}}[family]
+    theirs = pipe(
+        PROMPT, image=Image.open(picture), strength=0.6, num_inference_steps=4, height=48, width=40,
+        generator=[torch.Generator().manual_seed(2)], output_type="np", **guidance,
+    ).images[0]  # fmt: skip
+    ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32) / 255
+    close(ours, theirs)
+    assert "Denoising strength: 0.6" in Image.open(out).text["parameters"]
+    capsys.readouterr()
+    assert main(["reproduce", str(out), "--verify"]) == 0
+
+
+def test_inpainting_is_refused_for_flux(folders, tmp_path, capsys):
+    picture = init_picture(tmp_path / "init.png")
+    args = ["--model", str(folders / "flux"), "--init-image", picture, "--mask", picture]
+    code = main([PROMPT, *args, "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "inpainting (--mask) is not available for Flux models yet" in err
 
 
 def test_served_a1111_openai_and_jobs_equal_the_cli(folders, tmp_path):

@@ -21,7 +21,7 @@ from gen.diffusion.samplers import make_scheduler
 from gen.generation.clip_skip import not_applied, pipeline_clip_skip
 from gen.generation.control_units import check_units
 from gen.generation.controlnets import nets, steered
-from gen.generation.families import call_arguments, check_family, is_flow
+from gen.generation.families import call_arguments, check_family, is_flow, task_class
 from gen.generation.families import not_applied as distilled_not_applied
 from gen.generation.hires import hires_size, render_hires
 from gen.generation.inputs import (
@@ -44,7 +44,7 @@ from gen.generation.options import (
 )
 from gen.loading.pipeline import load_pipeline, model_folder, pipeline_class
 from gen.loading.precision import native_bf16
-from gen.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
+from gen.pipelines import TextToImagePipeline
 from gen.pipelines.attention_backend import set_attention
 from gen.pipelines.checks import check_clip_skip, check_size
 
@@ -101,7 +101,7 @@ def channels_last(pipe) -> bool:
 def task_pipeline(pipe, init: InitImages | None, scheduler=None):
     """The pipeline for the task, sharing `pipe`'s loaded weights: text-to-image, image-to-image (an init image)
     or inpainting (an init image and a mask); with `scheduler` instead of `pipe`'s if given."""
-    cls = type(pipe) if init is None else ImageToImagePipeline if init.mask is None else InpaintPipeline
+    cls = type(pipe) if init is None else task_class(pipe, task_of(init))
     if type(pipe) is cls and scheduler is None:
         return pipe
     return _from(pipe, cls, scheduler)
@@ -119,7 +119,7 @@ def pipeline_for(pipe, task: str, sampler: str | None):
     scheduler `pipe` has), sharing its weights; made once per (task, sampler) and kept while `pipe` lives."""
     made = _TASKS.setdefault(pipe, {})
     if (task, sampler) not in made:
-        cls = {"text": TextToImagePipeline, "image": ImageToImagePipeline, "inpaint": InpaintPipeline}[task]
+        cls = task_class(pipe, task)
         own = _OWN_SCHEDULER.get(pipe, pipe.scheduler)
         scheduler = make_scheduler(sampler, own.config) if sampler else None
         if type(pipe) is cls and scheduler is None:

@@ -3,8 +3,8 @@ model, the options a family cannot honour (refused in one line before any image 
 arguments.
 
 SD 1.x/2.x, SDXL and gen's DiT take every option. SD3 and Flux (flow matching, gen.pipelines.flow) run
-text-to-image here with their own call arguments; what their pipelines do not have yet (image-to-image, inpainting,
-ControlNet, hires fix, CFG rescale, a guidance interval, OpenVINO) is refused rather than ignored.
+text-to-image and image-to-image here with their own call arguments; what their pipelines do not have yet
+(inpainting, ControlNet, hires fix, CFG rescale, a guidance interval, OpenVINO) is refused rather than ignored.
 
 Flux's two guidances follow Forge, the A1111-style anchor for Flux users: "CFG scale" (`guidance`) is real
 classifier-free guidance, off at its default of 1 (> 1: a second transformer call on the negative prompt, "" if
@@ -26,23 +26,52 @@ if TYPE_CHECKING:
 
 # gen's CFG scale for its own and SD models since the first CLI (StableDiffusionPipeline's is 7.5)
 GUIDANCE = 5.0
-FLOW_GUIDANCE = {"SD3TextToImagePipeline": 7.0, "FluxTextToImagePipeline": 1.0}  # their diffusers defaults
+FLOW_GUIDANCE = {"sd3": 7.0, "flux": 1.0}  # StableDiffusion3Pipeline's default; Forge's Flux CFG (off)
 DISTILLED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, Forge's Distilled CFG Scale default
+
+
+# Each flow family's pipeline per task (gen.pipelines' names): text-to-image, image-to-image.
+TASKS = {
+    "sd3": {"text": "SD3TextToImagePipeline", "image": "SD3ImageToImagePipeline"},
+    "flux": {"text": "FluxTextToImagePipeline", "image": "FluxImageToImagePipeline"},
+}
 
 
 def is_flow(pipe) -> bool:
     return getattr(pipe, "is_flow", False)
 
 
+def family(pipe) -> str | None:
+    """ "sd3" or "flux" for a flow-matching pipeline (any task's), None for gen's and SD's."""
+    if not is_flow(pipe):
+        return None
+    return "flux" if type(pipe).__name__.startswith("Flux") else "sd3"
+
+
 def is_flux(pipe) -> bool:
-    return type(pipe).__name__ == "FluxTextToImagePipeline"
+    return family(pipe) == "flux"
+
+
+def task_class(pipe, task: str):
+    """The pipeline class for `task` ("text", "image", "inpaint") on `pipe`'s family; ValueError where the family
+    has none yet (check_family names it first for the front-ends)."""
+    from gen import pipelines as P
+
+    name = family(pipe)
+    if name is None:
+        return {"text": P.TextToImagePipeline, "image": P.ImageToImagePipeline, "inpaint": P.InpaintPipeline}[
+            task
+        ]
+    if task not in TASKS[name]:
+        raise ValueError(f"{task} is not available for {name.upper()} models yet")
+    return getattr(P, TASKS[name][task])
 
 
 def guidance_of(pipe, o: Options) -> float:
     """The CFG scale the images are made with: the request's, else the model's own."""
     if o.guidance is not None:
         return o.guidance
-    return FLOW_GUIDANCE.get(type(pipe).__name__, GUIDANCE)
+    return FLOW_GUIDANCE.get(family(pipe), GUIDANCE)
 
 
 def distilled_of(pipe, o: Options) -> float | None:
@@ -67,7 +96,6 @@ def check_family(pipe, o: Options, init: InitImages | None = None) -> None:
     name = "Flux" if is_flux(pipe) else "SD3"
     unsupported = [
         (init is not None and init.mask is not None, "inpainting (--mask)"),
-        (init is not None, "image-to-image (--init-image)"),
         (bool(o.control), "ControlNet (--control)"),
         (hires_on(o), "hires fix"),
         (bool(o.guidance_rescale), "--guidance-rescale"),
@@ -75,7 +103,9 @@ def check_family(pipe, o: Options, init: InitImages | None = None) -> None:
     ]
     for bad, what in unsupported:
         if bad:
-            raise ValueError(f"{what} is not available for {name} models yet; text-to-image is")
+            raise ValueError(
+                f"{what} is not available for {name} models yet; text-to-image and image-to-image are"
+            )
 
 
 def call_arguments(pipe, o: Options, batch: int) -> dict:

@@ -13,10 +13,12 @@ _MODULES = {
     "ControlNetImageToImagePipeline": "gen.pipelines.controlnet",
     "ControlNetPipeline": "gen.pipelines.controlnet",
     "FluxImageToImagePipeline": "gen.pipelines.flow_image_to_image",
+    "FluxInpaintPipeline": "gen.pipelines.flow_inpaint",
     "FluxTextToImagePipeline": "gen.pipelines.flux",
     "ImageToImagePipeline": "gen.pipelines.image_to_image",
     "InpaintPipeline": "gen.pipelines.inpaint",
     "SD3ImageToImagePipeline": "gen.pipelines.flow_image_to_image",
+    "SD3InpaintPipeline": "gen.pipelines.flow_inpaint",
     "SD3TextToImagePipeline": "gen.pipelines.sd3",
     "TextToImagePipeline": "gen.pipelines.text_to_image",
 }
@@ -24,10 +26,12 @@ __all__ = [
     "ControlNetImageToImagePipeline",
     "ControlNetPipeline",
     "FluxImageToImagePipeline",
+    "FluxInpaintPipeline",
     "FluxTextToImagePipeline",
     "ImageToImagePipeline",
     "InpaintPipeline",
     "SD3ImageToImagePipeline",
+    "SD3InpaintPipeline",
     "SD3TextToImagePipeline",
     "TextToImagePipeline",
 ]
@@ -35,6 +39,7 @@ __all__ = [
 if TYPE_CHECKING:
     from gen.pipelines.controlnet import ControlNetImageToImagePipeline, ControlNetPipeline
     from gen.pipelines.flow_image_to_image import FluxImageToImagePipeline, SD3ImageToImagePipeline
+    from gen.pipelines.flow_inpaint import FluxInpaintPipeline, SD3InpaintPipeline
     from gen.pipelines.flux import FluxTextToImagePipeline
     from gen.pipelines.image_to_image import ImageToImagePipeline
     from gen.pipelines.inpaint import InpaintPipeline

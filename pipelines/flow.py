@@ -194,6 +194,10 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
         """(latents, timesteps) once the schedule is known (`latents` as the transformer reads them)."""
         return latents, steps
 
+    def _after_step(self, latents: torch.Tensor, i: int, steps: torch.Tensor) -> torch.Tensor:
+        """The latents after step i (inpainting puts the image back outside its mask here)."""
+        return latents
+
     # -- the loop -----------------------------------------------------------------------------------------------
     def _flow_loop(
         self,
@@ -212,6 +216,7 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
                     continue  # as diffusers' flow pipelines: the remaining steps are skipped
                 pred = predict(latents, t, state)
                 latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                latents = self._after_step(latents, i, steps)
                 if callback is not None:
                     latents = self._flow_callback(callback, i, t, latents, state, tensor_inputs)
                 progress.update()

@@ -87,27 +87,28 @@ def flow_vae(latent_channels: int) -> AutoencoderKL:
     ).eval()
 
 
-def sd3_parts(folder: Path, scheduler=None, t5: bool = True) -> dict:
-    """The components of a tiny SD3: two CLIPs with projections, T5 (or None), a 1-layer SD3 transformer."""
+def sd3_parts(folder: Path, scheduler=None, t5: bool = True, channels: int = 4) -> dict:
+    """The components of a tiny SD3: two CLIPs with projections, T5 (or None), a 2-layer SD3 transformer on
+    `channels` latent channels (SD3's own: 16)."""
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=1,
-        in_channels=4,
+        in_channels=channels,
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=T5_WIDTH,
         pooled_projection_dim=32,
-        out_channels=4,
+        out_channels=channels,
     ).eval()
     tokenizer = write_tokenizer(folder / "clip")
     tokenizer_3 = t5_tokenizer()
     return {
         "transformer": transformer,
         "scheduler": scheduler or FlowMatchEulerDiscreteScheduler(),
-        "vae": flow_vae(4),
+        "vae": flow_vae(channels),
         "text_encoder": clip_encoder(tokenizer, True, seed=1),
         "tokenizer": tokenizer,
         "text_encoder_2": clip_encoder(tokenizer, True, seed=2),

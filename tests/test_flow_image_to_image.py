@@ -1,6 +1,8 @@
-"""SD3 and Flux image-to-image: gen's pipelines give StableDiffusion3Img2ImgPipeline's and FluxImg2ImgPipeline's
-images on the same tiny components, for their schedulers and strengths, negatives and true CFG; bad input is one
-line; they share the text-to-image pipeline's weights through from_pipe."""
+"""SD3 and Flux image-to-image and inpainting: gen's pipelines give StableDiffusion3Img2ImgPipeline's,
+FluxImg2ImgPipeline's and FluxInpaintPipeline's images on the same tiny components, for their schedulers and
+strengths, negatives and true CFG, and StableDiffusion3InpaintPipeline's latents (its decode leaves out the VAE's
+shift_factor, which its text-to-image and image-to-image pipelines add); bad input is one line; they share the
+text-to-image pipeline's weights through from_pipe."""
 
 from __future__ import annotations
 
@@ -9,15 +11,26 @@ import copy
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+)
 from PIL import Image
 
 from gen.pipelines import (
     FluxImageToImagePipeline,
     FluxTextToImagePipeline,
     SD3ImageToImagePipeline,
+    SD3InpaintPipeline,
     SD3TextToImagePipeline,
 )
+from gen.pipelines import (
+    FluxInpaintPipeline as GenFluxInpaint,
+)
+from gen.pipelines import images as I
+from gen.pipelines.flux import unpack
 from tests.flow_parts import flux_parts, sd3_parts
 from tests.test_flow import SCHEDULERS, TOLERANCE
 
@@ -93,3 +106,52 @@ def test_bad_input_is_one_line(tmp_path, call, message):
     with pytest.raises(ValueError, match=message) as error:
         ours(**{"prompt": PROMPT, "image": picture(), "num_inference_steps": 4, **call})
     assert "\n" not in str(error.value)
+
+
+def mask() -> Image.Image:
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 4:20] = 255
+    return Image.fromarray(m)
+
+
+INPAINT = {
+    "sd3": (SD3InpaintPipeline, StableDiffusion3InpaintPipeline, {"channels": 16}, "latent"),
+    "flux": (GenFluxInpaint, FluxInpaintPipeline, {}, "np"),
+}
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+@pytest.mark.parametrize("scheduler", ["euler", "euler-dynamic"])
+@pytest.mark.parametrize("family", INPAINT)
+def test_inpainting_equals_diffusers(tmp_path, family, scheduler, strength):
+    """SD3 on a 16-channel transformer, the one diffusers' SD3 inpainting blends for; compared as latents."""
+    ours_cls, theirs_cls, options, output = INPAINT[family]
+    build = {"sd3": sd3_parts, "flux": flux_parts}[family]
+    parts = build(tmp_path, scheduler=SCHEDULERS[scheduler](), **options)
+    pipes = ours_cls(**copy.deepcopy(parts)), theirs_cls(**parts)
+    call = {"prompt": PROMPT, "image": picture(), "mask_image": mask(), "strength": strength}
+    call |= {"num_inference_steps": 4, "height": 32, "width": 32, "output_type": output}
+    made = []
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+        made.append(np.asarray(pipe(**call, generator=[torch.Generator().manual_seed(0)]).images))
+    assert made[0].shape == made[1].shape
+    assert np.abs(made[0] - made[1]).max() < TOLERANCE
+
+
+def test_inpainting_keeps_the_image_outside_the_mask(tmp_path):
+    """At the last step the unmasked latents are the image's own: decoded, the outside matches plain encoding."""
+    pipe = GenFluxInpaint(**flux_parts(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": PROMPT, "image": picture(), "mask_image": mask(), "num_inference_steps": 4}
+    out = pipe(
+        **call, strength=1.0, generator=[torch.Generator().manual_seed(0)], output_type="latent"
+    ).images
+    pixels = pipe.image_processor.preprocess(picture(), height=32, width=32)
+    clean = I.encode(pipe.vae, pixels, [torch.Generator().manual_seed(0)], 1)
+    latent_mask = torch.nn.functional.interpolate(
+        I.processors(pipe.latent_stride)[1].preprocess(mask(), height=32, width=32), size=clean.shape[2:]
+    )
+    outside = (latent_mask == 0).expand_as(clean)
+    latents = unpack(out, clean.shape[2], clean.shape[3])
+    assert torch.allclose(latents[outside], clean[outside], atol=1e-6)

@@ -3,8 +3,8 @@ model, the options a family cannot honour (refused in one line before any image 
 arguments.
 
 SD 1.x/2.x, SDXL and gen's DiT take every option. SD3 and Flux (flow matching, gen.pipelines.flow) run
-text-to-image and image-to-image here with their own call arguments; what their pipelines do not have yet
-(inpainting, ControlNet, hires fix, CFG rescale, a guidance interval, OpenVINO) is refused rather than ignored.
+text-to-image, image-to-image and inpainting here with their own call arguments; what their pipelines do not
+have yet (ControlNet, hires fix, CFG rescale, a guidance interval, OpenVINO) is refused rather than ignored.
 
 Flux's two guidances follow Forge, the A1111-style anchor for Flux users: "CFG scale" (`guidance`) is real
 classifier-free guidance, off at its default of 1 (> 1: a second transformer call on the negative prompt, "" if
@@ -30,10 +30,18 @@ FLOW_GUIDANCE = {"sd3": 7.0, "flux": 1.0}  # StableDiffusion3Pipeline's default;
 DISTILLED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, Forge's Distilled CFG Scale default
 
 
-# Each flow family's pipeline per task (gen.pipelines' names): text-to-image, image-to-image.
+# Each flow family's pipeline per task (gen.pipelines' names): text-to-image, image-to-image, inpainting.
 TASKS = {
-    "sd3": {"text": "SD3TextToImagePipeline", "image": "SD3ImageToImagePipeline"},
-    "flux": {"text": "FluxTextToImagePipeline", "image": "FluxImageToImagePipeline"},
+    "sd3": {
+        "text": "SD3TextToImagePipeline",
+        "image": "SD3ImageToImagePipeline",
+        "inpaint": "SD3InpaintPipeline",
+    },
+    "flux": {
+        "text": "FluxTextToImagePipeline",
+        "image": "FluxImageToImagePipeline",
+        "inpaint": "FluxInpaintPipeline",
+    },
 }
 
 
@@ -95,7 +103,6 @@ def check_family(pipe, o: Options, init: InitImages | None = None) -> None:
         return
     name = "Flux" if is_flux(pipe) else "SD3"
     unsupported = [
-        (init is not None and init.mask is not None, "inpainting (--mask)"),
         (bool(o.control), "ControlNet (--control)"),
         (hires_on(o), "hires fix"),
         (bool(o.guidance_rescale), "--guidance-rescale"),
@@ -104,7 +111,7 @@ def check_family(pipe, o: Options, init: InitImages | None = None) -> None:
     for bad, what in unsupported:
         if bad:
             raise ValueError(
-                f"{what} is not available for {name} models yet; text-to-image and image-to-image are"
+                f"{what} is not available for {name} models yet; text-to-image, image-to-image and inpainting are"
             )
 
 

@@ -8,7 +8,10 @@ the CLIP (and Flux's T5) encoders' adapters.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +89,41 @@ class FlowLoraMixin:
             self.delete_adapters(name)
             raise self._misfit(label, unexpected[0])
         return name
+
+    def save_lora_weights(
+        self, path: str | Path | None = None, adapter_name: str = "default", **diffusers_form
+    ) -> Path:
+        """Write the adapter `adapter_name` of the transformer (and of the text encoders that have it) to the file
+        `path`, atomically, through diffusers' own writer (its keys and LoraConfig header, so its
+        load_lora_weights reads the file). Called as diffusers' classmethod (`save_directory=`,
+        `transformer_lora_layers=`, ...), it is diffusers' own, as on gen's SD pipelines."""
+        writer = self._lora_loader.save_lora_weights
+        if "save_directory" in diffusers_form or any(k.endswith("_lora_layers") for k in diffusers_form):
+            return writer(diffusers_form.pop("save_directory", path), **diffusers_form)
+        if path is None:
+            raise ValueError("save_lora_weights needs the file to write (path=...)")
+        from peft.utils import get_peft_model_state_dict
+
+        accepted = inspect.signature(writer).parameters
+        layers: dict = {}
+        for name in ("transformer", *self._lora_text_encoders):
+            module = getattr(self, name, None)
+            if module is None or adapter_name not in (getattr(module, "peft_config", None) or {}):
+                continue
+            if f"{name}_lora_layers" not in accepted:
+                raise ValueError(
+                    f"diffusers' {type(self).__name__} LoRA format has no place for {name}'s adapter"
+                )
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name=adapter_name)
+            layers[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter_name].to_dict()
+        if not layers:
+            raise ValueError(f"this pipeline has no LoRA adapter named {adapter_name!r} to save")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # same filesystem: the rename is atomic
+            writer(tmp, weight_name=path.name, **layers)
+            os.replace(Path(tmp) / path.name, path)
+        return path
 
     def _misfit(self, label: str, detail: str) -> ValueError:
         return ValueError(

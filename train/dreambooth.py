@@ -1,4 +1,5 @@
 """DreamBooth: teach a pipeline a subject from a handful of pictures (Ruiz et al., "DreamBooth", CVPR 2023).
+gen's models, SD 1.x/2.x/SDXL, and SD3 and Flux folders (flow matching: gen.train.flow).
 
     python -m gen.train.dreambooth --instance-dir my-dog/ --instance-prompt "a photo of sks dog" \\
         --class-prompt "a photo of a dog" --with-prior-preservation --lora --rank 8 --output-dir runs/dog
@@ -69,6 +70,8 @@ class DreamBoothTrainer(Trainer):
 
     def prepare_models(self) -> None:
         o = self.o
+        if o.train_identifier and getattr(self.pipe, "is_flow", False):
+            raise TrainError("--train-identifier learns a CLIP token; SD3/Flux read prompts through T5 too")
         if o.with_prior_preservation:
             self.classes = self._class_images()  # with the base model, before anything trains
         if o.train_identifier:
@@ -118,6 +121,8 @@ class DreamBoothTrainer(Trainer):
                 count=o.num_class_images,
                 batch_size=o.sample_batch_size,
                 seed=o.seed,
+                # SD3/Flux default to 1024 pixels: the class images at the training resolution instead
+                size=o.resolution if getattr(self.pipe, "is_flow", False) else None,
             )
         self.acc.wait_for_everyone()
         return ImageCaptionFolder(folder, o.resolution, caption=o.class_prompt)
@@ -147,7 +152,9 @@ class DreamBoothTrainer(Trainer):
 
 
 @torch.no_grad()
-def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_size: int, seed: int) -> None:
+def generate_class_images(
+    pipe, prompt: str, folder: Path, count: int, batch_size: int, seed: int, size: int | None = None
+) -> None:
     """Fill `folder` up to `count` images of `prompt` from the base model, one seed per image, each written
     atomically (an interrupted run keeps the finished ones and generates only the rest next time)."""
     from tqdm.auto import tqdm
@@ -170,7 +177,8 @@ def generate_class_images(pipe, prompt: str, folder: Path, count: int, batch_siz
     for start in range(0, len(missing), batch_size):
         numbers = missing[start : start + batch_size]
         gens = [torch.Generator().manual_seed(seed * 100_003 + n) for n in numbers]
-        images = pipe([prompt] * len(numbers), generator=gens).images
+        sized = {} if size is None else {"height": size, "width": size}
+        images = pipe([prompt] * len(numbers), generator=gens, **sized).images
         for n, image in zip(numbers, images, strict=True):
             with atomic_write(folder / f"class-{n:05d}.png") as tmp:
                 image.save(tmp, format="PNG")

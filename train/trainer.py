@@ -28,7 +28,7 @@ from gen.loading.pipeline import load_pipeline
 from gen.pipelines.images import scale_latents
 from gen.pixels import contact_sheet
 from gen.text.encode import embed, encode, pad_chunks
-from gen.train import resume
+from gen.train import flow, resume
 from gen.train.common import (
     EMA,
     TrainError,
@@ -128,10 +128,21 @@ class Trainer:
         # Every part on the accelerator's device: the frozen VAE and text encoder encode there (accelerate's
         # prepare moves only what trains).
         self.pipe = self.load().to(self.acc.device)
-        self.scheduler = noise_scheduler(self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr)
-        self.pipe.scheduler = inference_scheduler(self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr)
+        self.flow = getattr(self.pipe, "is_flow", False)  # SD3, Flux: gen.train.flow's objective
+        if self.flow:
+            flow.check_options(o, self.acc.num_processes)
+            self.scheduler = self.pipe.scheduler
+        else:
+            self.scheduler = noise_scheduler(
+                self.pipe.scheduler.config, o.prediction_type, o.zero_terminal_snr
+            )
+            self.pipe.scheduler = inference_scheduler(
+                self.pipe.scheduler, o.prediction_type, o.zero_terminal_snr
+            )
         self.pipe.vae.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).requires_grad_(False)
         self.prepare_models()
         self.params = [p for m in self.trained_modules().values() for p in m.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.param_groups(), o.learning_rate, o.use_8bit_adam)
@@ -219,9 +230,13 @@ class Trainer:
         x = posterior.mode() if self.o.latent_mode else posterior.sample(self.noise)  # (B, C, h, w)
         return scale_latents(vae, x)
 
-    def context(self, captions: list[str]) -> torch.Tensor:
-        """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once."""
+    def context(self, captions: list[str]) -> torch.Tensor | dict:
+        """Caption embeddings (B, L*K, D); with --cache-text each caption is embedded once. SD3 and Flux: their
+        transformer's text inputs (gen.train.flow.conditioning)."""
         dev, tokenizer = self.acc.device, self.pipe.tokenizer
+        if self.flow:
+            with torch.set_grad_enabled(self.text_encoder_trains()):
+                return flow.conditioning(self.pipe, captions, dev)
         if self.text_cache is None:
             with torch.set_grad_enabled(self.text_encoder_trains()):
                 return encode(tokenizer, self.text_model, captions, dev)
@@ -242,16 +257,21 @@ class Trainer:
                 context = self.context(batch["captions"])
                 noise, t = self._noise_and_timesteps(latents)
                 with self.acc.autocast():
-                    loss = denoiser_loss(
-                        self.model,
-                        self.scheduler,
-                        latents,
-                        context,
-                        min_snr_gamma=self.o.min_snr_gamma,
-                        noise=noise,
-                        t=t,
-                        sample_weights=batch.get("weights"),
-                    )
+                    if self.flow:  # t: sigmas
+                        loss = flow.flow_loss(
+                            self.pipe, self.model, latents, context, noise, t, batch.get("weights")
+                        )
+                    else:
+                        loss = denoiser_loss(
+                            self.model,
+                            self.scheduler,
+                            latents,
+                            context,
+                            min_snr_gamma=self.o.min_snr_gamma,
+                            noise=noise,
+                            t=t,
+                            sample_weights=batch.get("weights"),
+                        )
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.params, 1.0)
@@ -276,6 +296,10 @@ class Trainer:
         world, rank, b = self.acc.num_processes, self.acc.process_index, latents.shape[0]
         full = latents.new_empty((b * world, *latents.shape[1:]))
         noise = sample_noise(full, self.o.noise_offset, self.noise)[rank * b : (rank + 1) * b]
+        if self.flow:  # sigmas, not timesteps
+            shift = self.scheduler.config.get("shift", 1.0)
+            sigmas = flow.sample_sigmas(b * world, shift, self.noise, latents.device)
+            return noise, sigmas[rank * b : (rank + 1) * b].to(latents.dtype)
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (b * world,), device=latents.device, generator=self.noise)
         return noise, t[rank * b : (rank + 1) * b]

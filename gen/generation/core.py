@@ -47,6 +47,7 @@ from gen.loading.precision import native_bf16
 from gen.pipelines import TextToImagePipeline
 from gen.pipelines.attention_backend import set_attention
 from gen.pipelines.checks import check_clip_skip, check_size
+from gen.pipelines.flow_single_file import flow_family
 
 logger = logging.getLogger(__name__)
 
@@ -290,9 +291,13 @@ def check_device(device: str) -> None:
 
 def check_backend_family(model: str | None, backend: str) -> None:
     """OpenVINO runs gen's DiT and SD's UNet; an SD3/Flux folder is refused in one line before any loading."""
+    if backend == "torch":
+        return
     folder = model_folder(model)
-    cls = pipeline_class(folder) if backend != "torch" and folder.is_dir() else None
-    if cls is not None and cls.__name__ != TextToImagePipeline.__name__:
+    flow = flow_family(folder) is not None if folder.is_file() else False
+    if folder.is_dir():
+        flow = pipeline_class(folder).__name__ != TextToImagePipeline.__name__
+    if flow:
         raise ValueError(
             f"backend {backend!r} does not run SD3/Flux models ({folder}) yet; use --backend torch"
         )
@@ -306,7 +311,12 @@ def load(o: Options):
     if why:
         logger.info("precision: %s (%s)", o.dtype, why)
     pipe = load_pipeline(
-        o.model, torch_dtype=DTYPES[o.dtype], device=o.device, allow_pickle=o.allow_pickle, backend=o.backend
+        o.model,
+        torch_dtype=DTYPES[o.dtype],
+        device=o.device,
+        allow_pickle=o.allow_pickle,
+        backend=o.backend,
+        base=o.base,
     )
     return prepare(pipe, o)
 

@@ -47,6 +47,12 @@ class Options:
     model: str | None = option(
         None, "local pipeline folder or single file, ours or a Stable Diffusion one (default: embedded)"
     )
+    base: str | None = option(
+        None,
+        "with a single-file --model: the diffusers folder of the same model its other parts come from (needed"
+        " for SD3/Flux transformer files; SD files default to gen's shipped configs)",
+        metavar="DIR",
+    )
     num_images: int = option(1, "images per prompt", flags=("-n", "--num-images"), ge=1)
     batch_size: int = option(1, "images computed together; never changes them", ge=1)
     seed: int | None = option(

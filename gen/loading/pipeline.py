@@ -14,6 +14,8 @@ from gen.loading.backend import use_openvino
 from gen.loading.hashing import model_hash
 from gen.loading.precision import check_backend, check_precision
 from gen.pipelines import TextToImagePipeline
+from gen.pipelines.flow_single_file import flow_family, load_transformer
+from gen.pipelines.safety import check_weight_file
 from gen.pipelines.single_file import load_original
 
 logger = logging.getLogger(__name__)
@@ -25,10 +27,12 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     backend: str = "torch",
+    base: str | Path | None = None,
 ):
     """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
     names text_encoder_2; SD3 and Flux: their own classes, from model_index.json's _class_name) or single
-    .safetensors SD checkpoint; with no path, the embedded default model.
+    .safetensors SD checkpoint (configs shipped with gen, or `base`'s), or an SD3/Flux transformer file whose other
+    parts come from the diffusers folder `base`; with no path, the embedded default model.
     Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety).
     backend="openvino": the denoiser and VAE run as OpenVINO compiled models (gen.loading.backend), in bf16 when
     torch_dtype is bfloat16, else f32; the torch modules load in float32."""
@@ -40,8 +44,11 @@ def load_pipeline(
         use_openvino(pipe, model_hash(model_folder(path)), dtype)
         return pipe
     folder = model_folder(path)
-    if folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x), configs shipped with gen
-        pipe = load_single_file(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
+    family = flow_family(folder) if folder.is_file() else None
+    if family is not None:  # an SD3/Flux transformer file; the rest from `base`
+        pipe = load_flow_file(folder, base, family, torch_dtype, allow_pickle)
+    elif folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x/SDXL); configs shipped or from `base`
+        pipe = load_single_file(folder, base, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:
         cls = pipeline_class(folder)
         pipe = cls.from_pretrained(folder, allow_pickle=allow_pickle, dtype=torch_dtype)
@@ -89,6 +96,26 @@ def load_single_file(
     return load_original(
         TextToImagePipeline, path, config, torch_dtype=torch_dtype, allow_pickle=allow_pickle
     )
+
+
+def load_flow_file(path: Path, base, family: str, torch_dtype: torch.dtype, allow_pickle: bool = False):
+    """An SD3 or Flux pipeline: the transformer from the single file `path`, every other part from the diffusers
+    folder `base` of the same family."""
+    name = {"sd3": "SD3", "flux": "Flux"}[family]
+    if base is None:
+        raise ValueError(
+            f"{path.name} is an {name} transformer file; give the diffusers {name} folder its VAE, text encoders"
+            " and tokenizers come from (--base DIR; base= from Python)"
+        )
+    base = Path(base)
+    if not base.is_dir() or not (base / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a diffusers pipeline folder (no model_index.json)")
+    cls = pipeline_class(base)
+    if not cls.__name__.lower().startswith(family):
+        raise ValueError(f"--base {base} is a {cls.__name__} folder; {path.name} needs an {name} folder")
+    check_weight_file(path)
+    transformer = load_transformer(path, base, family, torch_dtype)
+    return cls.from_pretrained(base, transformer=transformer, allow_pickle=allow_pickle, dtype=torch_dtype)
 
 
 def check_tokenizer(tokenizer, text_encoder, folder: Path, name: str = "tokenizer") -> None:

@@ -1,0 +1,116 @@
+"""SD3 and Flux transformer single files (Stability's and Black Forest Labs' key layouts) with a diffusers folder
+for the other parts: detected from their keys, converted by diffusers' own converter offline, the same images as
+the folder itself; SD3's export is checked by the round trip; misfits are one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import save_file
+
+from gen.cli import main
+from gen.loading.pipeline import load_pipeline
+from gen.pipelines.flow_single_file import PREFIX, export_sd3, flow_family
+from tests.flow_parts import flux_parts, sd3_parts
+
+PROMPT = "a red circle"
+CALL = {"prompt": PROMPT, "num_inference_steps": 3, "height": 32, "width": 32, "output_type": "np"}
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """A tiny SD3 folder, and its transformer as Stability's single file (with a second, retrained-looking copy)."""
+    root = tmp_path_factory.mktemp("flow-single")
+    parts = sd3_parts(root / "parts")
+    StableDiffusion3Pipeline(**parts).save_pretrained(root / "sd3")
+    save_file(export_sd3(parts["transformer"]), str(root / "sd3_transformer.safetensors"))
+    torch.manual_seed(5)
+    other = SD3Transformer2DModel.from_config(parts["transformer"].config)  # other weights, same architecture
+    save_file(export_sd3(other), str(root / "finetune.safetensors"))
+    return root
+
+
+def images(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
+
+
+def test_export_round_trips_through_diffusers_converter(sd3):
+    loaded = load_pipeline(sd3 / "sd3_transformer.safetensors", base=sd3 / "sd3").transformer
+    original = SD3Transformer2DModel.from_pretrained(sd3 / "sd3", subfolder="transformer")
+    theirs, ours = original.state_dict(), loaded.state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert all(k.startswith(PREFIX) for k in export_sd3(original))
+
+
+def test_a_finetuned_file_gives_diffusers_images(sd3):
+    """The file's weights, the folder's other parts: diffusers' from_single_file with the folder's config."""
+    ours = load_pipeline(sd3 / "finetune.safetensors", base=sd3 / "sd3")
+    transformer = SD3Transformer2DModel.from_single_file(
+        str(sd3 / "finetune.safetensors"),
+        config=str(sd3 / "sd3"),
+        subfolder="transformer",
+        local_files_only=True,
+    )
+    theirs = StableDiffusion3Pipeline.from_pretrained(sd3 / "sd3", transformer=transformer)
+    assert np.abs(images(ours) - images(theirs)).max() < 1e-4
+    assert (
+        np.abs(images(ours) - images(load_pipeline(sd3 / "sd3"))).max() > 1e-3
+    )  # the file's weights, not the folder's
+
+
+def test_the_gen_command_runs_a_file_and_reproduces(sd3, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    args = [PROMPT, "--model", str(sd3 / "finetune.safetensors"), "--base", str(sd3 / "sd3"), "-o", str(out)]
+    assert (
+        main([*args, "--steps", "3", "--width", "32", "--height", "32", "--dtype", "fp32", "--seed", "1"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["reproduce", str(out), "--verify"]) == 0
+
+
+def test_detection(sd3, tmp_path):
+    assert flow_family(sd3 / "sd3_transformer.safetensors") == "sd3"
+    flux = {
+        "double_blocks.0.img_attn.qkv.weight": torch.zeros(1),
+        "single_blocks.0.linear1.weight": torch.zeros(1),
+    }
+    save_file({PREFIX + k: v for k, v in flux.items()}, str(tmp_path / "flux.safetensors"))
+    assert flow_family(tmp_path / "flux.safetensors") == "flux"
+    save_file(
+        {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "sd15.safetensors")
+    )
+    assert flow_family(tmp_path / "sd15.safetensors") is None
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    assert flow_family(tmp_path / "broken.safetensors") is None
+
+
+def flux_file(tmp_path, guidance: bool):
+    """A Flux.1-shaped key set (1 double, 1 single block), guidance embedding or not: enough for the checks."""
+    keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"]
+    keys += ["guidance_in.in_layer.weight"] if guidance else []
+    path = tmp_path / ("dev.safetensors" if guidance else "schnell.safetensors")
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def test_misfits_are_one_line(sd3, tmp_path):
+    FluxPipeline(**flux_parts(tmp_path / "parts", guidance_embeds=False)).save_pretrained(
+        tmp_path / "schnell"
+    )
+    cases = [
+        (sd3 / "finetune.safetensors", None, "is an SD3 transformer file; give the diffusers SD3 folder"),
+        (sd3 / "finetune.safetensors", tmp_path / "schnell", "is a FluxTextToImagePipeline folder; finetune.safetensors needs an SD3 folder"),
+        (flux_file(tmp_path, True), tmp_path / "schnell", "guidance_embeds is Flux-dev (guidance embedding) in the file and Flux-schnell (none) in the folder's config"),
+        (sd3 / "finetune.safetensors", tmp_path / "nowhere", "not a diffusers pipeline folder"),
+    ]  # fmt: skip
+    for path, base, message in cases:
+        with pytest.raises(
+            (ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace(")", r"\)")
+        ) as e:
+            load_pipeline(path, base=base)
+        assert "\n" not in str(e.value)

@@ -192,3 +192,19 @@ def test_vae_tiling_and_slicing_reach_the_vae(tmp_path):
     ours.disable_vae_tiling()
     ours.disable_vae_slicing()
     assert not ours.vae.use_tiling and not ours.vae.use_slicing
+
+
+def test_t5_keeps_its_feed_forward_output_in_fp32_when_loaded_in_fp16(tmp_path):
+    """T5's fp16 overflow: transformers keeps T5's `wo` projections in fp32 (its _keep_in_fp32_modules) when the
+    pipeline loads in fp16, and clamps fp16 hidden states; through gen's loader the prompt embeddings stay finite and
+    near fp32's."""
+    _, theirs = pair("flux", tmp_path / "parts")
+    theirs.save_pretrained(tmp_path / "model")
+    half = FluxTextToImagePipeline.from_pretrained(tmp_path / "model", dtype=torch.float16)
+    full = FluxTextToImagePipeline.from_pretrained(tmp_path / "model")
+    wo = {n: p.dtype for n, p in half.text_encoder_2.named_parameters() if n.endswith("wo.weight")}
+    assert wo and set(wo.values()) == {torch.float32}
+    assert half.text_encoder_2.shared.weight.dtype == torch.float16
+    a = half.encode_prompt([PROMPT], device="cpu", max_sequence_length=16)[0]
+    b = full.encode_prompt([PROMPT], device="cpu", max_sequence_length=16)[0]
+    assert torch.isfinite(a).all() and torch.allclose(a.float(), b, atol=2e-2)

@@ -26,10 +26,22 @@ from gen.pipelines.sd3 import SD3TextToImagePipeline
 class FlowImageToImageMixin:
     """`__call__(prompt, image, strength, ...)` on a flow-matching text-to-image pipeline."""
 
+    _steps = 28  # the diffusers Img2Img / Inpaint pipeline's default num_inference_steps
+    _guidance: float | None = None  # its guidance_scale default, where it differs from the text-to-image one
     _init: tuple | None = None  # (image, strength, height, width) for the call in progress
     _clean: torch.Tensor | None = None  # the image's latents, for the call in progress
 
+    @torch.no_grad()
+    def __call__(
+        self, prompt=None, image: Any = None, strength: float = 0.6, num_inference_steps=None, **kwargs
+    ):
+        """diffusers' Img2Img pipeline's arguments and defaults (strength 0.6, the class's steps and guidance);
+        the rest as the text-to-image pipeline takes them."""
+        return self._image_call(prompt, image, strength, num_inference_steps or self._steps, kwargs)
+
     def _image_call(self, prompt, image: Any, strength: float, steps: int, kwargs: dict):
+        if self._guidance is not None:
+            kwargs.setdefault("guidance_scale", self._guidance)
         I.check_image(image)
         image = I.as_float(image)
         height, width = self._size_of(image, kwargs.pop("height", None), kwargs.pop("width", None))
@@ -66,35 +78,14 @@ class FlowImageToImageMixin:
 
 
 class SD3ImageToImagePipeline(FlowImageToImageMixin, SD3TextToImagePipeline):
-    """Change an image towards a prompt with an SD3 folder, as StableDiffusion3Img2ImgPipeline does."""
+    """Change an image towards a prompt with an SD3 folder, as StableDiffusion3Img2ImgPipeline does (strength
+    0.6, 50 steps)."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        image: Any = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 50,
-        **kwargs,
-    ):
-        """StableDiffusion3Img2ImgPipeline's arguments and defaults (strength 0.6, 50 steps); the rest as
-        SD3TextToImagePipeline takes them."""
-        return self._image_call(prompt, image, strength, num_inference_steps, kwargs)
+    _steps = 50
 
 
 class FluxImageToImagePipeline(FlowImageToImageMixin, FluxTextToImagePipeline):
-    """Change an image towards a prompt with a Flux folder, as FluxImg2ImgPipeline does."""
+    """Change an image towards a prompt with a Flux folder, as FluxImg2ImgPipeline does (strength 0.6, 28 steps,
+    guidance_scale 7.0 where FluxPipeline's is 3.5)."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        image: Any = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 28,
-        **kwargs,
-    ):
-        """FluxImg2ImgPipeline's arguments and defaults (strength 0.6, 28 steps, guidance_scale 7.0 where
-        FluxPipeline's is 3.5); the rest as FluxTextToImagePipeline takes them."""
-        kwargs.setdefault("guidance_scale", 7.0)
-        return self._image_call(prompt, image, strength, num_inference_steps, kwargs)
+    _guidance = 7.0

@@ -30,6 +30,16 @@ class FlowInpaintMixin(FlowImageToImageMixin):
     _mask: torch.Tensor | None = None  # ... at the latents' size, as the transformer reads latents
     _noise_tokens: torch.Tensor | None = None  # the call's noise, as the transformer reads latents
 
+    @torch.no_grad()
+    def __call__(
+        self, prompt=None, image: Any = None, mask_image: Any = None, strength: float = 0.6, num_inference_steps=None,
+        **kwargs,
+    ):  # fmt: skip
+        """diffusers' Inpaint pipeline's arguments and defaults (strength 0.6, the class's steps and guidance);
+        the rest as the text-to-image pipeline takes them."""
+        steps = num_inference_steps or self._steps
+        return self._inpaint_call(prompt, image, mask_image, strength, steps, kwargs)
+
     def _inpaint_call(self, prompt, image, mask_image, strength: float, steps: int, kwargs: dict):
         I.check_image(image)
         I.check_mask(mask_image, image, self.vae.config.latent_channels)
@@ -64,37 +74,14 @@ class FlowInpaintMixin(FlowImageToImageMixin):
 
 
 class SD3InpaintPipeline(FlowInpaintMixin, SD3TextToImagePipeline):
-    """Repaint the masked part of an image with an SD3 folder, as StableDiffusion3InpaintPipeline does."""
+    """Repaint the masked part of an image with an SD3 folder, as StableDiffusion3InpaintPipeline does (strength
+    0.6, 50 steps)."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        image: Any = None,
-        mask_image: Any = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 50,
-        **kwargs,
-    ):
-        """StableDiffusion3InpaintPipeline's arguments and defaults (strength 0.6, 50 steps); the rest as
-        SD3TextToImagePipeline takes them."""
-        return self._inpaint_call(prompt, image, mask_image, strength, num_inference_steps, kwargs)
+    _steps = 50
 
 
 class FluxInpaintPipeline(FlowInpaintMixin, FluxTextToImagePipeline):
-    """Repaint the masked part of an image with a Flux folder, as FluxInpaintPipeline does."""
+    """Repaint the masked part of an image with a Flux folder, as FluxInpaintPipeline does (strength 0.6, 28
+    steps, guidance_scale 7.0)."""
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt=None,
-        image: Any = None,
-        mask_image: Any = None,
-        strength: float = 0.6,
-        num_inference_steps: int = 28,
-        **kwargs,
-    ):
-        """FluxInpaintPipeline's arguments and defaults (strength 0.6, 28 steps, guidance_scale 7.0); the rest as
-        FluxTextToImagePipeline takes them."""
-        kwargs.setdefault("guidance_scale", 7.0)
-        return self._inpaint_call(prompt, image, mask_image, strength, num_inference_steps, kwargs)
+    _guidance = 7.0

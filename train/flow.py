@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from gen.diffusion.training import diffusion_loss
+from gen.generation.families import is_flux
 from gen.pipelines.flux import image_ids, pack, unpack
 from gen.train.common import TrainError
 
@@ -34,10 +35,6 @@ def check_options(o, processes: int = 1) -> None:
 
 
 GUIDANCE = 3.5  # diffusers' --guidance_scale default for Flux-dev LoRA training
-
-
-def is_flux(pipe) -> bool:
-    return hasattr(pipe.transformer.config, "guidance_embeds")
 
 
 def conditioning(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """`gen bench --serve`: a bounded load test of `gen serve`. C clients each send R A1111 txt2img requests (one
 image, its own prompt and seed) to a real server process, first with batching (--max-batch N), then with
 --max-batch 1; it checks that nothing was lost or duplicated and that every image equals its CLI twin (the image
-`gen PROMPT --seed S --steps K` makes), and reports latency percentiles and images/s for both.
+`gen PROMPT --seed S --steps K` makes): bit for bit when made alone (--max-batch 1), within PIXEL_TOLERANCE when
+made beside batch-mates (the CPU's kernels may block a batch of 3 unlike a batch of 1: 1 level measured on an Intel
+AMX CPU, 0 on AMD), and reports latency percentiles and images/s for both.
 
 The soak (`--minutes M`) is gen.tools.serve_soak, on the same machinery.
 """
@@ -154,7 +156,11 @@ def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, obj
 
 
 def check(run: Run, expected: dict[int, object], seed: int) -> dict:
-    """Lost, duplicated, and how many images equal their CLI twin (bit for bit; and the largest difference)."""
+    """Lost, duplicated, and how many images equal their CLI twin (and the largest difference): bit for bit where
+    the server made each alone (--max-batch 1), else within PIXEL_TOLERANCE (gen's promise for batch-mates)."""
+    from gen.generation.metadata import PIXEL_TOLERANCE
+
+    tolerance = 0 if run.max_batch == 1 else PIXEL_TOLERANCE
     import numpy as np
     from PIL import Image
 
@@ -165,13 +171,14 @@ def check(run: Run, expected: dict[int, object], seed: int) -> dict:
         image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
         a, b = np.asarray(image.convert("RGB"), dtype=np.int16), expected[k].astype(np.int16)
         diff = int(np.abs(a - b).max())
-        equal += diff == 0 and record_seeds == [seed + k]
+        equal += diff <= tolerance and record_seeds == [seed + k]
         worst = max(worst, diff)
     return {
         "lost": len(expected) - len(set(seeds) & {seed + k for k in expected}),
         "duplicated": len(seeds) - len(set(seeds)),
         "cli_equal": equal,
         "max_pixel_diff": worst,
+        "tolerance": tolerance,
     }
 
 
@@ -259,6 +266,10 @@ def format_report(report: dict) -> str:
         lines += [f"  failure: {f}" for f in row["failures"]]
     lines.append(f"batching: {report['speedup']}x the images/s of --max-batch 1")
     lines.append(
-        "all images delivered once, each equal to its CLI twin" if report["ok"] else "PROBLEMS: see above"
+        "all images delivered once, each equal to its CLI twin (bit for bit made alone, within"
+        f" {report['runs'][0]['tolerance']} level beside batch-mates; largest difference"
+        f" {max(r['max_pixel_diff'] for r in report['runs'])})"
+        if report["ok"]
+        else "PROBLEMS: see above"
     )
     return "\n".join(lines)

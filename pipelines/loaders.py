@@ -62,4 +62,7 @@ class SafeLoadersMixin:
                     " .safetensors file or pass allow_pickle=True"
                 )
         kwargs.setdefault("local_files_only", True)
+        released = getattr(self, "_torch_weights", None)  # the OpenVINO backend's (gen.loading.backend)
+        if released is not None:
+            released.restore()  # the table grows from its torch copy
         return super().load_textual_inversion(pretrained_model_name_or_path, token=token, **kwargs)

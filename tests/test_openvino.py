@@ -69,6 +69,59 @@ def test_image_to_image_runs_the_converted_encoder(folders):
     assert np.abs(made[0] - made[1]).max() < TOLERANCE
 
 
+@pytest.mark.parametrize("model", ["unet", "xl"])
+def test_text_encoders_run_converted_with_clip_skip_and_fall_back_when_the_vocabulary_grows(folders, model):
+    from gen.text.encode import embed, embed_penultimate
+
+    torch_pipe = load_pipeline(str(folders / model))
+    ov_pipe = load_pipeline(str(folders / model), backend="openvino")
+    names = ["text_encoder", "text_encoder_2"] if model == "xl" else ["text_encoder"]
+    assert all(ov_pipe._openvino[n] in ("converted", "cached") for n in names)
+    prompts = ["a red circle", "a blue square " * 30]  # one chunk, and two
+    for name in names:
+        pair = [getattr(p, name) for p in (torch_pipe, ov_pipe)]
+        tokenizer = torch_pipe.tokenizer if name == "text_encoder" else torch_pipe.tokenizer_2
+        for clip_skip in (None, 1):
+            a, b = (embed(tokenizer, e, prompts, "cpu", clip_skip=clip_skip) for e in pair)
+            for x, y in zip([*a[0], a[1]], [*b[0], b[1]], strict=True):
+                assert x.shape == y.shape and (x - y).abs().max() < TOLERANCE
+        a, b = (embed_penultimate(tokenizer, e, prompts, "cpu") for e in pair)
+        for x, y in zip([*a[0], a[1]], [*b[0], b[1]], strict=True):
+            assert (x - y).abs().max() < TOLERANCE
+        if a[2] is not None:  # SDXL's projected, pooled embedding
+            assert (a[2] - b[2]).abs().max() < TOLERANCE
+    # textual inversion grows the table: the torch weights come back and the grown encoder runs in torch
+    from safetensors.torch import save_file
+
+    vectors = torch.randn(
+        1, ov_pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    save_file({"emb_params": vectors}, str(folders / f"style-{model}.safetensors"))
+    for pipe in (torch_pipe, ov_pipe):
+        pipe.load_textual_inversion(str(folders / f"style-{model}.safetensors"), token="<style>",
+                                    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)  # fmt: skip
+    a, b = (
+        embed(p.tokenizer, p.text_encoder, ["a <style> circle"], "cpu")[0][0] for p in (torch_pipe, ov_pipe)
+    )
+    assert torch.equal(a, b)
+
+
+def test_torch_weights_are_released_and_come_back_for_a_torch_call(folders):
+    from gen.text.encode import final_layer_norm
+
+    pipe = load_pipeline(str(folders / "unet"), backend="openvino")
+    sizes = {
+        n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")
+    }
+    layer_norm = sum(p.numel() for p in final_layer_norm(pipe.text_encoder).parameters())
+    assert sizes == {"unet": 0, "vae": 0, "text_encoder": layer_norm}, sizes  # kept: clip skip runs it
+    before = images(pipe)
+    assert np.abs(before - images(load_pipeline(str(folders / "unet")))).max() < TOLERANCE
+    pipe._torch_weights.restore()
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 0
+    assert np.array_equal(images(pipe), before)  # OpenVINO still runs it
+
+
 def test_controlnet_residuals_still_reach_the_unet(folders):
     from tests.test_controlnet import control_image, controlnet
 

@@ -8,8 +8,11 @@ torch.compile backend fails with this torch (issue 27). So each module is conver
 cache folder keyed by the weights' hash, the component and the versions (a second process reads it in a moment
 instead of converting again), then compiled once per input shape it meets (static shapes are what make OpenVINO
 fast; a new size or batch costs one compile, ~1-4 s at SD scale, and OpenVINO's own CACHE_DIR keeps those blobs
-too). The torch modules stay in place for their configs, and run what OpenVINO is not given: ControlNet
-residuals, LoRA (refused before conversion: see check_openvino_lora), the text encoders (a small part of the time).
+too). The CLIP text encoders are converted too (ids in; the first output, the pooled or
+projected one, and every hidden state out, so clip skip and SDXL's penultimate reading work unchanged). The torch
+modules stay in place for their configs, and run what OpenVINO is not given: ControlNet residuals, attention masks,
+a text encoder whose vocabulary grew after conversion (textual inversion: logged, then torch), LoRA (refused
+before conversion: gen.generation.options).
 
 Precision: "bf16" asks OpenVINO's INFERENCE_PRECISION_HINT for bf16 (where the CPU has it natively: "auto" picks it
 there, gen.loading.precision.native_bf16), "fp32" for f32.
@@ -21,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +41,17 @@ def cache_root() -> Path:
     return Path(base) / "gen" / "openvino"
 
 
-def use_openvino(pipe, weights_hash: str, dtype: str = "fp32", cache: Path | None = None) -> dict:
-    """Run `pipe`'s denoiser and VAE with OpenVINO (in place). Returns what was done: {component: "converted" |
-    "cached"} and the precision hint, for the caller to report."""
+def use_openvino(
+    pipe,
+    weights_hash: str,
+    dtype: str = "fp32",
+    cache: Path | None = None,
+    reload: Callable[[], object] | None = None,
+) -> dict:
+    """Run `pipe`'s denoiser, VAE and CLIP text encoders with OpenVINO (in place). Returns what was done:
+    {component: "converted" | "cached"} and the precision hint, for the caller to report. With `reload` (a
+    function that loads the same pipeline again in torch), the torch copies of the converted weights are released
+    (OpenVINO holds its own) and reloaded from it the first time a call needs torch (see TorchWeights)."""
     import openvino as ov
 
     cache = cache or cache_root()
@@ -57,15 +69,62 @@ def use_openvino(pipe, weights_hash: str, dtype: str = "fp32", cache: Path | Non
         "vae_decoder": (_VaeCall(pipe.vae, "decode"), _vae_example(pipe, decoder=True), False),
         "vae_encoder": (_VaeCall(pipe.vae, "encode"), _vae_example(pipe, decoder=False), False),
     }
+    weights = TorchWeights(pipe, reload)
     compiled = {}
     for name, (module, example, sized) in parts.items():
         folder = cache / _key(weights_hash, name, module)
         compiled[name] = Compiled(core, hint, Converter(module, folder, name, sized))
         done[name] = compiled[name].converter.ready(example)  # the default size now: its first call is quick
-    _patch_denoiser(denoiser, compiled[pipe.denoiser_name], xl)
+    for name in _text_encoders(pipe):
+        encoder = getattr(pipe, name)
+        core_module = _TextCore(encoder)
+        folder = cache / _key(weights_hash, name, core_module)
+        compiled[name] = Compiled(core, hint, Converter(core_module, folder, name, False))
+        done[name] = compiled[name].converter.ready(_text_example(encoder))
+        _patch_text_encoder(encoder, compiled[name], core_module, weights)
+    _patch_denoiser(denoiser, compiled[pipe.denoiser_name], xl, weights)
     _patch_vae(pipe.vae, compiled["vae_decoder"], compiled["vae_encoder"])
-    pipe._openvino = done
+    # a DiT keeps its torch weights: its graph is converted for each new latent size, from them
+    weights.release([*([] if per_size else [pipe.denoiser_name]), "vae", *_text_encoders(pipe)])
+    pipe._openvino, pipe._torch_weights = done, weights
     return done
+
+
+class TorchWeights:
+    """The torch copies of what OpenVINO runs: released after conversion (at SD scale 4 GB in fp32, which would
+    otherwise sit beside OpenVINO's own copy), and put back by loading the pipeline again the first time a call
+    takes a torch path (ControlNet residuals, an attention mask, a vocabulary grown by textual inversion): that
+    call pays one load, logged. The modules keep their configs, dtypes and devices (a released parameter is an
+    empty tensor on the same device); a CLIP encoder keeps its final layer norm (clip skip applies it in torch), and
+    gen's DiT all of its weights (converted once per latent size, from them)."""
+
+    def __init__(self, pipe, reload: Callable[[], object] | None):
+        self.pipe, self.reload, self.released = pipe, reload, []
+
+    def release(self, names: list[str]) -> None:
+        if self.reload is None:
+            return
+        for name in names:
+            for tensor in self._tensors(getattr(self.pipe, name)).values():
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self.released = names
+
+    def restore(self) -> None:
+        """Load the torch weights back (once), for a call OpenVINO does not run."""
+        if not self.released:
+            return
+        logger.info("loading the torch weights OpenVINO replaced, for a call that needs torch (once)")
+        fresh = self.reload()
+        for name in self.released:
+            source = self._tensors(getattr(fresh, name))
+            for key, tensor in self._tensors(getattr(self.pipe, name)).items():
+                tensor.data = source[key].data
+        self.released = []
+
+    @staticmethod
+    def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        named = dict(module.named_parameters()) | dict(module.named_buffers())
+        return {k: t for k, t in named.items() if "final_layer_norm" not in k}
 
 
 def _key(weights_hash: str, name: str, module: torch.nn.Module) -> str:
@@ -130,6 +189,10 @@ class Compiled:
         self._by_shape: dict = {}
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return self.outputs(*arrays)[0]
+
+    def outputs(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the model, in order."""
         key = tuple(a.shape for a in arrays)
         if key not in self._by_shape:
             import openvino as ov
@@ -141,7 +204,8 @@ class Compiled:
                 model, "CPU", {"INFERENCE_PRECISION_HINT": self.hint}
             )
         compiled = self._by_shape[key]
-        return compiled(list(arrays))[compiled.output(0)]
+        result = compiled(list(arrays))
+        return [result[out] for out in compiled.outputs]
 
 
 class _DenoiserCore(torch.nn.Module):
@@ -172,6 +236,62 @@ class _VaeCall(torch.nn.Module):
         return self.run(x).sample if self.part == "decode" else self.run(x)
 
 
+class _TextCore(torch.nn.Module):
+    """A CLIP text encoder as OpenVINO takes it: ids in; out its output's first two fields (CLIPTextModel: the last
+    hidden state and the pooled one; CLIPTextModelWithProjection: text_embeds and the last hidden state) and every
+    hidden state stacked (layers, B, L, D), which _patch_text_encoder unstacks into the output transformers gives."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.forward_torch = encoder.forward
+        self.config_json = json.dumps(encoder.config.to_dict(), sort_keys=True, default=str)
+
+    def forward(self, ids):
+        out = self.forward_torch(ids, output_hidden_states=True, return_dict=True)
+        first, second = out.to_tuple()[:2]
+        return first, second, torch.stack(out.hidden_states)
+
+
+def _text_encoders(pipe) -> list[str]:
+    """The pipeline's CLIP text encoders (SD: one; SDXL: two)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    clip = (CLIPTextModel, CLIPTextModelWithProjection)
+    return [n for n in ("text_encoder", "text_encoder_2") if isinstance(getattr(pipe, n, None), clip)]
+
+
+def _text_example(encoder) -> tuple:
+    """Ids to trace with: batch 2, the encoder's window (the batch is dynamic; chunks are always this long)."""
+    length = encoder.config.max_position_embeddings
+    return (torch.randint(0, encoder.config.vocab_size, (2, length)),)
+
+
+def _patch_text_encoder(encoder, compiled: Compiled, core: _TextCore, weights: TorchWeights) -> None:
+    """The encoder's forward through OpenVINO, as transformers' output class (fields as torch gives them); calls
+    OpenVINO was not given (a mask, positions, a vocabulary grown after conversion) go to its own forward."""
+    torch_forward = core.forward_torch
+    with torch.no_grad():
+        template = torch_forward(_text_example(encoder)[0][:1], output_hidden_states=True, return_dict=True)
+    kind, names = type(template), list(template.keys())[:2]
+    vocab = encoder.get_input_embeddings().num_embeddings
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None, **kw):
+        grown = encoder.get_input_embeddings().num_embeddings != vocab
+        if grown or attention_mask is not None or position_ids is not None or input_ids is None:
+            if grown:
+                logger.info("the text encoder's vocabulary grew after conversion: it runs in torch")
+            weights.restore()
+            return torch_forward(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 output_hidden_states=output_hidden_states, **kw)  # fmt: skip
+        first, second, stacked = (torch.from_numpy(a) for a in compiled.outputs(_numpy(input_ids)))
+        hidden = tuple(stacked.unbind(0)) if output_hidden_states else None
+        out = kind(**{names[0]: first, names[1]: second}, hidden_states=hidden)
+        return out if kw.get("return_dict", True) is not False else out.to_tuple()
+
+    encoder.forward = forward
+
+
 def _denoiser_example(pipe, xl: bool) -> tuple:
     """Inputs to trace with: batch 2 (CFG), the model's default size, 77 text tokens (the dims are dynamic)."""
     config = pipe.denoiser.config
@@ -196,10 +316,12 @@ def _vae_example(pipe, decoder: bool) -> tuple:
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
+    if not x.is_floating_point():  # token ids stay integers
+        return np.ascontiguousarray(x.detach().cpu().numpy())
     return np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
 
 
-def _patch_denoiser(denoiser, compiled: Compiled, xl: bool) -> None:
+def _patch_denoiser(denoiser, compiled: Compiled, xl: bool, weights: TorchWeights) -> None:
     """The module's forward through OpenVINO, except for what only torch runs (ControlNet residuals, extra
     arguments): those calls go to its own forward."""
     torch_forward = denoiser.forward
@@ -208,6 +330,7 @@ def _patch_denoiser(denoiser, compiled: Compiled, xl: bool) -> None:
         added = kw.pop("added_cond_kwargs", None)
         kw.pop("cross_attention_kwargs", None)  # LoRA scales: refused with this backend (check_openvino_lora)
         if args or any(v is not None for v in kw.values()):
+            weights.restore()
             return torch_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
                                  added_cond_kwargs=added, **kw)  # fmt: skip
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])

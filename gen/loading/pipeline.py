@@ -34,14 +34,19 @@ def load_pipeline(
     .safetensors SD checkpoint (configs shipped with gen, or `base`'s), or an SD3/Flux transformer file whose other
     parts come from the diffusers folder `base`; with no path, the embedded default model.
     Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety).
-    backend="openvino": the denoiser and VAE run as OpenVINO compiled models (gen.loading.backend), in bf16 when
-    torch_dtype is bfloat16, else f32; the torch modules load in float32."""
+    backend="openvino": the denoiser, VAE and CLIP text encoders run as OpenVINO compiled models
+    (gen.loading.backend), in bf16 when torch_dtype is bfloat16, else f32; the torch modules load in float32 and
+    their converted weights are released (loaded again the first time a call needs torch)."""
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(torch_dtype, "fp32")
     check_precision(dtype, str(device))
     check_backend(backend, dtype, str(device))
     if backend == "openvino":
-        pipe = load_pipeline(path, torch.float32, device, allow_pickle)
-        use_openvino(pipe, model_hash(model_folder(path)), dtype)
+        pipe = load_pipeline(path, torch.float32, device, allow_pickle, base=base)
+
+        def reload():
+            return load_pipeline(path, torch.float32, device, allow_pickle, base=base)
+
+        use_openvino(pipe, model_hash(model_folder(path)), dtype, reload=reload)
         return pipe
     folder = model_folder(path)
     family = flow_family(folder) if folder.is_file() else None

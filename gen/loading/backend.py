@@ -55,9 +55,13 @@ def use_openvino(
     import openvino as ov
 
     cache = cache or cache_root()
-    core = ov.Core()
-    core.set_property("CPU", {"CACHE_DIR": str(cache / "blobs")})
     hint = HINTS[dtype]
+    core = ov.Core()
+    # One blob folder per precision: openvino 2026.4.1's compiled-blob cache does not key on the precision hint,
+    # so a bf16 compile read the f32 blob of the same model and ran it as bf16 -- NaN (measured on an Intel Xeon
+    # with AMX: f32 then bf16 in one cache folder left one blob, and the bf16 UNet gave NaN; in its own folder,
+    # finite, max |diff| 0.03 to torch fp32 on outputs of ~1.4)
+    core.set_property("CPU", {"CACHE_DIR": str(cache / "blobs" / hint)})
     done = {"precision": hint}
     denoiser = pipe.denoiser
     xl = getattr(denoiser.config, "addition_embed_type", None) == "text_time"

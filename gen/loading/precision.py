@@ -30,8 +30,9 @@ def pick_precision(dtype: str, device: str = "cpu", backend: str = "torch") -> t
     bf16 natively and fp32 elsewhere, why saying so ("auto: this CPU has native bf16, avx512_bf16").
 
     OpenVINO's bf16 is chosen only on a CPU with AMX: on an AMD EPYC with AVX-512 BF16 and no AMX, openvino
-    2026.4.1's bf16 SD 1.5 UNet gave NaN latents from the first step (torch's bf16 there was finite), so auto
-    keeps f32 there; --dtype bf16 still asks for it."""
+    2026.4.1's bf16 SD 1.5 UNet gave NaN latents from the first step, so auto keeps f32 there; --dtype bf16 still
+    asks for it. (That NaN was most likely OpenVINO's blob cache handing the bf16 compile the f32 blob, found
+    later on an AMX Xeon and fixed in gen.loading.backend; not re-measured on that AMD CPU.)"""
     if dtype != AUTO:
         return dtype, None
     native, why = native_bf16(device)

@@ -79,7 +79,8 @@ def use_openvino(
         folder = cache / _key(weights_hash, name, module)
         compiled[name] = Compiled(core, hint, Converter(module, folder, name, sized))
         done[name] = compiled[name].converter.ready(example)  # the default size now: its first call is quick
-    for name in _text_encoders(pipe):
+    encoders = _text_encoders(pipe)
+    for name in encoders:
         encoder = getattr(pipe, name)
         core_module = _TextCore(encoder)
         folder = cache / _key(weights_hash, name, core_module)
@@ -89,7 +90,7 @@ def use_openvino(
     _patch_denoiser(denoiser, compiled[pipe.denoiser_name], xl, weights)
     _patch_vae(pipe.vae, compiled["vae_decoder"], compiled["vae_encoder"])
     # a DiT keeps its torch weights: its graph is converted for each new latent size, from them
-    weights.release([*([] if per_size else [pipe.denoiser_name]), "vae", *_text_encoders(pipe)])
+    weights.release([*([] if per_size else [pipe.denoiser_name]), "vae", *encoders])
     pipe._openvino, pipe._torch_weights = done, weights
     return done
 
@@ -274,10 +275,15 @@ def _text_example(encoder) -> tuple:
 def _patch_text_encoder(encoder, compiled: Compiled, core: _TextCore, weights: TorchWeights) -> None:
     """The encoder's forward through OpenVINO, as transformers' output class (fields as torch gives them); calls
     OpenVINO was not given (a mask, positions, a vocabulary grown after conversion) go to its own forward."""
+    from transformers import CLIPTextModelWithProjection
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
     torch_forward = core.forward_torch
-    with torch.no_grad():
-        template = torch_forward(_text_example(encoder)[0][:1], output_hidden_states=True, return_dict=True)
-    kind, names = type(template), list(template.keys())[:2]
+    if isinstance(encoder, CLIPTextModelWithProjection):
+        kind, names = CLIPTextModelOutput, ("text_embeds", "last_hidden_state")
+    else:
+        kind, names = BaseModelOutputWithPooling, ("last_hidden_state", "pooler_output")
     vocab = encoder.get_input_embeddings().num_embeddings
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, output_hidden_states=None, **kw):

@@ -158,11 +158,12 @@ def twins(model: str | None, total: int, seed: int, steps: int) -> dict[int, obj
 def check(run: Run, expected: dict[int, object], seed: int) -> dict:
     """Lost, duplicated, and how many images equal their CLI twin (and the largest difference): bit for bit where
     the server made each alone (--max-batch 1), else within PIXEL_TOLERANCE (gen's promise for batch-mates)."""
+    import numpy as np
+    from PIL import Image
+
     from gen.generation.metadata import PIXEL_TOLERANCE
 
     tolerance = 0 if run.max_batch == 1 else PIXEL_TOLERANCE
-    import numpy as np
-    from PIL import Image
 
     seeds, equal, worst = [], 0, 0
     for k, answer in run.answers.items():

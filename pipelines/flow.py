@@ -207,15 +207,20 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
         state: dict[str, torch.Tensor],
         callback: Callable | None,
         tensor_inputs: list[str],
+        generator=None,
     ) -> torch.Tensor:
         """predict(latents, t, state) -> the guided velocity; the scheduler steps; diffusers' callback_on_step_end
-        sees `latents` and the tensors in `state` and may replace them."""
+        sees `latents` and the tensors in `state` and may replace them. A scheduler whose step draws noise (Euler
+        a, FlowMatchEuler's stochastic_sampling) draws it from `generator`, so the seed decides it; the
+        deterministic ones draw nothing, so images stay diffusers' (whose flow pipelines pass no generator)."""
+        takes = "generator" in inspect.signature(self.scheduler.step).parameters
+        noise = {"generator": generator} if takes and generator is not None else {}
         with self.progress_bar(total=len(steps)) as progress:
             for i, t in enumerate(steps):
                 if self.interrupt:
                     continue  # as diffusers' flow pipelines: the remaining steps are skipped
                 pred = predict(latents, t, state)
-                latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(pred, t, latents, return_dict=False, **noise)[0]
                 latents = self._after_step(latents, i, steps)
                 if callback is not None:
                     latents = self._flow_callback(callback, i, t, latents, state, tensor_inputs)

@@ -88,7 +88,14 @@ class FlowLoraMixin:
         if unexpected:  # diffusers only warns, and the LoRA would be applied in part: taken off, refused
             self.delete_adapters(name)
             raise self._misfit(label, unexpected[0])
+        if not self._adapter_modules(name):  # no key diffusers knows (e.g. a kohya SD3 file): it only warns
+            raise self._misfit(label, "no key of it names a layer of the transformer or the text encoders")
         return name
+
+    def _adapter_modules(self, name: str) -> list[str]:
+        """The components the adapter `name` landed on."""
+        components = ("transformer", *self._lora_text_encoders)
+        return [c for c in components if name in (getattr(getattr(self, c, None), "peft_config", None) or {})]
 
     def save_lora_weights(
         self, path: str | Path | None = None, adapter_name: str = "default", **diffusers_form

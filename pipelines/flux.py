@@ -263,7 +263,9 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
             )
             return guidance(pred_negative, pred, true_cfg_scale)
 
-        latents = self._flow_loop(latents, steps, predict, state, callback_on_step_end, tensor_inputs)
+        latents = self._flow_loop(
+            latents, steps, predict, state, callback_on_step_end, tensor_inputs, generator
+        )
 
         # 6. Unpack and decode.
         if output_type == "latent":

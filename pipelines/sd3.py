@@ -276,7 +276,9 @@ class SD3TextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, SD3LoraLoaderM
             pred = guidance(pred_uncond, pred_text, self.guidance_scale)
             return self._skip_layer_guidance(pred, pred_text, x, t, i, skip)
 
-        latents = self._flow_loop(latents, steps, predict, state, callback_on_step_end, tensor_inputs)
+        latents = self._flow_loop(
+            latents, steps, predict, state, callback_on_step_end, tensor_inputs, generator
+        )
 
         # 6. Decode.
         return self._finish(latents, generator, output_type, return_dict)

@@ -152,7 +152,7 @@ def test_cli_metadata_and_reproduce_verify(folders, tmp_path, family, capsys):
     ("family", "args", "message"),
     [
         ("flux", ["--sampler", "ddim"], "sampler 'ddim' is not defined for flow-matching models (SD3, Flux)"),
-        ("sd3", ["--sampler", "euler_a"], "sampler 'euler_a' is not defined for flow-matching models"),
+        ("sd3", ["--sampler", "dpm2_a"], "sampler 'dpm2_a' is not defined for flow-matching models"),
         ("sd3", ["--hires-scale", "2"], "hires fix is not available for SD3 models yet"),
         ("flux", ["--guidance-rescale", "0.5"], "--guidance-rescale is not available for Flux models yet"),
         (

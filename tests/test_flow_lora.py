@@ -88,3 +88,97 @@ def test_misfit_lora_is_refused_with_diffusers_quieted(tmp_path):
     finally:
         dlog.set_verbosity(before)
     assert not getattr(flux.transformer, "peft_config", None)  # nothing of it left on the model
+
+
+# A kohya (sd-scripts) Flux LoRA as its trainers write it: BFL module names, lora_down/lora_up, an alpha per module,
+# fused qkv. Single blocks' linear1 is left out: diffusers' converter splits it at the real Flux widths
+# (3072 x 3 + 12288), which a tiny transformer cannot have.
+KOHYA_FLUX = {  # kohya module -> (in, out) of the tiny Flux in tests.flow_parts (inner 32, MLP 128, CLIP 16)
+    "lora_unet_double_blocks_0_img_attn_qkv": (32, 96),
+    "lora_unet_double_blocks_0_img_attn_proj": (32, 32),
+    "lora_unet_double_blocks_0_txt_attn_qkv": (32, 96),
+    "lora_unet_double_blocks_0_img_mlp_0": (32, 128),
+    "lora_unet_single_blocks_0_linear2": (160, 32),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (16, 16),
+    # diffusers tells a kohya CLIP part's layout by its out_proj: a file of q_proj alone fails there too
+    "lora_te1_text_model_encoder_layers_0_self_attn_out_proj": (16, 16),
+}
+
+
+def kohya_flux_state(rank: int = 4, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    state = {}
+    for module, (n_in, n_out) in KOHYA_FLUX.items():
+        state[f"{module}.lora_down.weight"] = torch.randn(rank, n_in, generator=generator) * 0.3
+        state[f"{module}.lora_up.weight"] = torch.randn(n_out, rank, generator=generator) * 0.3
+        state[f"{module}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def comfy_name(kohya_key: str) -> str:
+    """The same module as ComfyUI writes it: diffusion_model.<dotted BFL name> and text_encoders.clip_l."""
+    module, _, tail = kohya_key.partition(".")
+    dotted = {
+        "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv",
+        "lora_unet_double_blocks_0_img_attn_proj": "diffusion_model.double_blocks.0.img_attn.proj",
+        "lora_unet_double_blocks_0_txt_attn_qkv": "diffusion_model.double_blocks.0.txt_attn.qkv",
+        "lora_unet_double_blocks_0_img_mlp_0": "diffusion_model.double_blocks.0.img_mlp.0",
+        "lora_unet_single_blocks_0_linear2": "diffusion_model.single_blocks.0.linear2",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+        ),
+        "lora_te1_text_model_encoder_layers_0_self_attn_out_proj": (
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.out_proj"
+        ),
+    }[module]
+    return f"{dotted}.{tail}"
+
+
+def test_kohya_and_comfyui_flux_loras_equal_diffusers(tmp_path):
+    from safetensors.torch import save_file
+
+    kohya = kohya_flux_state()
+    files = {"kohya": tmp_path / "kohya.safetensors", "comfyui": tmp_path / "comfyui.safetensors"}
+    save_file(kohya, files["kohya"])
+    save_file({comfy_name(k): v for k, v in kohya.items()}, files["comfyui"])
+    parts = flux_parts(tmp_path / "parts")
+    plain = FluxTextToImagePipeline(**copy.deepcopy(parts))
+    plain.set_progress_bar_config(disable=True)
+    loaded = {}
+    for layout, path in files.items():
+        ours = FluxTextToImagePipeline(**copy.deepcopy(parts))
+        theirs = FluxPipeline(**copy.deepcopy(parts))
+        for pipe in (ours, theirs):
+            pipe.set_progress_bar_config(disable=True)
+        ours.load_lora_weights(str(path), adapter_name=layout)
+        theirs.load_lora_weights(str(path), adapter_name=layout)
+        # every module of the file landed: the transformer's five (qkv split in three) and the CLIP's one
+        assert "lora_A" in str(ours.transformer.transformer_blocks[0].attn.to_q)
+        assert "lora_A" in str(ours.transformer.single_transformer_blocks[0].proj_out)
+        assert "lora_A" in str(ours.text_encoder.encoder.layers[0].self_attn.q_proj)
+        assert difference((ours, theirs)) < TOLERANCE, layout
+        loaded[layout] = ours
+    assert difference((loaded["kohya"], loaded["comfyui"])) < TOLERANCE  # one LoRA, two spellings
+    assert difference((loaded["kohya"], plain)) > 0.01  # and it changes the picture
+
+
+def test_a_kohya_sd3_lora_is_refused_not_ignored(tmp_path):
+    """diffusers has no converter for kohya-named SD3 LoRAs; its loader finds no key it knows and goes on, so
+    gen refuses the file in one line rather than run the model unchanged."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd3_kohya.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(4, 32, generator=g),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(96, 4, generator=g),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0),
+        },
+        path,
+    )
+    sd3 = SD3TextToImagePipeline(**sd3_parts(tmp_path / "sd3"))
+    with pytest.raises(ValueError, match="sd3_kohya.safetensors") as error:
+        sd3.load_lora_weights(str(path))
+    assert "\n" not in str(error.value)
+    assert not getattr(sd3.transformer, "peft_config", None)

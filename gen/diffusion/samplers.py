@@ -6,8 +6,9 @@ options change.
 
 Flow-matching models (SD3, Flux: their scheduler config is a FlowMatch one) take the same names where the
 sampler is defined for a velocity model, as Forge and ComfyUI offer them: Euler and Heun are diffusers' FlowMatch
-schedulers, DPM++ 2M and UniPC diffusers' multistep solvers on flow sigmas (`use_flow_sigmas`, the model's shift).
-The ancestral, Karras, LMS, DDIM/PNDM/DDPM and LCM samplers are defined on a noise-prediction schedule and are
+schedulers, DPM++ 2M and UniPC diffusers' multistep solvers on flow sigmas (`use_flow_sigmas`, the model's shift),
+Euler a gen's FlowMatchEulerAncestralScheduler (ComfyUI's rectified-flow ancestral step; diffusers has none).
+The other ancestral samplers, Karras, LMS, DDIM/PNDM/DDPM and LCM samplers are defined on a noise-prediction schedule and are
 refused for these models rather than run on a schedule they were not made for.
 """
 
@@ -38,6 +39,7 @@ SAMPLERS: dict[str, Sampler] = {
         "EulerAncestralDiscreteScheduler",
         "Euler ancestral: adds fresh noise each step (varied, never converges)",
         a1111="Euler a",
+        flow="FlowMatchEulerAncestralScheduler",  # gen's (flow_ancestral.py): ComfyUI's RF ancestral step
     ),
     "heun": Sampler(
         "HeunDiscreteScheduler",
@@ -127,6 +129,17 @@ def unknown_sampler(name: str) -> ValueError:
     return ValueError(f"unknown sampler {name!r}{hint}; choose one of: {', '.join(SAMPLERS)}")
 
 
+def _flow_class(name: str) -> type:
+    """A diffusers scheduler class, or gen's own where diffusers has none (Euler ancestral on flow sigmas)."""
+    import diffusers
+
+    if name == "FlowMatchEulerAncestralScheduler":
+        from gen.diffusion.flow_ancestral import FlowMatchEulerAncestralScheduler
+
+        return FlowMatchEulerAncestralScheduler
+    return getattr(diffusers, name)
+
+
 def make_scheduler(name: str, config):
     """A diffusers scheduler for `name`, built from a model's scheduler config (keeps betas, prediction type)."""
     if name not in SAMPLERS:
@@ -140,7 +153,7 @@ def make_scheduler(name: str, config):
                 f"sampler {name!r} is not defined for flow-matching models (SD3, Flux); choose one of:"
                 f" {', '.join(FLOW_SAMPLERS)}"
             )
-        cls = getattr(diffusers, spec.flow)
+        cls = _flow_class(spec.flow)
         # The multistep solvers call the model's shift flow_shift, and take dynamic shifting's mu from the call.
         shift = {"flow_shift": config.get("shift", 1.0)} if spec.flow_kwargs.get("use_flow_sigmas") else {}
         return cls.from_config(config, **shift, **spec.flow_kwargs)

@@ -74,11 +74,16 @@ def check_fit(path: Path, family: str, config: dict) -> None:
             )
 
 
-def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32):
-    """The file's transformer, converted by diffusers with `folder`'s transformer config, offline."""
+def transformer_class(family: str) -> type:
+    """diffusers' transformer class of a family ("sd3" or "flux")."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    return SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+
+
+def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32):
+    """The file's transformer, converted by diffusers with `folder`'s transformer config, offline."""
+    cls = transformer_class(family)
     config = cls.load_config(str(folder), subfolder="transformer")
     check_fit(Path(path), family, config)
     try:

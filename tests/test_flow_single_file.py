@@ -114,3 +114,33 @@ def test_misfits_are_one_line(sd3, tmp_path):
         ) as e:
             load_pipeline(path, base=base)
         assert "\n" not in str(e.value)
+
+
+def test_gen_serve_serves_a_file_with_the_base_that_fits_it(sd3, tmp_path):
+    """`gen serve --model finetune.safetensors --model sd3-folder --base flux-folder --base sd3-folder`: the SD3
+    file takes the SD3 base (the Flux one is passed over), its A1111 images are the CLI's `--model file --base`
+    ones, and its PNGs name the base, so they reproduce; a file no base fits is refused in one line."""
+    from gen.serve.models import Models
+    from tests.images import assert_same_image
+    from tests.serve_support import cli_image, png, serving
+
+    FluxPipeline(**flux_parts(tmp_path / "parts")).save_pretrained(tmp_path / "flux")
+    bases = [str(tmp_path / "flux"), str(sd3 / "sd3")]
+    file = str(sd3 / "finetune.safetensors")
+    models = Models.load([file, str(sd3 / "sd3")], "cpu", "fp32", "sdpa", bases=bases)
+    assert [m.name for m in models] == ["finetune", "sd3"]
+    call = {"prompt": PROMPT, "seed": 4, "steps": 3, "width": 32, "height": 32, "model": "finetune"}
+    with serving(models=models) as server, server.client() as http:
+        answer = http.post("/sdapi/v1/txt2img", json={k: v for k, v in call.items() if k != "model"})
+        assert answer.status_code == 200, answer.text
+    common = ["--steps", "3", "--width", "32", "--height", "32", "--dtype", "fp32", "--cfg", "7"]
+    cli = cli_image(tmp_path, PROMPT, 4, "--model", file, "--base", str(sd3 / "sd3"), *common)
+    assert_same_image(png(answer.json()["images"][0]), cli)
+    served = tmp_path / "served.png"
+    served.write_bytes(__import__("base64").b64decode(answer.json()["images"][0]))
+    assert main(["reproduce", str(served), "--verify"]) == 0
+    with pytest.raises(
+        ValueError, match="finetune.safetensors is an SD3 transformer file and no --base"
+    ) as e:
+        Models.load([file], "cpu", "fp32", "sdpa", bases=[str(tmp_path / "flux")])
+    assert "\n" not in str(e.value)

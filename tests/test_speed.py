@@ -112,9 +112,13 @@ def test_channels_last_keeps_unet_images_and_batch_invariance(unet_pipe, dit_pip
     assert np.abs(alone - before).max() <= PIXEL_TOLERANCE
     batch = images(unet_pipe, [10, 11, 12])
     assert_same_image(batch[2], alone)  # image k of a run = the image made alone
-    # The DiT pipeline and low precision are left as they were.
+    # The DiT pipeline and fp16 (a GPU's precision) are left as they were; bf16 (a native-bf16 CPU's) is not.
     assert not channels_last(dit_pipe) and dit_pipe.vae.decoder.conv_in.weight.is_contiguous()
     unet_pipe.unet.to(torch.bfloat16)
+    unet_pipe.unet.to(memory_format=torch.contiguous_format)
+    assert channels_last(unet_pipe)
+    assert unet_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    unet_pipe.unet.to(torch.float16)
     unet_pipe.unet.to(memory_format=torch.contiguous_format)
     assert not channels_last(unet_pipe) and unet_pipe.unet.conv_in.weight.is_contiguous()
 

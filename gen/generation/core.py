@@ -86,15 +86,16 @@ def prepare(pipe, o: Options):
 
 
 def channels_last(pipe) -> bool:
-    """A UNet pipeline on a CPU in fp32: UNet and VAE weights in channels_last, so oneDNN's convolutions work in
-    their native layout instead of converting at every call (UNet step and VAE decode ~10-15 % faster at SD 1.5
-    scale on an AVX2 CPU, `gen bench --arch sd15`; outputs within 1e-4). Not the DiT (one convolution, its patch
-    embedding), and not measured elsewhere (bf16 without native bf16 is unusable there; no GPU was at hand)."""
+    """A UNet pipeline on a CPU, fp32 or bf16: UNet and VAE weights in channels_last, so oneDNN's convolutions work
+    in their native layout instead of converting at every call. Measured at SD 1.5 scale (`gen bench --arch sd15`,
+    outputs within 1e-4 in fp32): UNet step and VAE decode ~10-15 % faster in fp32 on an AVX2 CPU; on an Intel AMX
+    CPU, one thread, the bf16 UNet step 1.31 -> 1.12 s and the fp32 VAE decode (gen's, beside a bf16 UNet) 7.0 ->
+    4.5 s. Not the DiT (one convolution, its patch embedding)."""
     unet = getattr(pipe, "unet", None)
-    if unet is None or unet.device.type != "cpu" or unet.dtype != torch.float32:
+    if unet is None or unet.device.type != "cpu" or unet.dtype not in (torch.float32, torch.bfloat16):
         return False
     unet.to(memory_format=torch.channels_last)
-    if pipe.vae.dtype == torch.float32:
+    if pipe.vae.dtype in (torch.float32, torch.bfloat16):
         pipe.vae.to(memory_format=torch.channels_last)
     return True
 

@@ -14,7 +14,7 @@ from gen.loading.backend import use_openvino
 from gen.loading.hashing import model_hash
 from gen.loading.precision import check_backend, check_precision
 from gen.pipelines import TextToImagePipeline
-from gen.pipelines.flow_single_file import flow_family, load_transformer
+from gen.pipelines.flow_single_file import check_fit, flow_family, load_transformer, transformer_class
 from gen.pipelines.safety import check_weight_file
 from gen.pipelines.single_file import load_original
 
@@ -100,6 +100,37 @@ def load_single_file(
     fit the checkpoint (default: the shipped SD 1.x, 2.x or SDXL configs, chosen from the checkpoint's keys)."""
     return load_original(
         TextToImagePipeline, path, config, torch_dtype=torch_dtype, allow_pickle=allow_pickle
+    )
+
+
+def base_for(path: str | Path | None, bases: list[str]) -> str | None:
+    """For a server given several models and `--base` folders: the first folder in `bases` that fits the SD3/Flux
+    transformer file `path` (its family, depth and Flux's guidance embedding); None for every other model (a
+    folder, an SD checkpoint: those need no base). ValueError in one line when no folder fits."""
+    folder = model_folder(path) if path is not None else None
+    family = flow_family(folder) if folder is not None and folder.is_file() else None
+    if family is None:
+        return None
+    name = {"sd3": "SD3", "flux": "Flux"}[family]
+    misfits = []
+    for base in bases:
+        base_path = Path(base)
+        if not (base_path / "model_index.json").is_file():
+            raise FileNotFoundError(f"--base {base}: not a diffusers pipeline folder (no model_index.json)")
+        if not pipeline_class(base_path).__name__.lower().startswith(family):
+            continue
+        try:
+            check_fit(
+                folder, family, transformer_class(family).load_config(str(base_path), subfolder="transformer")
+            )
+        except ValueError as e:
+            misfits.append(str(e))
+            continue
+        return str(base_path)
+    detail = f" ({misfits[0]})" if misfits else ""
+    raise ValueError(
+        f"{folder.name} is an {name} transformer file and no --base folder fits it{detail}; give the diffusers"
+        f" {name} folder its VAE, text encoders and tokenizers come from (--base DIR, repeatable)"
     )
 
 

@@ -28,7 +28,7 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     why = config.resolve_precision()
     logger.info("precision: %s%s", config.dtype, f" ({why})" if why else "")
     models = models or Models.load(
-        config.models, config.device, config.dtype, config.attention, config.backend
+        config.models, config.device, config.dtype, config.attention, config.backend, config.bases
     )
     state = State(config, models)
 

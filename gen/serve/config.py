@@ -38,6 +38,13 @@ class ServeConfig:
     models: list[str | None] = option(
         [None], "model folder or file; repeat to serve several (first: default)", flags=("--model",)
     )
+    bases: list[str] = option(
+        [],
+        "with SD3/Flux transformer files among --model: diffusers folders of those models, their VAE, text"
+        " encoders and tokenizers (each file takes the first folder that fits it; repeatable)",
+        flags=("--base",),
+        metavar="DIR",
+    )
     device: str = option("cpu", "cpu, cuda, cuda:1, ... one worker per device")
     controlnet_dir: str | None = option(
         None,

@@ -12,6 +12,7 @@ from typing import Any
 from gen import generation as G
 from gen.generation import metadata
 from gen.loading.assets import model_folder
+from gen.loading.pipeline import base_for
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class ServedModel:
     sha256: str  # the PNG metadata's model hash
     pipe: Any = field(repr=False)
     scheduler: Any = field(repr=False)  # the model's own: for requests that name no sampler
+    base: str | None = None  # an SD3/Flux transformer file's folder for its other parts (absolute), else None
 
     def pipeline(self, sampler: str | None, init=None) -> Any:
         """The pipeline for a request's task (text, image-to-image, inpainting: from `init`) and sampler, sharing
@@ -54,11 +56,20 @@ class ServedModel:
 
 
 def load_model(
-    path: str | None, device: str, dtype: str, attention: str, backend: str = "torch"
+    path: str | None,
+    device: str,
+    dtype: str,
+    attention: str,
+    backend: str = "torch",
+    bases: list[str] = (),
 ) -> ServedModel:
+    """One served model; an SD3/Flux transformer file gets the first of `bases` that fits it (recorded in each
+    PNG's options, so `gen reproduce` finds it)."""
     folder = model_folder(path).resolve()
+    base = base_for(path, list(bases))
     o = G.Options(
         model=str(folder) if path is not None else None,
+        base=str(Path(base).resolve()) if base is not None else None,
         device=device,
         dtype=dtype,
         attention=attention,
@@ -67,7 +78,7 @@ def load_model(
     G.check_options(o)
     pipe = G.load(o)
     logger.info("loaded %s", folder)
-    return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler)
+    return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler, o.base)
 
 
 class Models:
@@ -83,9 +94,15 @@ class Models:
 
     @classmethod
     def load(
-        cls, paths: list[str | None], device: str, dtype: str, attention: str, backend: str = "torch"
+        cls,
+        paths: list[str | None],
+        device: str,
+        dtype: str,
+        attention: str,
+        backend: str = "torch",
+        bases: list[str] = (),
     ) -> Models:
-        return cls([load_model(p, device, dtype, attention, backend) for p in paths])
+        return cls([load_model(p, device, dtype, attention, backend, bases) for p in paths])
 
     def __iter__(self):
         return iter(self.all)

@@ -181,6 +181,10 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
             return latents.to(device=device, dtype=dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
+    def _overlay(self):
+        """What runs on the post-processed images (inpainting's crop pasted back); None: nothing."""
+        return None
+
     # -- where the latents start: noise (text-to-image); image-to-image overrides these two ----------------------
     def _initial_latents(self, shape: tuple, dtype, device, generator, latents=None) -> torch.Tensor:
         """The starting latents (B, C, h, w) before the schedule is known: Gaussian noise, or the caller's."""

@@ -58,9 +58,13 @@ class FlowImageToImageMixin:
         if latents is not None:
             return self._noise(shape, dtype, device, generator, latents)
         image, _, height, width = self._init
-        pixels = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        pixels = self._pixels(image, height, width).to(torch.float32)
         self._clean = I.encode(self.vae, pixels.to(device=device, dtype=dtype), generator, shape[0])
         return self._noise(shape, dtype, device, generator)
+
+    def _pixels(self, image, height: int, width: int) -> torch.Tensor:
+        """The image as the VAE reads it (inpainting's crop cuts it first)."""
+        return self.image_processor.preprocess(image, height=height, width=width)
 
     def _start(self, latents: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last `strength` of the schedule (diffusers' get_timesteps), and the image noised to its first."""

@@ -4,7 +4,9 @@ StableDiffusion3InpaintPipeline and FluxInpaintPipeline do for text-to-image tra
 
 With the same components, scheduler and generator the images are diffusers'. As diffusers' SD3 pipeline does
 only for 16-channel transformers (SD3's), gen blends for any channel count. The masked image's latents, which
-these pipelines encode but never read for such transformers, are not encoded. `padding_mask_crop` is not offered.
+these pipelines encode but never read for such transformers, are not encoded. `padding_mask_crop` is
+diffusers' (the mask's region, grown and cut at the call's aspect ratio, repainted at the call's size and pasted
+back).
 
 The module paths gen.pipelines.flow_inpaint.{SD3,Flux}InpaintPipeline are written into saved pipelines'
 model_index.json.
@@ -30,31 +32,59 @@ class FlowInpaintMixin(FlowImageToImageMixin):
     _mask: torch.Tensor | None = None  # ... at the latents' size, as the transformer reads latents
     _noise_tokens: torch.Tensor | None = None  # the call's noise, as the transformer reads latents
 
+    _pad: int | None = None  # the call's padding_mask_crop
+    _crop: tuple | None = None  # ... and the region it cuts, once the size is known
+    _original: Any = None  # the call's image, as given (the crop is pasted back into it)
+
     @torch.no_grad()
     def __call__(
         self, prompt=None, image: Any = None, mask_image: Any = None, strength: float = 0.6, num_inference_steps=None,
-        **kwargs,
+        padding_mask_crop: int | None = None, **kwargs,
     ):  # fmt: skip
         """diffusers' Inpaint pipeline's arguments and defaults (strength 0.6, the class's steps and guidance);
-        the rest as the text-to-image pipeline takes them."""
+        the rest as the text-to-image pipeline takes them. padding_mask_crop=p (PIL image and mask, PIL output)
+        repaints only the mask's bounding box grown by p pixels (at the call's aspect ratio), at the call's size,
+        and pastes it back into the image, as diffusers does."""
         steps = num_inference_steps or self._steps
-        return self._inpaint_call(prompt, image, mask_image, strength, steps, kwargs)
+        return self._inpaint_call(prompt, image, mask_image, strength, steps, kwargs, padding_mask_crop)
 
-    def _inpaint_call(self, prompt, image, mask_image, strength: float, steps: int, kwargs: dict):
+    def _inpaint_call(
+        self, prompt, image, mask_image, strength: float, steps: int, kwargs: dict, pad: int | None = None
+    ):
         I.check_image(image)
         I.check_mask(mask_image, image, self.vae.config.latent_channels)
-        self._mask_image = I.as_mask(mask_image)
+        I.check_crop(pad, image, mask_image, kwargs.get("output_type", "pil"))
+        self._mask_image, self._pad, self._original = I.as_mask(mask_image), pad, image
         try:
             return self._image_call(prompt, image, strength, steps, kwargs)
         finally:
             self._mask_image, self._mask, self._noise_tokens = None, None, None
+            self._pad, self._crop, self._original = None, None, None
+
+    def _resize(self) -> dict:
+        """How image and mask are brought to the call's size: cut to the crop and filled, or resized whole."""
+        return {"crops_coords": self._crop, "resize_mode": "fill"} if self._crop else {}
+
+    def _pixels(self, image, height: int, width: int) -> torch.Tensor:
+        if self._pad is not None:
+            mask_processor = I.processors(self.latent_stride)[1]
+            self._crop = mask_processor.get_crop_region(self._mask_image, width, height, pad=self._pad)
+        return self.image_processor.preprocess(image, height=height, width=width, **self._resize())
+
+    def _overlay(self):
+        if not self._crop:
+            return None
+        mask, original, crop, processor = self._mask_image, self._original, self._crop, self.image_processor
+        return lambda images: [processor.apply_overlay(mask, original, out, crop) for out in images]
 
     def _initial_latents(self, shape: tuple, dtype, device, generator, latents=None) -> torch.Tensor:
         """Image-to-image's (the image's latents, then the noise), and the mask at the latents' size: nearest
         interpolation of the binarized mask, one channel per latent channel."""
         start = super()._initial_latents(shape, dtype, device, generator, latents)
         _, _, height, width = self._init
-        mask = I.processors(self.latent_stride)[1].preprocess(self._mask_image, height=height, width=width)
+        mask = I.processors(self.latent_stride)[1].preprocess(
+            self._mask_image, height=height, width=width, **self._resize()
+        )
         mask = F.interpolate(mask, size=shape[2:]).to(device=device, dtype=dtype)  # (k, 1, h, w)
         self._mask = self._tokens(I.expand(mask, shape[0], "mask").repeat(1, shape[1], 1, 1))
         return start

@@ -269,8 +269,8 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
 
         # 6. Unpack and decode.
         if output_type == "latent":
-            return self._finish(latents, generator, output_type, return_dict)
-        return self._finish(unpack(latents, h, w), generator, output_type, return_dict)
+            return self._finish(latents, generator, output_type, return_dict, self._overlay())
+        return self._finish(unpack(latents, h, w), generator, output_type, return_dict, self._overlay())
 
     def _transformer(self, x, timestep, distilled, context, pooled, text_ids, ids) -> torch.Tensor:
         return self.transformer(

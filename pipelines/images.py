@@ -91,6 +91,19 @@ def as_float(image: Any) -> Any:
     return items if isinstance(image, list) else items[0]
 
 
+def check_crop(padding: int | None, image: Any, mask: Any, output_type: str) -> None:
+    """padding_mask_crop's terms, as diffusers' inpainting pipelines take it: pixels >= 0 around the mask, one
+    PIL image and mask (the crop is cut from and pasted back into that image), PIL output."""
+    if padding is None:
+        return
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"padding_mask_crop={padding!r} must be an integer >= 0 (pixels around the mask)")
+    if not isinstance(image, PIL.Image.Image) or not isinstance(mask, PIL.Image.Image):
+        raise ValueError("padding_mask_crop needs image and mask_image as single PIL images")
+    if output_type != "pil":
+        raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
+
+
 def as_mask(mask: Any) -> Any:
     """A 2-D tensor mask as (1, H, W), the grayscale shape VaeImageProcessor reads."""
     items = [m[None] if isinstance(m, torch.Tensor) and m.ndim == 2 else m for m in _items(as_float(mask))]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import PIL.Image
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -88,7 +87,7 @@ class InpaintPipeline(LatentDiffusionPipeline):
         I.check_image(image)
         I.check_mask(mask_image, image, self.vae.config.latent_channels)
         image, mask_image = I.as_float(image), I.as_mask(mask_image)
-        self._check_crop(padding_mask_crop, image, mask_image, output_type)
+        I.check_crop(padding_mask_crop, image, mask_image, output_type)
         height, width = self._size_of(image, height, width)
         check_strength(strength, num_inference_steps, timesteps, sigmas)
         conditioned = self.conditioned  # checks the denoiser's input channels
@@ -168,18 +167,6 @@ class InpaintPipeline(LatentDiffusionPipeline):
                 return [processor.apply_overlay(mask_image, image, out, crop) for out in images]
 
         return self._finish(latents, generator, output_type, return_dict, overlay)
-
-    def _check_crop(self, padding: int | None, image, mask, output_type: str) -> None:
-        if padding is None:
-            return
-        if not isinstance(padding, int) or padding < 0:
-            raise ValueError(
-                f"padding_mask_crop={padding!r} must be an integer >= 0 (pixels around the mask)"
-            )
-        if not isinstance(image, PIL.Image.Image) or not isinstance(mask, PIL.Image.Image):
-            raise ValueError("padding_mask_crop needs image and mask_image as single PIL images")
-        if output_type != "pil":
-            raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
 
     def _start(
         self, pixels, steps, batch, text: TextContext, device, generator, latents, strength, conditioned

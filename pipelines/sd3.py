@@ -281,7 +281,7 @@ class SD3TextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, SD3LoraLoaderM
         )
 
         # 6. Decode.
-        return self._finish(latents, generator, output_type, return_dict)
+        return self._finish(latents, generator, output_type, return_dict, self._overlay())
 
     def _transformer(self, x, t, context, pooled, **extra) -> torch.Tensor:
         return self.transformer(

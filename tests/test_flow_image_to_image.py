@@ -155,3 +155,37 @@ def test_inpainting_keeps_the_image_outside_the_mask(tmp_path):
     outside = (latent_mask == 0).expand_as(clean)
     latents = unpack(out, clean.shape[2], clean.shape[3])
     assert torch.allclose(latents[outside], clean[outside], atol=1e-6)
+
+
+def test_padding_mask_crop_equals_diffusers(tmp_path):
+    """Flux with padding_mask_crop: diffusers' crop of image and mask, repainted at the call's size and pasted
+    back into the whole image (PIL out, within one 8-bit level of rounding); outside the crop, the image's own
+    pixels."""
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    hole = np.zeros((64, 48), np.uint8)
+    hole[30:44, 10:22] = 255
+    call = {"prompt": PROMPT, "image": image, "mask_image": Image.fromarray(hole), "strength": 0.8}
+    call |= {"num_inference_steps": 3, "height": 32, "width": 32, "padding_mask_crop": 4}
+    parts = flux_parts(tmp_path)
+    made = []
+    for pipe in (GenFluxInpaint(**copy.deepcopy(parts)), FluxInpaintPipeline(**parts)):
+        pipe.set_progress_bar_config(disable=True)
+        made.append(pipe(**call, generator=[torch.Generator().manual_seed(0)]).images[0])
+    ours, theirs = (np.asarray(m, dtype=int) for m in made)
+    assert ours.shape == theirs.shape == (64, 48, 3)
+    assert np.abs(ours - theirs).max() <= 1
+    assert np.array_equal(ours[:8], np.asarray(image)[:8])  # far above the mask: pasted back untouched
+    assert not np.array_equal(ours[30:44, 10:22], np.asarray(image)[30:44, 10:22])  # repainted
+
+
+def test_padding_mask_crop_refusals_are_one_line(tmp_path):
+    pipe = GenFluxInpaint(**flux_parts(tmp_path))
+    call = {"prompt": PROMPT, "image": picture(), "mask_image": mask(), "num_inference_steps": 2}
+    for extra, message in (
+        ({"padding_mask_crop": -1}, "padding_mask_crop=-1 must be an integer >= 0"),
+        ({"padding_mask_crop": 2, "output_type": "np"}, "padding_mask_crop needs output_type='pil'"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            pipe(**call, **extra)
+        assert "\n" not in str(error.value)

@@ -219,11 +219,12 @@ def save_grid(
 
 
 def load_judged(
-    model: str | Path | None, dtype: str = "fp32", device: str = "cpu"
+    model: str | Path | None, dtype: str = "fp32", device: str = "cpu", backend: str = "torch"
 ) -> tuple[Path, object, Judge]:
-    """A shapes model folder's pipeline and its judge (on `device`)."""
+    """A shapes model folder's pipeline (run by `backend`: torch, or openvino) and its judge (on `device`, in
+    torch)."""
     folder = model_folder(model)
-    pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device)
+    pipe = load_pipeline(folder, torch_dtype=DTYPES[dtype], device=device, backend=backend)
     if not (folder / "judge").is_dir():
         raise FileNotFoundError(f"{folder} has no judge/ folder; `gen eval` needs a shapes model folder")
     return folder, pipe, Judge.from_pretrained(folder / "judge").float().eval().to(device)
@@ -242,12 +243,14 @@ def evaluate_model(
     guidance_interval: tuple[float, float] | None = None,
     no_cfg: bool = True,
     styles: bool = True,
+    backend: str = "torch",
 ) -> dict:
     """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, prompt
-    styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid."""
+    styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid. backend="openvino"
+    measures the images OpenVINO makes (the judge and CLIP score stay torch fp32)."""
     import time
 
-    folder, pipe, judge = load_judged(model, dtype, device)
+    folder, pipe, judge = load_judged(model, dtype, device, backend)
     report: dict = {"model": str(folder), "judge": judge_accuracy(judge.cpu(), count=500)}
     judge.to(device)
     clip = (
@@ -258,7 +261,7 @@ def evaluate_model(
     if clip is not None:
         clip.vision.to(device)
     common = dict(num_inference_steps=num_inference_steps, batch_size=batch_size)
-    report["dtype"], report["guidance_interval"] = dtype, guidance_interval
+    report["dtype"], report["backend"], report["guidance_interval"] = dtype, backend, guidance_interval
     settings = [(f"cfg {guidance_scale:g}", guidance_scale, {"guidance_interval": guidance_interval})]
     if no_cfg:
         settings.append(("no cfg", 1.0, {}))
@@ -309,7 +312,8 @@ def format_report(report: dict) -> str:
     """A table people can read: judge accuracy first, then per split x setting accuracies in percent."""
     cols = list(S.ATTRIBUTES) + ["all"]
     lines = [
-        f"model: {report['model']}  dtype {report.get('dtype', 'fp32')}  guidance interval"
+        f"model: {report['model']}  dtype {report.get('dtype', 'fp32')}"
+        f"  backend {report.get('backend', 'torch')}  guidance interval"
         f" {report.get('guidance_interval') or 'all steps'}",
         "judge accuracy on rendered ground truth (%):",
     ]

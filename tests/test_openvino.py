@@ -209,3 +209,23 @@ def test_served_with_the_backend_equals_the_cli(folders, tmp_path):
         tmp_path, "a red circle", 5, "--model", str(folders / "dit"), "--steps", "4", "--backend", "openvino"
     )
     assert_same_image(served, cli, exact=True)
+
+
+def test_gen_eval_judges_the_images_the_backend_makes(monkeypatch, capsys):
+    """`gen eval --backend openvino` scores OpenVINO's pictures of the embedded model; in f32 they are torch's,
+    so every accuracy is the same as the torch run's (bf16's adherence is the benchmark's, README)."""
+    import json
+
+    import gen.evaluation as ev
+
+    small = ev.eval_scenes(3)  # the plumbing is under test here, not the model
+    monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
+    argv = ["eval", "--images-per-prompt", "1", "--steps", "4", "--json", "--no-baseline", "--no-styles"]
+    reports = {}
+    for backend in ("torch", "openvino"):
+        assert main([*argv, "--backend", backend]) == 0
+        reports[backend] = json.loads(capsys.readouterr().out)
+    assert reports["openvino"]["backend"] == "openvino" and reports["torch"]["backend"] == "torch"
+    assert reports["openvino"]["cfg 5"]["accuracy"] == reports["torch"]["cfg 5"]["accuracy"]
+    assert main(["eval", "--task", "img2img", "--backend", "openvino"]) == 2
+    assert "--backend openvino judges text-to-image only" in capsys.readouterr().err

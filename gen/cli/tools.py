@@ -35,6 +35,12 @@ def cmd_eval(argv: list[str]) -> int:
         "--dtype", default="fp32", choices=["fp32", "bf16"], help="precision (default: %(default)s)"
     )
     p.add_argument(
+        "--backend",
+        default="torch",
+        choices=BACKENDS,
+        help="what runs the model whose images are judged: torch, or openvino (text-to-image; default: %(default)s)",
+    )
+    p.add_argument(
         "--guidance-interval",
         type=argparse_type(parse_interval),
         default=None,
@@ -56,6 +62,10 @@ def cmd_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.images_per_prompt < 1 or args.steps < 1 or args.count < 1:
         raise CliError("--images-per-prompt, --steps and --count must be >= 1")
+    if args.backend != "torch" and args.task != "text":
+        raise CliError(
+            f"--backend {args.backend} judges text-to-image only; --task {args.task} runs in torch"
+        )
     quiet_libraries()
     if args.task != "text":
         from gen.tools import eval_images
@@ -82,6 +92,7 @@ def cmd_eval(argv: list[str]) -> int:
         guidance_interval=args.guidance_interval,
         no_cfg=not args.no_baseline,
         styles=not args.no_styles,
+        backend=args.backend,
     )
     print(json.dumps(report, indent=2) if args.json else gen_eval.format_report(report))
     return 0

@@ -137,3 +137,18 @@ def test_bf16_without_native_support_warns(dit_pipe, caplog, monkeypatch):
         core.prepare(dit_pipe, Options(dtype="bf16"))
         core.prepare(dit_pipe, Options(dtype="fp32"))
     assert "no native bf16" not in caplog.text
+
+
+def test_the_dit_activation_is_exact_gelu_only_in_bf16_inference():
+    """bf16 inference takes torch's fast erf GELU (within 5e-4 of the tanh form the DiT was trained with, far below
+    bf16's rounding); fp32 and training keep the tanh form, so fp32 images are unchanged bit for bit."""
+    import torch.nn.functional as F
+
+    from gen.models.dit import TanhGELU
+
+    act = TanhGELU().eval()
+    x = torch.linspace(-6, 6, 4001)
+    assert torch.equal(act(x), F.gelu(x, approximate="tanh"))
+    assert torch.equal(act(x.bfloat16()), F.gelu(x.bfloat16()))
+    assert float((F.gelu(x) - F.gelu(x, approximate="tanh")).abs().max()) < 5e-4
+    assert torch.equal(act.train()(x.bfloat16()), F.gelu(x.bfloat16(), approximate="tanh"))

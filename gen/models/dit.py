@@ -52,6 +52,21 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int) -> torch.Tenso
     return torch.cat(parts, dim=1).float()  # (h*w, dim)
 
 
+class TanhGELU(nn.GELU):
+    """The DiT's activation: GELU's tanh approximation, which the model was trained with, except in bf16 inference,
+    where it computes the exact (erf) GELU. Why: torch's CPU kernel for the tanh form is ~5x slower than the erf
+    one (torch 2.13: 5.3 vs 1.2 ms for 2048 x 1536 bf16 values, one thread), 18 % of the embedded model's bf16
+    denoiser step, while the two forms differ by at most 5e-4 and bf16 rounds these values to 1.6e-2 (max
+    output difference of the whole DiT: one bf16 step). fp32 (bit-for-bit images) and training keep the tanh form."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        exact = x.dtype == torch.bfloat16 and not self.training
+        return nn.functional.gelu(x, approximate="none" if exact else "tanh")
+
+
 class DiTBlock(nn.Module):
     """Self-attention, cross-attention to the text, MLP; adaLN-single modulation around self-attention and MLP."""
 
@@ -70,7 +85,7 @@ class DiTBlock(nn.Module):
         )
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), TanhGELU(), nn.Linear(hidden, dim))
         # The block's own offsets to the shared modulation (adaLN-single). Zero with the zeroed shared MLP, so
         # every gate starts closed and the block starts as the identity (adaLN-Zero).
         self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))

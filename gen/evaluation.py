@@ -247,7 +247,8 @@ def evaluate_model(
 ) -> dict:
     """The full evaluation of a shapes model folder (default: the embedded one): judge check, CFG on/off, prompt
     styles (template, short, minimal, paraphrased), the README's prompt over 16 seeds, grid. backend="openvino"
-    measures the images OpenVINO makes (the judge and CLIP score stay torch fp32)."""
+    measures the images OpenVINO makes (the judge stays torch fp32; the CLIP score reads the pipeline's text
+    encoder, so it runs as the pipeline's does)."""
     import time
 
     folder, pipe, judge = load_judged(model, dtype, device, backend)

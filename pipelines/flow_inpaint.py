@@ -66,9 +66,6 @@ class FlowInpaintMixin(FlowImageToImageMixin):
         return {"crops_coords": self._crop, "resize_mode": "fill"} if self._crop else {}
 
     def _pixels(self, image, height: int, width: int) -> torch.Tensor:
-        if self._pad is not None:
-            mask_processor = I.processors(self.latent_stride)[1]
-            self._crop = mask_processor.get_crop_region(self._mask_image, width, height, pad=self._pad)
         return self.image_processor.preprocess(image, height=height, width=width, **self._resize())
 
     def _overlay(self):
@@ -80,8 +77,13 @@ class FlowInpaintMixin(FlowImageToImageMixin):
     def _initial_latents(self, shape: tuple, dtype, device, generator, latents=None) -> torch.Tensor:
         """Image-to-image's (the image's latents, then the noise), and the mask at the latents' size: nearest
         interpolation of the binarized mask, one channel per latent channel."""
-        start = super()._initial_latents(shape, dtype, device, generator, latents)
         _, _, height, width = self._init
+        if (
+            self._pad is not None
+        ):  # first: the image (unless the caller gives latents) and the mask are cut to it
+            mask_processor = I.processors(self.latent_stride)[1]
+            self._crop = mask_processor.get_crop_region(self._mask_image, width, height, pad=self._pad)
+        start = super()._initial_latents(shape, dtype, device, generator, latents)
         mask = I.processors(self.latent_stride)[1].preprocess(
             self._mask_image, height=height, width=width, **self._resize()
         )

@@ -78,11 +78,11 @@ class FlowLoraMixin:
         # A checked .safetensors file goes by path, so diffusers reads its LoraConfig header as from its own call.
         by_path = path is not None and path.suffix.lower() == ".safetensors"
         source = str(path) if by_path else state
+        read = {"use_safetensors": True} if by_path else {}
         try:
+            self._check_components(label, source, read)
             with _unexpected_keys() as unexpected:
-                self._lora_loader.load_lora_weights(
-                    self, source, adapter_name=name, **({"use_safetensors": True} if by_path else {})
-                )
+                self._lora_loader.load_lora_weights(self, source, adapter_name=name, **read)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise self._misfit(label, " ".join(str(e).split())) from None
         if unexpected:  # diffusers only warns, and the LoRA would be applied in part: taken off, refused
@@ -91,6 +91,19 @@ class FlowLoraMixin:
         if not self._adapter_modules(name):  # no key diffusers knows (e.g. a kohya SD3 file): it only warns
             raise self._misfit(label, "no key of it names a layer of the transformer or the text encoders")
         return name
+
+    def _check_components(self, label: str, source, read: dict) -> None:
+        """Every key of the LoRA, as diffusers' converters leave it, is for the transformer or a text encoder:
+        diffusers' loader silently drops the others (a kohya-named SD3 module beside diffusers-named ones), and
+        the LoRA would be applied in part."""
+        state = self._lora_loader.lora_state_dict(
+            dict(source) if isinstance(source, dict) else source, **read
+        )
+        state = state[0] if isinstance(state, tuple) else state
+        prefixes = tuple(f"{c}." for c in ("transformer", *self._lora_text_encoders))
+        stray = [k for k in state if not k.startswith(prefixes)]
+        if stray:
+            raise ValueError(f"key {stray[0]!r} names no layer of the transformer or the text encoders")
 
     def _adapter_modules(self, name: str) -> list[str]:
         """The components the adapter `name` landed on."""

@@ -178,7 +178,25 @@ def test_a_kohya_sd3_lora_is_refused_not_ignored(tmp_path):
         path,
     )
     sd3 = SD3TextToImagePipeline(**sd3_parts(tmp_path / "sd3"))
-    with pytest.raises(ValueError, match="sd3_kohya.safetensors") as error:
+    with pytest.raises(
+        ValueError, match="sd3_kohya.safetensors .* names no layer of the transformer"
+    ) as error:
         sd3.load_lora_weights(str(path))
     assert "\n" not in str(error.value)
+    assert not getattr(sd3.transformer, "peft_config", None)
+
+
+def test_a_lora_that_would_load_in_part_is_refused(tmp_path):
+    """A diffusers-format SD3 file with one kohya-named module beside: diffusers loads the first and drops the
+    other without a word; gen refuses the file and leaves the model as it was."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(lora_file("sd3", tmp_path))
+    state["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"] = torch.zeros(4, 32)
+    state["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"] = torch.zeros(96, 4)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(state, mixed)
+    sd3 = SD3TextToImagePipeline(**sd3_parts(tmp_path / "sd3"))
+    with pytest.raises(ValueError, match="key 'lora_unet_joint_blocks_0_x_block_attn_qkv.lora_"):
+        sd3.load_lora_weights(str(mixed))
     assert not getattr(sd3.transformer, "peft_config", None)

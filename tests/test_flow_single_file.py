@@ -71,6 +71,10 @@ def test_the_gen_command_runs_a_file_and_reproduces(sd3, tmp_path, capsys):
     )
     capsys.readouterr()
     assert main(["reproduce", str(out), "--verify"]) == 0
+    moved = tmp_path / "moved-base"  # the base folder moved since: --base says where it is now
+    __import__("shutil").copytree(sd3 / "sd3", moved)
+    assert main(["reproduce", str(out), "--verify", "--base", str(moved)]) == 0
+    assert main(["reproduce", str(out), "--base", str(tmp_path / "nowhere")]) != 0
 
 
 def test_detection(sd3, tmp_path):
@@ -129,9 +133,9 @@ def test_gen_serve_serves_a_file_with_the_base_that_fits_it(sd3, tmp_path):
     file = str(sd3 / "finetune.safetensors")
     models = Models.load([file, str(sd3 / "sd3")], "cpu", "fp32", "sdpa", bases=bases)
     assert [m.name for m in models] == ["finetune", "sd3"]
-    call = {"prompt": PROMPT, "seed": 4, "steps": 3, "width": 32, "height": 32, "model": "finetune"}
+    call = {"prompt": PROMPT, "seed": 4, "steps": 3, "width": 32, "height": 32}  # the first model: the file
     with serving(models=models) as server, server.client() as http:
-        answer = http.post("/sdapi/v1/txt2img", json={k: v for k, v in call.items() if k != "model"})
+        answer = http.post("/sdapi/v1/txt2img", json=call)
         assert answer.status_code == 200, answer.text
     common = ["--steps", "3", "--width", "32", "--height", "32", "--dtype", "fp32", "--cfg", "7"]
     cli = cli_image(tmp_path, PROMPT, 4, "--model", file, "--base", str(sd3 / "sd3"), *common)

@@ -220,12 +220,21 @@ def test_gen_eval_judges_the_images_the_backend_makes(monkeypatch, capsys):
 
     small = ev.eval_scenes(3)  # the plumbing is under test here, not the model
     monkeypatch.setattr(ev, "eval_scenes", lambda per_split=20, seed=4242: small)
+    loaded, load_judged = [], ev.load_judged
+
+    def spy(*args):
+        folder, pipe, judge = load_judged(*args)
+        loaded.append(getattr(pipe, "_openvino", None))
+        return folder, pipe, judge
+
+    monkeypatch.setattr(ev, "load_judged", spy)
     argv = ["eval", "--images-per-prompt", "1", "--steps", "4", "--json", "--no-baseline", "--no-styles"]
     reports = {}
     for backend in ("torch", "openvino"):
         assert main([*argv, "--backend", backend]) == 0
         reports[backend] = json.loads(capsys.readouterr().out)
     assert reports["openvino"]["backend"] == "openvino" and reports["torch"]["backend"] == "torch"
+    assert loaded[0] is None and loaded[1]["transformer"] in ("converted", "cached")  # OpenVINO made them
     assert reports["openvino"]["cfg 5"]["accuracy"] == reports["torch"]["cfg 5"]["accuracy"]
     assert main(["eval", "--task", "img2img", "--backend", "openvino"]) == 2
     assert "--backend openvino judges text-to-image only" in capsys.readouterr().err

@@ -161,6 +161,8 @@ def reproduce(args) -> int:
     o.prompt, o.seed, o.num_images, o.batch_size = record["prompt"], record["seed"], 1, 1
     if args.model is not None:
         o.model = args.model
+    if args.base is not None:
+        o.base = args.base
     G.check_options(o)
     init = _given_inputs(record, o, args)
     control = _given_control(record, o, args)

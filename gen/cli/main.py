@@ -244,6 +244,12 @@ def cmd_reproduce(argv: list[str]) -> int:
         help="largest allowed pixel difference, 0-255 (default: %(default)s)",
     )
     p.add_argument("--model", default=None, help="use this model folder instead of the recorded one")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR",
+        help="an SD3/Flux transformer file's diffusers folder, if not at its recorded path",
+    )
     p.add_argument("--init-image", default=None, help="the init image, if not at its recorded path")
     p.add_argument("--mask", default=None, help="the mask, if not at its recorded path")
     p.add_argument(

@@ -35,10 +35,20 @@ class FlowMatchEulerAncestralScheduler(FlowMatchEulerDiscreteScheduler):
         model_output: torch.Tensor,
         timestep: float | torch.Tensor,
         sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        per_token_timesteps: torch.Tensor | None = None,
         return_dict: bool = True,
-        **unused,
     ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        """FlowMatchEuler's step signature; the churn, noise scale and per-token timesteps it takes are not part
+        of ComfyUI's Euler a and are refused rather than ignored."""
+        if s_churn != 0.0 or s_noise != 1.0 or per_token_timesteps is not None:
+            raise ValueError("Euler a on flow models takes no s_churn, s_noise or per_token_timesteps")
+        if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
+            raise ValueError("pass one of scheduler.timesteps to step(), not an integer index")
         if self.step_index is None:
             self._init_step_index(timestep)
         sample = sample.to(torch.float32)

@@ -90,9 +90,12 @@ def channels_last(pipe) -> bool:
     in their native layout instead of converting at every call. Measured at SD 1.5 scale (`gen bench --arch sd15`,
     outputs within 1e-4 in fp32): UNet step and VAE decode ~10-15 % faster in fp32 on an AVX2 CPU; on an Intel AMX
     CPU, one thread, the bf16 UNet step 1.31 -> 1.12 s and the fp32 VAE decode (gen's, beside a bf16 UNet) 7.0 ->
-    4.5 s. Not the DiT (one convolution, its patch embedding)."""
+    4.5 s. Not the DiT (one convolution, its patch embedding), and bf16 only where the CPU has native bf16 (the
+    only place it was measured; elsewhere bf16 is many times slower anyway and warned about)."""
     unet = getattr(pipe, "unet", None)
     if unet is None or unet.device.type != "cpu" or unet.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if unet.dtype == torch.bfloat16 and not native_bf16(unet.device)[0]:
         return False
     unet.to(memory_format=torch.channels_last)
     if pipe.vae.dtype in (torch.float32, torch.bfloat16):

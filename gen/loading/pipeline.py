@@ -123,8 +123,8 @@ def base_for(path: str | Path | None, bases: list[str]) -> str | None:
             check_fit(
                 folder, family, transformer_class(family).load_config(str(base_path), subfolder="transformer")
             )
-        except ValueError as e:
-            misfits.append(str(e))
+        except (ValueError, OSError) as e:  # a misfit, or a folder with no transformer config
+            misfits.append(" ".join(str(e).split()))
             continue
         return str(base_path)
     detail = f" ({misfits[0]})" if misfits else ""

@@ -78,15 +78,13 @@ class FlowInpaintMixin(FlowImageToImageMixin):
         """Image-to-image's (the image's latents, then the noise), and the mask at the latents' size: nearest
         interpolation of the binarized mask, one channel per latent channel."""
         _, _, height, width = self._init
+        mask_processor = I.processors(self.latent_stride)[1]
         if (
             self._pad is not None
         ):  # first: the image (unless the caller gives latents) and the mask are cut to it
-            mask_processor = I.processors(self.latent_stride)[1]
             self._crop = mask_processor.get_crop_region(self._mask_image, width, height, pad=self._pad)
         start = super()._initial_latents(shape, dtype, device, generator, latents)
-        mask = I.processors(self.latent_stride)[1].preprocess(
-            self._mask_image, height=height, width=width, **self._resize()
-        )
+        mask = mask_processor.preprocess(self._mask_image, height=height, width=width, **self._resize())
         mask = F.interpolate(mask, size=shape[2:]).to(device=device, dtype=dtype)  # (k, 1, h, w)
         self._mask = self._tokens(I.expand(mask, shape[0], "mask").repeat(1, shape[1], 1, 1))
         return start

@@ -95,7 +95,8 @@ class FlowLoraMixin:
     def _check_components(self, label: str, source, read: dict) -> None:
         """Every key of the LoRA, as diffusers' converters leave it, is for the transformer or a text encoder:
         diffusers' loader silently drops the others (a kohya-named SD3 module beside diffusers-named ones), and
-        the LoRA would be applied in part."""
+        the LoRA would be applied in part. This reads the file a second time (LoRA files are small): loading
+        the converted dict instead would lose the LoraConfig header diffusers reads from the file."""
         state = self._lora_loader.lora_state_dict(
             dict(source) if isinstance(source, dict) else source, **read
         )

@@ -103,6 +103,13 @@ def load_single_file(
     )
 
 
+def base_class(base: Path):
+    """gen's pipeline class for a `--base` folder; FileNotFoundError in one line if it is not a pipeline folder."""
+    if not base.is_dir() or not (base / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a diffusers pipeline folder (no model_index.json)")
+    return pipeline_class(base)
+
+
 def base_for(path: str | Path | None, bases: list[str]) -> str | None:
     """For a server given several models and `--base` folders: the first folder in `bases` that fits the SD3/Flux
     transformer file `path` (its family, depth and Flux's guidance embedding); None for every other model (a
@@ -115,9 +122,7 @@ def base_for(path: str | Path | None, bases: list[str]) -> str | None:
     misfits = []
     for base in bases:
         base_path = Path(base)
-        if not (base_path / "model_index.json").is_file():
-            raise FileNotFoundError(f"--base {base}: not a diffusers pipeline folder (no model_index.json)")
-        if not pipeline_class(base_path).__name__.lower().startswith(family):
+        if not base_class(base_path).__name__.lower().startswith(family):
             continue
         try:
             check_fit(
@@ -144,9 +149,7 @@ def load_flow_file(path: Path, base, family: str, torch_dtype: torch.dtype, allo
             " and tokenizers come from (--base DIR; base= from Python)"
         )
     base = Path(base)
-    if not base.is_dir() or not (base / "model_index.json").is_file():
-        raise FileNotFoundError(f"--base {base}: not a diffusers pipeline folder (no model_index.json)")
-    cls = pipeline_class(base)
+    cls = base_class(base)
     if not cls.__name__.lower().startswith(family):
         raise ValueError(f"--base {base} is a {cls.__name__} folder; {path.name} needs an {name} folder")
     check_weight_file(path)

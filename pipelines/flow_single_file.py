@@ -4,7 +4,10 @@ MMDiT keys `joint_blocks.*`, Black Forest Labs' `double_blocks.*` / `single_bloc
 of the same model, and SD3's export back to that layout.
 
 Loading goes through diffusers' own converters (`from_single_file` with the folder's transformer config, so nothing
-is fetched). Those converters read the SD3 architecture from the file's shapes, but Flux's hard-code Flux.1's width
+is fetched). A file may carry more than the transformer (Stability's `sd3_medium_incl_clips*.safetensors`, ComfyUI's
+all-in-one checkpoints): the VAE (`first_stage_model.` or `vae.`) and the text encoders (`text_encoders.clip_l.`,
+`clip_g.`, `t5xxl.`) it holds are loaded from it by diffusers' per-part converters, each from its own keys alone,
+and the folder gives only what the file lacks, the tokenizers and the configs. Those converters read the SD3 architecture from the file's shapes, but Flux's hard-code Flux.1's width
 (3072): a Flux file converts as diffusers converts it, and only real Flux.1 files do. The folder's config must fit
 the file: a Flux-dev file (guidance embedding) with a schnell folder, or a different depth, is named in one line
 before conversion. T5 has no tokenizer a user could carry in a single file, which is why the folder is required.
@@ -15,20 +18,36 @@ tests check it by a round trip through diffusers' converter.
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+logger = logging.getLogger(__name__)
+
 PREFIX = "model.diffusion_model."
 SD3_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
 FLUX_KEY = "double_blocks.0.img_attn.qkv.weight"
 
 
+VAE_PREFIXES = ("first_stage_model.", "vae.")  # diffusers' LDM_VAE_KEYS
+TEXT_PREFIX = "text_encoders.{}.transformer."
+# the text encoders an all-in-one file may pack, as the pipeline names them, per family
+PACKED_TEXT = {
+    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"},
+    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+}
+_PACKED = (*VAE_PREFIXES, "text_encoders.")  # keys of parts other than the transformer
+
+
 def _keys(path: Path) -> list[str]:
+    """The transformer's keys (the `model.diffusion_model.` prefix dropped), without a packed VAE's or encoder's."""
     with safe_open(str(path), framework="pt") as f:
-        return [k.removeprefix(PREFIX) for k in f.keys()]
+        return [k.removeprefix(PREFIX) for k in f.keys() if not k.startswith(_PACKED)]
 
 
 def flow_family(path: str | Path) -> str | None:
@@ -81,6 +100,12 @@ def transformer_class(family: str) -> type:
     return SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
 
 
+def _tensors(path: Path, keep) -> dict[str, torch.Tensor]:
+    """The file's tensors whose keys `keep` accepts, read alone (an all-in-one file is not held whole)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+
+
 def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32):
     """The file's transformer, converted by diffusers with `folder`'s transformer config, offline."""
     cls = transformer_class(family)
@@ -88,7 +113,7 @@ def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dt
     check_fit(Path(path), family, config)
     try:
         return cls.from_single_file(
-            str(path),
+            _tensors(Path(path), lambda k: not k.startswith(_PACKED)),
             config=str(folder),
             subfolder="transformer",
             local_files_only=True,
@@ -99,6 +124,65 @@ def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dt
         raise ValueError(
             f"{Path(path).name}: diffusers could not convert it with {folder}'s config: {detail}"
         ) from None
+
+
+def packed_parts(path: str | Path, family: str) -> list[str]:
+    """The pipeline components besides the transformer that the file carries ("vae", "text_encoder", ...)."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    found = ["vae"] if any(k.startswith(VAE_PREFIXES) for k in keys) else []
+    for name, part in PACKED_TEXT[family].items():
+        if any(k.startswith(TEXT_PREFIX.format(part)) for k in keys):
+            found.append(name)
+    return found
+
+
+def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32) -> dict:
+    """The VAE and text encoders the file carries, each converted by diffusers from its own keys with `folder`'s
+    config for it (so CLIP-L and CLIP-G cannot be taken for each other, whatever their widths), offline."""
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        create_diffusers_t5_model_from_checkpoint,
+    )
+
+    path, folder = Path(path), Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    out = {}
+    for name in packed_parts(path, family):
+        library, class_name = index.get(name) or (None, None)
+        if class_name is None:
+            raise ValueError(f"{path.name} carries a {name} the folder {folder} has no place for")
+        cls = getattr(importlib.import_module(library), class_name)
+        part = PACKED_TEXT[family].get(name)
+        prefixes = VAE_PREFIXES if part is None else (TEXT_PREFIX.format(part),)
+        sd = _tensors(path, lambda k, p=prefixes: k.startswith(p))
+        common = {
+            "config": str(folder),
+            "subfolder": name,
+            "torch_dtype": torch_dtype,
+            "local_files_only": True,
+        }
+        try:
+            if part is None:
+                out[name] = cls.from_single_file(sd, **common)
+            elif part == "t5xxl":
+                out[name] = create_diffusers_t5_model_from_checkpoint(cls, sd, **common)
+            else:
+                out[name] = create_diffusers_clip_model_from_ldm(cls, sd, **common)
+        except (ValueError, RuntimeError, KeyError, AssertionError, OSError) as e:
+            detail = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ValueError(f"{path.name}: diffusers could not convert its {name}: {detail}") from None
+        _check_loaded(out[name], path, name)
+        out[name].eval()  # diffusers' T5 converter leaves the model training (dropout on); from_pretrained does not
+        logger.info("%s: %s from the file", path.name, name)
+    return out
+
+
+def _check_loaded(module: torch.nn.Module, path: Path, name: str) -> None:
+    """A converter that skipped a weight leaves it on the meta device (or unset): name it, not a later crash."""
+    empty = [k for k, v in module.state_dict().items() if v.is_meta]
+    if empty:
+        raise ValueError(f"{path.name}: its {name} lacks weights the folder's config has, e.g. {empty[0]!r}")
 
 
 def export_sd3(transformer) -> dict[str, torch.Tensor]:

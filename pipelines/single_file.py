@@ -121,24 +121,37 @@ def to_original(pipe) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in pipe.unet.state_dict().items():
         out["model.diffusion_model." + _unet_key(key, pipe.unet.config)] = value
-    n_blocks = len(pipe.vae.config.block_out_channels)
-    for key, value in pipe.vae.state_dict().items():
-        new = _vae_key(key, n_blocks)
-        if ".mid.attn_1." in new and value.ndim == 2:  # the original uses 1x1 convs for the VAE's attention
-            value = value[:, :, None, None]
-        out["first_stage_model." + new] = value
+    out |= vae_to_original(pipe.vae)
     xl = getattr(pipe, "text_encoder_2", None) is not None
-    first = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
-    for key, value in pipe.text_encoder.state_dict().items():
-        key = (
-            key if key.startswith("text_model.") else "text_model." + key
-        )  # transformers 5 dropped the prefix
-        out[first + key] = value
+    out |= clip_to_original(
+        pipe.text_encoder, "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
+    )
     if xl:
         out |= {
             "conditioner.embedders.1.model." + k: v for k, v in open_clip_state(pipe.text_encoder_2).items()
         }
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def vae_to_original(vae, prefix: str = "first_stage_model.") -> dict[str, torch.Tensor]:
+    """An AutoencoderKL's weights under the original (LDM) names, as single files hold their VAE."""
+    out = {}
+    n_blocks = len(vae.config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        new = _vae_key(key, n_blocks)
+        if ".mid.attn_1." in new and value.ndim == 2:  # the original uses 1x1 convs for the VAE's attention
+            value = value[:, :, None, None]
+        out[prefix + new] = value
+    return out
+
+
+def clip_to_original(encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights under `prefix` + its original names (`text_model.` kept)."""
+    # transformers 5 dropped the `text_model.` prefix from CLIPTextModel (not from ...WithProjection's encoder)
+    return {
+        prefix + (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+        for k, v in encoder.state_dict().items()
+    }
 
 
 def open_clip_state(encoder) -> dict[str, torch.Tensor]:

@@ -87,9 +87,12 @@ def flow_vae(latent_channels: int) -> AutoencoderKL:
     ).eval()
 
 
-def sd3_parts(folder: Path, scheduler=None, t5: bool = True, channels: int = 4) -> dict:
+def sd3_parts(
+    folder: Path, scheduler=None, t5: bool = True, channels: int = 4, clip_g_width: int = 16
+) -> dict:
     """The components of a tiny SD3: two CLIPs with projections, T5 (or None), a 2-layer SD3 transformer on
-    `channels` latent channels (SD3's own: 16)."""
+    `channels` latent channels (SD3's own: 16). `clip_g_width` other than CLIP-L's 16 tells the two apart by
+    their shapes, as SD3's real 768 and 1280 do."""
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=32,
@@ -100,7 +103,7 @@ def sd3_parts(folder: Path, scheduler=None, t5: bool = True, channels: int = 4) 
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=T5_WIDTH,
-        pooled_projection_dim=32,
+        pooled_projection_dim=16 + clip_g_width,
         out_channels=channels,
     ).eval()
     tokenizer = write_tokenizer(folder / "clip")
@@ -111,7 +114,7 @@ def sd3_parts(folder: Path, scheduler=None, t5: bool = True, channels: int = 4) 
         "vae": flow_vae(channels),
         "text_encoder": clip_encoder(tokenizer, True, seed=1),
         "tokenizer": tokenizer,
-        "text_encoder_2": clip_encoder(tokenizer, True, seed=2),
+        "text_encoder_2": clip_encoder(tokenizer, True, seed=2, hidden=clip_g_width),
         "tokenizer_2": tokenizer,
         "text_encoder_3": t5_encoder(tokenizer_3) if t5 else None,
         "tokenizer_3": tokenizer_3 if t5 else None,

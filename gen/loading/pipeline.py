@@ -14,7 +14,13 @@ from gen.loading.backend import use_openvino
 from gen.loading.hashing import model_hash
 from gen.loading.precision import check_backend, check_precision
 from gen.pipelines import TextToImagePipeline
-from gen.pipelines.flow_single_file import check_fit, flow_family, load_transformer, transformer_class
+from gen.pipelines.flow_single_file import (
+    check_fit,
+    flow_family,
+    load_packed,
+    load_transformer,
+    transformer_class,
+)
 from gen.pipelines.safety import check_weight_file
 from gen.pipelines.single_file import load_original
 
@@ -140,8 +146,9 @@ def base_for(path: str | Path | None, bases: list[str]) -> str | None:
 
 
 def load_flow_file(path: Path, base, family: str, torch_dtype: torch.dtype, allow_pickle: bool = False):
-    """An SD3 or Flux pipeline: the transformer from the single file `path`, every other part from the diffusers
-    folder `base` of the same family."""
+    """An SD3 or Flux pipeline: the transformer from the single file `path`, with the VAE and text encoders the
+    file carries (all-in-one files), every other part from the diffusers folder `base` of the same family (which
+    then needs no weights for what the file holds)."""
     name = {"sd3": "SD3", "flux": "Flux"}[family]
     if base is None:
         raise ValueError(
@@ -154,7 +161,10 @@ def load_flow_file(path: Path, base, family: str, torch_dtype: torch.dtype, allo
         raise ValueError(f"--base {base} is a {cls.__name__} folder; {path.name} needs an {name} folder")
     check_weight_file(path)
     transformer = load_transformer(path, base, family, torch_dtype)
-    return cls.from_pretrained(base, transformer=transformer, allow_pickle=allow_pickle, dtype=torch_dtype)
+    packed = load_packed(path, base, family, torch_dtype)
+    return cls.from_pretrained(
+        base, transformer=transformer, **packed, allow_pickle=allow_pickle, dtype=torch_dtype
+    )
 
 
 def check_tokenizer(tokenizer, text_encoder, folder: Path, name: str = "tokenizer") -> None:

@@ -161,6 +161,12 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
         that takes no shift spaces its steps itself)."""
         # mu only to a scheduler that shifts dynamically: FlowMatchEuler ignores it otherwise, the multistep
         # solvers on flow sigmas refuse it.
+        if sigmas is None and hasattr(
+            self.scheduler, "schedule_sigmas"
+        ):  # ComfyUI's simple/beta (gen.diffusion)
+            sigmas = self.scheduler.schedule_sigmas(
+                num_inference_steps
+            )  # beta: maybe fewer, which count says
         dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
         kwargs = {"mu": mu} if mu is not None and dynamic and self.accepts("mu") else {}
         steps, count = retrieve_timesteps(

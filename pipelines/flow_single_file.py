@@ -173,7 +173,9 @@ def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=t
             detail = " ".join(str(e).split())[:300] or type(e).__name__
             raise ValueError(f"{path.name}: diffusers could not convert its {name}: {detail}") from None
         _check_loaded(out[name], path, name)
-        out[name].eval()  # diffusers' T5 converter leaves the model training (dropout on); from_pretrained does not
+        out[
+            name
+        ].eval()  # diffusers' T5 converter leaves the model training (dropout on); from_pretrained does not
         logger.info("%s: %s from the file", path.name, name)
     return out
 

@@ -241,7 +241,7 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
         own = own or (sigmas is None and not self.accepts("sigmas"))
         if own:
             sigmas = None
-        elif sigmas is None:
+        elif sigmas is None and not hasattr(self.scheduler, "schedule_sigmas"):  # a named schedule: its own
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         steps = self._flow_timesteps(num_inference_steps, device, sigmas, self._mu(latents.shape[1], 1.15))
         if hasattr(self.scheduler, "set_begin_index"):

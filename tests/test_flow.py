@@ -194,6 +194,20 @@ def test_vae_tiling_and_slicing_reach_the_vae(tmp_path):
     assert not ours.vae.use_tiling and not ours.vae.use_slicing
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_model_cpu_offload_gives_the_same_image(tmp_path, family):
+    """diffusers' offload hooks on every model of model_cpu_offload_seq, run on the CPU as the execution device (no
+    accelerator here: the hooks' moves are then no-ops, their order and the pipeline's device are what is checked)."""
+    ours, _ = pair(family, tmp_path)
+    before = difference((ours, ours))  # 0: the same seeded call twice
+    image = ours(**BASE, generator=torch.Generator().manual_seed(0), output_type="np").images
+    ours.enable_model_cpu_offload(device="cpu")
+    models = [n for n in ours.model_cpu_offload_seq.split("->") if getattr(ours, n, None) is not None]
+    assert all(hasattr(getattr(ours, n), "_hf_hook") for n in models), models
+    offloaded = ours(**BASE, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert before == 0 and np.abs(offloaded - image).max() == 0
+
+
 def test_t5_keeps_its_feed_forward_output_in_fp32_when_loaded_in_fp16(tmp_path):
     """T5's fp16 overflow: transformers keeps T5's `wo` projections in fp32 (its _keep_in_fp32_modules) when the
     pipeline loads in fp16, and clamps fp16 hidden states; through gen's loader the prompt embeddings stay finite and

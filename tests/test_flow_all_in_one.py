@@ -86,7 +86,9 @@ def test_an_all_in_one_file_with_a_folder_of_configs_gives_the_models_images(sd3
         str(sd3 / "sd3_all.safetensors"), config=str(sd3 / "sd3"), local_files_only=True
     )
     assert reference.text_encoder_3.training  # diffusers leaves its T5 dropping out: random embeddings
-    assert not any(getattr(ours, name).training for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+    assert not any(
+        getattr(ours, name).training for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+    )
     reference.text_encoder_3.eval()
     assert np.abs(images(ours) - images(reference)).max() < 1e-4
     assert np.abs(images(ours) - images(original)).max() < 1e-4
@@ -126,8 +128,14 @@ def test_flux_parts_come_from_the_file(tmp_path):
     state = vae_to_original(parts["vae"], "vae.") | packed_text(parts, names)
     state[PREFIX + "double_blocks.0.img_attn.qkv.weight"] = torch.zeros(1)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "flux_all.safetensors"))
-    assert packed_parts(tmp_path / "flux_all.safetensors", "flux") == ["vae", "text_encoder", "text_encoder_2"]
-    loaded = load_packed(tmp_path / "flux_all.safetensors", config_only(tmp_path / "flux", tmp_path / "c"), "flux")
+    assert packed_parts(tmp_path / "flux_all.safetensors", "flux") == [
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+    ]
+    loaded = load_packed(
+        tmp_path / "flux_all.safetensors", config_only(tmp_path / "flux", tmp_path / "c"), "flux"
+    )
     for name, module in loaded.items():
         want = parts[name].state_dict()
         got = module.state_dict()

@@ -71,7 +71,12 @@ def test_sampler_names_are_a1111s_case_insensitive_with_aliases_and_schedulers(s
     names = {s["name"]: s["aliases"] for s in api.get_samplers()}
     assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PLMS"} <= set(names)
     assert "k_euler_a" in names["Euler a"] and "euler_a" in names["Euler a"]
-    assert [s["name"] for s in api.session.get(api.baseurl + "/schedulers").json()] == ["automatic", "karras"]
+    assert [s["name"] for s in api.session.get(api.baseurl + "/schedulers").json()] == [
+        "automatic",
+        "karras",
+        "simple",
+        "beta",
+    ]
     images = [
         api.txt2img(prompt=PROMPT, seed=3, width=64, height=64, sampler_name=name, scheduler=sched).image
         for name, sched in (("DPM++ 2M Karras", None), ("dpm++ 2m", "Karras"), ("k_dpmpp_2m_ka", "automatic"))
@@ -85,6 +90,8 @@ def test_sampler_names_are_a1111s_case_insensitive_with_aliases_and_schedulers(s
     )  # alone, as the CLI made it; webuiapi's default cfg_scale is 7
     with pytest.raises(RuntimeError, match="no Karras variant"):
         api.txt2img(prompt=PROMPT, width=64, height=64, sampler_name="Euler", scheduler="karras")
+    with pytest.raises(RuntimeError, match="422.*euler_beta.{0,4} is defined here for flow-matching models"):
+        api.txt2img(prompt=PROMPT, width=64, height=64, sampler_name="Euler", scheduler="Beta")
     with pytest.raises(RuntimeError, match="unknown sampler .*Nope"):
         api.txt2img(prompt=PROMPT, width=64, height=64, sampler_name="Nope")
 

@@ -141,7 +141,7 @@ def cmd_samplers(argv: list[str]) -> int:
     from gen.diffusion.samplers import SAMPLERS
 
     for name, s in SAMPLERS.items():
-        flow = "  [also SD3/Flux]" if s.flow else ""
+        flow = ("  [also SD3/Flux]" if s.cls else "  [SD3/Flux only]") if s.flow else ""
         print(f"{name:<22}{s.description}{flow}")
     return 0
 

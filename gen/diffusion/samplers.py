@@ -7,7 +7,9 @@ options change.
 Flow-matching models (SD3, Flux: their scheduler config is a FlowMatch one) take the same names where the
 sampler is defined for a velocity model, as Forge and ComfyUI offer them: Euler and Heun are diffusers' FlowMatch
 schedulers, DPM++ 2M and UniPC diffusers' multistep solvers on flow sigmas (`use_flow_sigmas`, the model's shift),
-Euler a gen's FlowMatchEulerAncestralScheduler (ComfyUI's rectified-flow ancestral step; diffusers has none).
+Euler a gen's FlowMatchEulerAncestralScheduler (ComfyUI's rectified-flow ancestral step; diffusers has none);
+`*_simple` / `*_beta` the Euler samplers on ComfyUI's simple and beta schedules (gen.diffusion.flow_schedules), which
+Forge and A1111 clients ask for as a schedule type ("Simple", "Beta") beside the sampler name.
 The other ancestral samplers, Karras, LMS, DDIM/PNDM/DDPM and LCM samplers are defined on a noise-prediction schedule and are
 refused for these models rather than run on a schedule they were not made for.
 """
@@ -46,6 +48,31 @@ SAMPLERS: dict[str, Sampler] = {
         "Heun: second order, two model calls per step",
         a1111="Heun",
         flow="FlowMatchHeunDiscreteScheduler",
+    ),
+    # ComfyUI's simple and beta schedules (gen.diffusion.flow_schedules), defined here for flow models only
+    "euler_simple": Sampler(
+        "",
+        "Euler on ComfyUI's simple schedule",
+        a1111="Euler Simple",
+        flow="FlowMatchEulerSimpleScheduler",
+    ),
+    "euler_beta": Sampler(
+        "",
+        "Euler on ComfyUI's beta schedule: more steps at both ends",
+        a1111="Euler Beta",
+        flow="FlowMatchEulerBetaScheduler",
+    ),
+    "euler_a_simple": Sampler(
+        "",
+        "Euler ancestral on ComfyUI's simple schedule",
+        a1111="Euler a Simple",
+        flow="FlowMatchEulerAncestralSimpleScheduler",
+    ),
+    "euler_a_beta": Sampler(
+        "",
+        "Euler ancestral on ComfyUI's beta schedule",
+        a1111="Euler a Beta",
+        flow="FlowMatchEulerAncestralBetaScheduler",
     ),
     "dpm2": Sampler("KDPM2DiscreteScheduler", "DPM2: second order, two model calls per step", a1111="DPM2"),
     "dpm2_a": Sampler("KDPM2AncestralDiscreteScheduler", "DPM2 ancestral", a1111="DPM2 a"),
@@ -137,7 +164,9 @@ def _flow_class(name: str) -> type:
         from gen.diffusion.flow_ancestral import FlowMatchEulerAncestralScheduler
 
         return FlowMatchEulerAncestralScheduler
-    return getattr(diffusers, name)
+    from gen.diffusion.flow_schedules import SCHEDULED
+
+    return SCHEDULED[name] if name in SCHEDULED else getattr(diffusers, name)
 
 
 def make_scheduler(name: str, config):
@@ -157,6 +186,11 @@ def make_scheduler(name: str, config):
         # The multistep solvers call the model's shift flow_shift, and take dynamic shifting's mu from the call.
         shift = {"flow_shift": config.get("shift", 1.0)} if spec.flow_kwargs.get("use_flow_sigmas") else {}
         return cls.from_config(config, **shift, **spec.flow_kwargs)
+    if not spec.cls:
+        raise ValueError(
+            f"sampler {name!r} is defined here for flow-matching models (SD3, Flux) only; for this model choose"
+            f" one of: {', '.join(n for n, s in SAMPLERS.items() if s.cls)}"
+        )
     cls = getattr(diffusers, spec.cls)
     return cls.from_config(config, **spec.kwargs)
 

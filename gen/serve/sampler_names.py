@@ -25,7 +25,8 @@ ALIASES = {
     "dpm++_sde_karras": ["k_dpmpp_sde_ka"],
     "lcm": ["k_lcm"],
 }
-SCHEDULERS = [  # what A1111's "scheduler" field may say here: the sampler's own spacing, or Karras sigmas
+SCHEDULERS = [  # what A1111's "scheduler" field may say here: the sampler's own spacing, Karras sigmas, or
+    # ComfyUI's simple and beta schedules (flow models)
     {
         "name": "automatic",
         "label": "Automatic",
@@ -34,8 +35,11 @@ SCHEDULERS = [  # what A1111's "scheduler" field may say here: the sampler's own
         "need_inner_model": False,
     },
     {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+    {"name": "simple", "label": "Simple", "aliases": None, "default_rho": -1.0, "need_inner_model": True},
+    {"name": "beta", "label": "Beta", "aliases": None, "default_rho": -1.0, "need_inner_model": True},
 ]
 KARRAS = "_karras"
+SCHEDULE_SUFFIX = {"karras": KARRAS, "simple": "_simple", "beta": "_beta"}  # gen's names: sampler + suffix
 
 
 def _lookup() -> dict[str, str]:
@@ -55,7 +59,7 @@ def a1111_samplers() -> list[dict]:
         {
             "name": spec.a1111,
             "aliases": [name, *ALIASES.get(name, [])],
-            "options": {"scheduler": "karras"} if name.endswith(KARRAS) else {},
+            "options": next(({"scheduler": k} for k, x in SCHEDULE_SUFFIX.items() if name.endswith(x)), {}),
         }
         for name, spec in SAMPLERS.items()
     ]
@@ -72,11 +76,16 @@ def resolve(sampler: str | None, scheduler: str | None = None) -> str | None:
     schedule = (scheduler or "automatic").strip().lower()
     if schedule == "automatic":
         return name
-    if schedule != "karras":
-        raise ValueError(f"scheduler {scheduler!r} is not supported here; choose Automatic or Karras")
+    if schedule not in SCHEDULE_SUFFIX:
+        labels = ", ".join(entry["label"] for entry in SCHEDULERS)
+        raise ValueError(f"scheduler {scheduler!r} is not supported here; choose one of: {labels}")
+    label = schedule.capitalize()
     if name is None:
-        raise ValueError("scheduler 'Karras' needs a sampler_name (e.g. 'DPM++ 2M')")
-    if name.endswith(KARRAS) or name + KARRAS in SAMPLERS:
-        return name if name.endswith(KARRAS) else name + KARRAS
-    karras = ", ".join(s.a1111 for n, s in SAMPLERS.items() if n.endswith(KARRAS))
-    raise ValueError(f"sampler {sampler!r} has no Karras variant; those with one: {karras}")
+        raise ValueError(f"scheduler {label!r} needs a sampler_name (e.g. 'DPM++ 2M' or 'Euler')")
+    suffix = SCHEDULE_SUFFIX[schedule]
+    if name.endswith(suffix):
+        return name
+    if name + suffix in SAMPLERS:
+        return name + suffix
+    with_it = ", ".join(s.a1111 for n, s in SAMPLERS.items() if n.endswith(suffix))
+    raise ValueError(f"sampler {sampler!r} has no {label} variant; those with one: {with_it}")

@@ -12,8 +12,7 @@ and the folder gives only what the file lacks, the tokenizers and the configs. T
 the file: a Flux-dev file (guidance embedding) with a schnell folder, or a different depth, is named in one line
 before conversion. T5 has no tokenizer a user could carry in a single file, which is why the folder is required.
 
-Exporting (diffusers SD3 transformer -> Stability's keys) is written here because diffusers has no such writer; the
-tests check it by a round trip through diffusers' converter.
+The way back (diffusers -> Stability's and BFL's keys) is gen.pipelines.flow_export.
 """
 
 from __future__ import annotations
@@ -185,65 +184,3 @@ def _check_loaded(module: torch.nn.Module, path: Path, name: str) -> None:
     empty = [k for k, v in module.state_dict().items() if v.is_meta]
     if empty:
         raise ValueError(f"{path.name}: its {name} lacks weights the folder's config has, e.g. {empty[0]!r}")
-
-
-def export_sd3(transformer) -> dict[str, torch.Tensor]:
-    """A diffusers SD3Transformer2DModel's weights under Stability's MMDiT keys (with `model.diffusion_model.`),
-    the inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
-    sd = {k: v.detach() for k, v in transformer.state_dict().items()}
-    out: dict[str, torch.Tensor] = {
-        "pos_embed": sd.pop("pos_embed.pos_embed"),
-        "x_embedder.proj.weight": sd.pop("pos_embed.proj.weight"),
-        "x_embedder.proj.bias": sd.pop("pos_embed.proj.bias"),
-        "context_embedder.weight": sd.pop("context_embedder.weight"),
-        "context_embedder.bias": sd.pop("context_embedder.bias"),
-        "final_layer.linear.weight": sd.pop("proj_out.weight"),
-        "final_layer.linear.bias": sd.pop("proj_out.bias"),
-        "final_layer.adaLN_modulation.1.weight": _swap(sd.pop("norm_out.linear.weight")),
-        "final_layer.adaLN_modulation.1.bias": _swap(sd.pop("norm_out.linear.bias")),
-    }
-    for theirs, ours in (("t_embedder", "time_text_embed.timestep_embedder"), ("y_embedder", "time_text_embed.text_embedder")):  # fmt: skip
-        for a, b in (("mlp.0", "linear_1"), ("mlp.2", "linear_2")):
-            for p in ("weight", "bias"):
-                out[f"{theirs}.{a}.{p}"] = sd.pop(f"{ours}.{b}.{p}")
-    layers = transformer.config.num_layers
-    for i in range(layers):
-        out |= _sd3_block(sd, i, last=i == layers - 1)
-    if sd:
-        raise ValueError(f"export_sd3 does not know these weights: {sorted(sd)[:5]}")
-    return {PREFIX + k: v.contiguous() for k, v in out.items()}
-
-
-def _sd3_block(sd: dict, i: int, last: bool) -> dict:
-    d, o = f"transformer_blocks.{i}", f"joint_blocks.{i}"
-    out = {}
-    for p in ("weight", "bias"):
-        out[f"{o}.x_block.attn.qkv.{p}"] = torch.cat([sd.pop(f"{d}.attn.to_{x}.{p}") for x in "qkv"])
-        out[f"{o}.context_block.attn.qkv.{p}"] = torch.cat(
-            [sd.pop(f"{d}.attn.add_{x}_proj.{p}") for x in "qkv"]
-        )
-        out[f"{o}.x_block.attn.proj.{p}"] = sd.pop(f"{d}.attn.to_out.0.{p}")
-        out[f"{o}.x_block.adaLN_modulation.1.{p}"] = sd.pop(f"{d}.norm1.linear.{p}")
-        context_norm = sd.pop(f"{d}.norm1_context.linear.{p}")
-        out[f"{o}.context_block.adaLN_modulation.1.{p}"] = _swap(context_norm) if last else context_norm
-        out[f"{o}.x_block.mlp.fc1.{p}"] = sd.pop(f"{d}.ff.net.0.proj.{p}")
-        out[f"{o}.x_block.mlp.fc2.{p}"] = sd.pop(f"{d}.ff.net.2.{p}")
-        if not last:
-            out[f"{o}.context_block.attn.proj.{p}"] = sd.pop(f"{d}.attn.to_add_out.{p}")
-            out[f"{o}.context_block.mlp.fc1.{p}"] = sd.pop(f"{d}.ff_context.net.0.proj.{p}")
-            out[f"{o}.context_block.mlp.fc2.{p}"] = sd.pop(f"{d}.ff_context.net.2.{p}")
-        if f"{d}.attn2.to_q.{p}" in sd:  # SD3.5 Medium's second attention (MMDiT-X)
-            out[f"{o}.x_block.attn2.qkv.{p}"] = torch.cat([sd.pop(f"{d}.attn2.to_{x}.{p}") for x in "qkv"])
-            out[f"{o}.x_block.attn2.proj.{p}"] = sd.pop(f"{d}.attn2.to_out.0.{p}")
-    for ours, theirs in (("attn.norm_q", "x_block.attn.ln_q"), ("attn.norm_k", "x_block.attn.ln_k"),
-                         ("attn.norm_added_q", "context_block.attn.ln_q"), ("attn.norm_added_k", "context_block.attn.ln_k"),
-                         ("attn2.norm_q", "x_block.attn2.ln_q"), ("attn2.norm_k", "x_block.attn2.ln_k")):  # fmt: skip
-        if f"{d}.{ours}.weight" in sd:  # SD3.5's qk norm
-            out[f"{o}.{theirs}.weight"] = sd.pop(f"{d}.{ours}.weight")
-    return out
-
-
-def _swap(weight: torch.Tensor) -> torch.Tensor:
-    """(scale, shift) <-> (shift, scale): the final norms' halves are ordered oppositely in the two layouts."""
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)

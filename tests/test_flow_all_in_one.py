@@ -13,7 +13,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import save_file
 
 from gen.loading.pipeline import load_pipeline
-from gen.pipelines.flow_single_file import PREFIX, export_sd3, load_packed, packed_parts
+from gen.pipelines.flow_export import export_sd3
+from gen.pipelines.flow_single_file import PREFIX, load_packed, packed_parts
 from gen.pipelines.single_file import clip_to_original, vae_to_original
 from tests.flow_parts import flux_parts, sd3_parts
 

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from gen.cli import main
 from gen.loading.pipeline import load_pipeline
-from gen.pipelines.flow_single_file import PREFIX, export_sd3, flow_family
+from gen.pipelines.flow_export import export_sd3
+from gen.pipelines.flow_single_file import PREFIX, flow_family
 from tests.flow_parts import flux_parts, sd3_parts
 
 PROMPT = "a red circle"
@@ -148,3 +149,40 @@ def test_gen_serve_serves_a_file_with_the_base_that_fits_it(sd3, tmp_path):
     ) as e:
         Models.load([file], "cpu", "fp32", "sdpa", bases=[str(tmp_path / "flux")])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_flux1_wide_file_round_trips_through_diffusers_converter(tmp_path):
+    """A transformer as wide as Flux.1's (3072, 24 heads of 128: diffusers' converter splits at that width), one
+    double and one single block, in bf16: gen's export in BFL's layout loads through gen.load_pipeline as the
+    very same weights. (~0.5 B parameters: the one real-width Flux check that fits here.)"""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from gen.pipelines.flow_export import export_flux
+
+    parts = flux_parts(tmp_path / "parts")
+    FluxPipeline(**parts).save_pretrained(tmp_path / "flux")
+    torch.manual_seed(0)
+    wide = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=parts["transformer"].config.joint_attention_dim,
+        pooled_projection_dim=16,
+        axes_dims_rope=[16, 56, 56],
+        guidance_embeds=True,
+    ).to(torch.bfloat16)
+    config = tmp_path / "flux" / "transformer" / "config.json"  # the folder gives the config; no weights needed
+    config.write_text(json.dumps(dict(wide.config)))
+    for weights in config.parent.glob("*.safetensors"):
+        weights.unlink()
+    save_file(export_flux(wide), str(tmp_path / "flux1-wide.safetensors"))
+    loaded = load_pipeline(tmp_path / "flux1-wide.safetensors", base=tmp_path / "flux", torch_dtype=torch.bfloat16)
+    theirs, ours = wide.state_dict(), loaded.transformer.state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)

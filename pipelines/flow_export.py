@@ -24,10 +24,7 @@ def export_sd3(transformer) -> dict[str, torch.Tensor]:
         "x_embedder.proj.bias": sd.pop("pos_embed.proj.bias"),
         "context_embedder.weight": sd.pop("context_embedder.weight"),
         "context_embedder.bias": sd.pop("context_embedder.bias"),
-        "final_layer.linear.weight": sd.pop("proj_out.weight"),
-        "final_layer.linear.bias": sd.pop("proj_out.bias"),
-        "final_layer.adaLN_modulation.1.weight": _swap(sd.pop("norm_out.linear.weight")),
-        "final_layer.adaLN_modulation.1.bias": _swap(sd.pop("norm_out.linear.bias")),
+        **_final_layer(sd),
     }
     for theirs, ours in (("t_embedder", "time_text_embed.timestep_embedder"), ("y_embedder", "time_text_embed.text_embedder")):  # fmt: skip
         for a, b in (("mlp.0", "linear_1"), ("mlp.2", "linear_2")):
@@ -70,6 +67,14 @@ def _sd3_block(sd: dict, i: int, last: bool) -> dict:
     return out
 
 
+def _final_layer(sd: dict) -> dict:
+    """The output projection and its norm's modulation, as both layouts name them (the halves swapped)."""
+    out = {f"final_layer.linear.{p}": sd.pop(f"proj_out.{p}") for p in ("weight", "bias")}
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap(sd.pop(f"norm_out.linear.{p}"))
+    return out
+
+
 def _swap(weight: torch.Tensor) -> torch.Tensor:
     """(scale, shift) <-> (shift, scale): the final norms' halves are ordered oppositely in the two layouts."""
     first, second = weight.chunk(2, dim=0)
@@ -84,10 +89,7 @@ def export_flux(transformer) -> dict[str, torch.Tensor]:
         "txt_in.bias": sd.pop("context_embedder.bias"),
         "img_in.weight": sd.pop("x_embedder.weight"),
         "img_in.bias": sd.pop("x_embedder.bias"),
-        "final_layer.linear.weight": sd.pop("proj_out.weight"),
-        "final_layer.linear.bias": sd.pop("proj_out.bias"),
-        "final_layer.adaLN_modulation.1.weight": _swap(sd.pop("norm_out.linear.weight")),
-        "final_layer.adaLN_modulation.1.bias": _swap(sd.pop("norm_out.linear.bias")),
+        **_final_layer(sd),
     }
     embedders = {
         "time_in": "timestep_embedder",

@@ -150,6 +150,9 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
             config.get("max_shift", max_shift),
         )
 
+    # entries in ComfyUI's model-sampling table for this family (its simple/beta schedules pick from it)
+    comfy_timesteps = 1000
+
     def accepts(self, name: str) -> bool:
         """Does the scheduler's set_timesteps take `name` ("sigmas", "mu")? FlowMatchHeun takes neither."""
         return name in inspect.signature(self.scheduler.set_timesteps).parameters
@@ -159,14 +162,12 @@ class FlowMatchingPipeline(SafeLoadersMixin, DiffusionPipeline, DecodingMixin):
     ) -> torch.Tensor:
         """The scheduler's timesteps for the call (custom sigmas and the shift `mu` where given; a scheduler
         that takes no shift spaces its steps itself)."""
+        if sigmas is None and hasattr(self.scheduler, "schedule_sigmas"):
+            # ComfyUI's simple/beta (gen.diffusion.flow_schedules) on the table ComfyUI keeps for this family,
+            # passed as sigmas so that `count` below is the schedule's length (beta can drop repeats)
+            sigmas = self.scheduler.schedule_sigmas(num_inference_steps, self.comfy_timesteps)
         # mu only to a scheduler that shifts dynamically: FlowMatchEuler ignores it otherwise, the multistep
         # solvers on flow sigmas refuse it.
-        if sigmas is None and hasattr(
-            self.scheduler, "schedule_sigmas"
-        ):  # ComfyUI's simple/beta (gen.diffusion)
-            sigmas = self.scheduler.schedule_sigmas(
-                num_inference_steps
-            )  # beta: maybe fewer, which count says
         dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
         kwargs = {"mu": mu} if mu is not None and dynamic and self.accepts("mu") else {}
         steps, count = retrieve_timesteps(

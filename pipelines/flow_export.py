@@ -13,6 +13,8 @@ import torch
 
 from gen.pipelines.flow_single_file import PREFIX
 
+FLUX1_WIDTH = 3072  # diffusers' Flux converter splits a single block's fused projection at this width
+
 
 def export_sd3(transformer) -> dict[str, torch.Tensor]:
     """A diffusers SD3Transformer2DModel's weights under Stability's MMDiT keys (with `model.diffusion_model.`),
@@ -82,7 +84,14 @@ def _swap(weight: torch.Tensor) -> torch.Tensor:
 
 
 def export_flux(transformer) -> dict[str, torch.Tensor]:
-    """A diffusers FluxTransformer2DModel's weights under Black Forest Labs' keys (with `model.diffusion_model.`)."""
+    """A diffusers FluxTransformer2DModel's weights under Black Forest Labs' keys (with `model.diffusion_model.`).
+    Only Flux.1's width: other widths would make files no converter reads back."""
+    c = transformer.config
+    if c.num_attention_heads * c.attention_head_dim != FLUX1_WIDTH:
+        raise ValueError(
+            f"export_flux writes Flux.1's width ({FLUX1_WIDTH}); this transformer is"
+            f" {c.num_attention_heads * c.attention_head_dim} wide"
+        )
     sd = {k: v.detach() for k, v in transformer.state_dict().items()}
     out: dict[str, torch.Tensor] = {
         "txt_in.weight": sd.pop("context_embedder.weight"),

@@ -171,10 +171,13 @@ def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=t
         except (ValueError, RuntimeError, KeyError, AssertionError, OSError) as e:
             detail = " ".join(str(e).split())[:300] or type(e).__name__
             raise ValueError(f"{path.name}: diffusers could not convert its {name}: {detail}") from None
+        if part == "t5xxl":
+            # ComfyUI's and Stability's T5 holds the embedding once (`shared.weight`); transformers' T5 also has
+            # encoder.embed_tokens, tied to it, which loading by key leaves on the meta device
+            out[name].tie_weights()
         _check_loaded(out[name], path, name)
-        out[
-            name
-        ].eval()  # diffusers' T5 converter leaves the model training (dropout on); from_pretrained does not
+        # diffusers' T5 converter leaves the model training (dropout on); from_pretrained would not
+        out[name].eval()
         logger.info("%s: %s from the file", path.name, name)
     return out
 

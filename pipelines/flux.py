@@ -69,6 +69,7 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
     """Generate images from text with a Flux.1 folder, as FluxPipeline does."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    comfy_timesteps = 10_000  # ComfyUI's ModelSamplingFlux table (SD3's has 1000)
     _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
     _lora_loader = FluxLoraLoaderMixin
@@ -241,7 +242,8 @@ class FluxTextToImagePipeline(FlowLoraMixin, FlowMatchingPipeline, FluxLoraLoade
         own = own or (sigmas is None and not self.accepts("sigmas"))
         if own:
             sigmas = None
-        elif sigmas is None and not hasattr(self.scheduler, "schedule_sigmas"):  # a named schedule: its own
+        elif sigmas is None and not hasattr(self.scheduler, "schedule_sigmas"):
+            # (a named schedule places its own steps: _flow_timesteps)
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         steps = self._flow_timesteps(num_inference_steps, device, sigmas, self._mu(latents.shape[1], 1.15))
         if hasattr(self.scheduler, "set_begin_index"):

@@ -93,28 +93,40 @@ def test_beta_puts_more_steps_at_both_ends_and_drops_repeats():
     assert schedule_positions("simple", 4) == [1.0, 0.75, 0.5, 0.25]
 
 
-def test_the_pipelines_use_the_schedule(tmp_path):
-    """The schedule reaches SD3's and Flux's calls (Flux's default linear sigmas give way to it); sigmas given by
-    the caller still win."""
-    for cls, build in ((SD3TextToImagePipeline, sd3_parts), (FluxTextToImagePipeline, flux_parts)):
-        parts = build(tmp_path / cls.__name__)
-        parts["scheduler"] = FlowMatchEulerBetaScheduler.from_config(parts["scheduler"].config)
-        pipe = cls(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        seen = []
-        call = {"prompt": "a red circle", "height": 32, "width": 32, "output_type": "np"}
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_pipelines_run_comfyuis_schedule(tmp_path, family):
+    """SD3 (static shift 3, ComfyUI's 1000-entry table) and Flux (dynamic shift: the size's mu on ComfyUI's
+    10,000-entry ModelSamplingFlux table; FluxPipeline's default linear sigmas give way): the sigmas a call steps
+    through are ComfyUI's beta schedule's; sigmas given by the caller still win."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        def record(p, i, t, kwargs, seen=seen):
-            seen.append(float(p.scheduler.sigmas[i]))
-            return kwargs
+    cls, build = {"sd3": (SD3TextToImagePipeline, sd3_parts), "flux": (FluxTextToImagePipeline, flux_parts)}[
+        family
+    ]
+    dynamic = family == "flux"
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic).config
+    parts = build(tmp_path)
+    parts["scheduler"] = FlowMatchEulerBetaScheduler.from_config(config)
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    call = {"prompt": "a red circle", "height": 32, "width": 32, "output_type": "np"}
 
-        pipe(**call, num_inference_steps=8, callback_on_step_end=record)
-        assert seen == pytest.approx(pipe.scheduler.sigmas[:-1].tolist())
-        want = schedule_positions("beta", 8)
-        assert seen == pytest.approx(want if not pipe.scheduler.config.use_dynamic_shifting else seen)
-        seen.clear()
-        pipe(**call, num_inference_steps=3, sigmas=[1.0, 0.6, 0.3], callback_on_step_end=record)
-        assert seen == pytest.approx([1.0, 0.6, 0.3])
+    def count(p, i, t, kwargs):
+        calls.append(float(t))
+        return kwargs
+
+    pipe(**call, num_inference_steps=8, callback_on_step_end=count)
+    if dynamic:  # 32x32 pixels, VAE factor 1, 2x2 packing: 256 image tokens
+        c = pipe.scheduler.config
+        mu = calculate_shift(256, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        theirs = comfy_beta(ComfyFlowSampling(mu=mu, timesteps=10_000), 8)
+    else:
+        theirs = comfy_beta(ComfyFlowSampling(3.0), 8)
+    assert torch.allclose(pipe.scheduler.sigmas, theirs, atol=1e-6), (pipe.scheduler.sigmas, theirs)
+    assert len(calls) == len(theirs) - 1
+    pipe(**call, num_inference_steps=3, sigmas=[1.0, 0.6, 0.3])
+    assert len(pipe.scheduler.sigmas) == 4 and float(pipe.scheduler.sigmas[-1]) == 0
 
 
 def test_a1111_schedule_types_resolve_to_gens_names():

@@ -177,12 +177,20 @@ def test_a_flux1_wide_file_round_trips_through_diffusers_converter(tmp_path):
         axes_dims_rope=[16, 56, 56],
         guidance_embeds=True,
     ).to(torch.bfloat16)
-    config = tmp_path / "flux" / "transformer" / "config.json"  # the folder gives the config; no weights needed
+    config = (
+        tmp_path / "flux" / "transformer" / "config.json"
+    )  # the folder gives the config; no weights needed
     config.write_text(json.dumps(dict(wide.config)))
     for weights in config.parent.glob("*.safetensors"):
         weights.unlink()
     save_file(export_flux(wide), str(tmp_path / "flux1-wide.safetensors"))
-    loaded = load_pipeline(tmp_path / "flux1-wide.safetensors", base=tmp_path / "flux", torch_dtype=torch.bfloat16)
+    loaded = load_pipeline(
+        tmp_path / "flux1-wide.safetensors", base=tmp_path / "flux", torch_dtype=torch.bfloat16
+    )
     theirs, ours = wide.state_dict(), loaded.transformer.state_dict()
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    with pytest.raises(
+        ValueError, match="export_flux writes Flux.1's width .3072.; this transformer is 32 wide"
+    ):
+        export_flux(parts["transformer"])

@@ -243,8 +243,8 @@ def cmd_bench_serve(argv: list[str]) -> int:
 
 
 def _openvino_rows(args: argparse.Namespace) -> tuple[str, ...]:
-    """--backend openvino: its rows in --dtype, else f32 and bf16 too where auto would pick OpenVINO's bf16 (a CPU
-    with AMX: see gen.loading.precision.pick_precision)."""
+    """--backend openvino: its rows in --dtype, else f32 and bf16 too where auto would pick OpenVINO's bf16 (native
+    bf16: gen.loading.precision.pick_precision)."""
     if args.backend != "openvino":
         return ()
     check_backend("openvino", args.dtype or "fp32", args.device)

@@ -6,8 +6,9 @@ the shifted end sigmas (and ends on sigma_min), where ComfyUI picks them on the 
 shifts after. ComfyUI's schedules choose *where on the timestep grid* the steps fall, as fractions t of the
 model's timesteps (its ModelSamplingDiscreteFlow table is sigma(t) for t = 1/N ... N/N); the model's shift then
 maps t to sigma. So here each schedule gives those unshifted t, and diffusers' FlowMatchEuler set_timesteps
-shifts them as it shifts any custom sigmas: the static shift (SD3's 3.0, as ComfyUI's) or the resolution's `mu`
-(Flux, SD3.5: ComfyUI's ModelSamplingFlux/SD3 nodes compute the same shift from the image size).
+shifts them as it shifts any custom sigmas: the static shift (SD3's and SD3.5's 3.0, as ComfyUI's) or, where the
+scheduler shifts dynamically (Flux), the image size's `mu` (ComfyUI's ModelSamplingFlux node computes the same from
+the size). ComfyUI's tables have 1000 entries for SD3 and 10,000 for Flux; gen's pipelines pass theirs.
 
 simple (comfy.samplers.simple_scheduler): every N/steps-th entry of the table from the top.
 beta (comfy.samplers.beta_scheduler, Lee et al. 2024, arXiv:2407.12173): the table's entries at the Beta(0.6, 0.6)
@@ -50,8 +51,12 @@ class _Scheduled:
 
     schedule = ""
 
-    def schedule_sigmas(self, num_inference_steps: int) -> list[float]:
-        return schedule_positions(self.schedule, num_inference_steps, self.config.num_train_timesteps)
+    def schedule_sigmas(self, num_inference_steps: int, table: int | None = None) -> list[float]:
+        """The unshifted sigmas of the schedule, on a table of `table` entries (ComfyUI's for the model family,
+        which the pipeline knows: SD3's 1000, Flux's 10,000; default: the scheduler's training timesteps)."""
+        return schedule_positions(
+            self.schedule, num_inference_steps, table or self.config.num_train_timesteps
+        )
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
         if sigmas is None and timesteps is None:

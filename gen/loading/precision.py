@@ -15,6 +15,7 @@ NATIVE_BF16 = (
 )
 # x86's AMX and AVX-512 BF16, Arm's BF16, as Linux names them in /proc/cpuinfo's flags (x86) or Features (Arm)
 CPU_BF16 = ("amx_bf16", "avx512_bf16", "bf16")
+X86_BF16 = CPU_BF16[:2]
 
 
 def check_precision(dtype: str, device: str) -> None:
@@ -27,21 +28,17 @@ def check_precision(dtype: str, device: str) -> None:
 
 def pick_precision(dtype: str, device: str = "cpu", backend: str = "torch") -> tuple[str, str | None]:
     """The precision to load in and why: `dtype` as given (why None), or for "auto" bf16 where `device` computes
-    bf16 natively and fp32 elsewhere, why saying so ("auto: this CPU has native bf16, avx512_bf16").
-
-    OpenVINO's bf16 is chosen only on a CPU with AMX: on an AMD EPYC with AVX-512 BF16 and no AMX, openvino
-    2026.4.1's bf16 SD 1.5 UNet gave NaN latents from the first step, so auto keeps f32 there; --dtype bf16 still
-    asks for it. (That NaN was most likely OpenVINO's blob cache handing the bf16 compile the f32 blob, found
-    later on an AMX Xeon and fixed in gen.loading.backend; not re-measured on that AMD CPU.)"""
+    bf16 natively and fp32 elsewhere, why saying so ("auto: this CPU has native bf16, avx512_bf16"). The same rule
+    for both backends: OpenVINO's bf16 once gave NaN on an AMD EPYC with AVX-512 BF16 and no AMX, which was
+    OpenVINO's blob cache handing the bf16 compile the f32 blob (gen.loading.backend keeps one folder per
+    precision since); re-measured on that CPU, its bf16 SD 1.5 images are finite and within a few levels of
+    torch fp32. OpenVINO's bf16 on an Arm CPU (its BF16 feature) is not measured, so auto keeps f32 there."""
     if dtype != AUTO:
         return dtype, None
     native, why = native_bf16(device)
     if native and backend == "openvino" and not os.environ.get(NATIVE_BF16, "").strip():
-        if "amx_bf16" not in (cpu_flags("/proc/cpuinfo") or ()):
-            return (
-                "fp32",
-                "auto: OpenVINO's bf16 is used only with AMX (NaN measured with AVX-512 BF16 alone)",
-            )
+        if not set(X86_BF16) & set(cpu_flags("/proc/cpuinfo") or ()):
+            return "fp32", "auto: OpenVINO's bf16 is measured on x86 CPUs with AVX-512 BF16 or AMX only"
     return "bf16" if native else "fp32", f"auto: {why}"
 
 

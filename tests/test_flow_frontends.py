@@ -251,6 +251,8 @@ def test_served_a1111_openai_and_jobs_equal_the_cli(folders, tmp_path):
         answer = http.post("/sdapi/v1/txt2img", json=forge)
         assert answer.status_code == 200, answer.text
         second = png(answer.json()["images"][1])
+        runs = {m["name"]: m["samplers"] for m in http.get("/gen/v1/info").json()["models"]}
+        assert {"euler", "euler_beta", "euler_a_simple"} <= set(runs["flux"]) and "ddim" not in runs["flux"]
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         made = client.images.generate(
             prompt=PROMPT,

@@ -136,9 +136,6 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-FLOW_SAMPLERS = tuple(name for name, spec in SAMPLERS.items() if spec.flow)
-
-
 def is_flow(config) -> bool:
     """Is this scheduler config a flow-matching model's (SD3, Flux): a FlowMatch scheduler's (a shift and no betas:
     an instance's config does not name its class), or a solver on flow sigmas?"""
@@ -148,6 +145,12 @@ def is_flow(config) -> bool:
         or bool(config.get("use_flow_sigmas"))
         or config.get("prediction_type") == "flow_prediction"
     )
+
+
+def samplers_for(config) -> list[str]:
+    """The sampler names a model with this scheduler config can run (flow models: those defined for them)."""
+    flow = is_flow(config)
+    return [name for name, spec in SAMPLERS.items() if (spec.flow if flow else spec.cls)]
 
 
 def unknown_sampler(name: str) -> ValueError:
@@ -180,7 +183,7 @@ def make_scheduler(name: str, config):
         if not spec.flow:
             raise ValueError(
                 f"sampler {name!r} is not defined for flow-matching models (SD3, Flux); choose one of:"
-                f" {', '.join(FLOW_SAMPLERS)}"
+                f" {', '.join(samplers_for(config))}"
             )
         cls = _flow_class(spec.flow)
         # The multistep solvers call the model's shift flow_shift, and take dynamic shifting's mu from the call.
@@ -189,7 +192,7 @@ def make_scheduler(name: str, config):
     if not spec.cls:
         raise ValueError(
             f"sampler {name!r} is defined here for flow-matching models (SD3, Flux) only; for this model choose"
-            f" one of: {', '.join(n for n, s in SAMPLERS.items() if s.cls)}"
+            f" one of: {', '.join(samplers_for(config))}"
         )
     cls = getattr(diffusers, spec.cls)
     return cls.from_config(config, **spec.kwargs)

@@ -266,7 +266,8 @@ def router(state: State) -> APIRouter:
         return {
             "version": gen.__version__,
             "models": [
-                {"title": m.title, "name": m.name, "default_size": m.default_size} for m in state.models
+                {"title": m.title, "name": m.name, "default_size": m.default_size, "samplers": m.samplers}
+                for m in state.models
             ],
             "samplers": [{"name": n, "label": s.a1111} for n, s in SAMPLERS.items()],
             "defaults": request_defaults(c),

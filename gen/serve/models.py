@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gen import generation as G
+from gen.diffusion.samplers import samplers_for
 from gen.generation import metadata
 from gen.loading.assets import model_folder
 from gen.loading.pipeline import base_for
@@ -43,6 +44,11 @@ class ServedModel:
     @property
     def default_size(self) -> int:
         return self.pipe.default_size
+
+    @property
+    def samplers(self) -> list[str]:
+        """The sampler names this model runs (SD3/Flux and the others take different sets)."""
+        return samplers_for(self.scheduler.config)
 
     def a1111(self) -> dict:
         return {

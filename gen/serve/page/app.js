@@ -25,8 +25,18 @@ function option(select, value, label) {
 
 async function init() {
   const info = await api("/gen/v1/info");
-  for (const s of info.samplers) option($("sampler"), s.name, s.label);
   for (const m of info.models) option($("model"), m.title, m.title);
+  const samplers = () => {
+    // the chosen model's samplers only (SD3/Flux and the others run different sets); the choice kept if it fits
+    const model = info.models.find((m) => m.title === $("model").value) || info.models[0];
+    const chosen = $("sampler").value;
+    $("sampler").replaceChildren();
+    option($("sampler"), "", "model default");
+    for (const s of info.samplers) if (model.samplers.includes(s.name)) option($("sampler"), s.name, s.label);
+    if (model.samplers.includes(chosen)) $("sampler").value = chosen;
+  };
+  samplers();
+  $("model").addEventListener("change", samplers);
   const size = info.models[0].default_size;
   $("width").value = $("height").value = size;
   $("steps").max = info.limits.max_steps;

@@ -1,16 +1,18 @@
 """SD3 and Flux transformers as single files (the layouts ComfyUI, Forge and civitai users download: Stability's
 MMDiT keys `joint_blocks.*`, Black Forest Labs' `double_blocks.*` / `single_blocks.*`, with or without the
 `model.diffusion_model.` prefix), loaded offline into a pipeline whose other parts come from a diffusers folder
-of the same model, and SD3's export back to that layout.
+of the same model.
 
 Loading goes through diffusers' own converters (`from_single_file` with the folder's transformer config, so nothing
-is fetched). A file may carry more than the transformer (Stability's `sd3_medium_incl_clips*.safetensors`, ComfyUI's
-all-in-one checkpoints): the VAE (`first_stage_model.` or `vae.`) and the text encoders (`text_encoders.clip_l.`,
-`clip_g.`, `t5xxl.`) it holds are loaded from it by diffusers' per-part converters, each from its own keys alone,
-and the folder gives only what the file lacks, the tokenizers and the configs. Those converters read the SD3 architecture from the file's shapes, but Flux's hard-code Flux.1's width
+is fetched). Those converters read the SD3 architecture from the file's shapes, but Flux's hard-code Flux.1's width
 (3072): a Flux file converts as diffusers converts it, and only real Flux.1 files do. The folder's config must fit
 the file: a Flux-dev file (guidance embedding) with a schnell folder, or a different depth, is named in one line
 before conversion. T5 has no tokenizer a user could carry in a single file, which is why the folder is required.
+
+A file may carry more than the transformer (Stability's `sd3_medium_incl_clips*.safetensors`, ComfyUI's all-in-one
+checkpoints): the VAE (`first_stage_model.` or `vae.`) and text encoders (`text_encoders.clip_l.`, `clip_g.`,
+`t5xxl.`) it holds are loaded from it by diffusers' per-part converters, each from its own keys alone, and the
+folder then gives only what the file lacks, the tokenizers and the configs.
 
 The way back (diffusers -> Stability's and BFL's keys) is gen.pipelines.flow_export.
 """

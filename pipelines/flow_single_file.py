@@ -1,13 +1,14 @@
 """SD3 and Flux transformers as single files (the layouts ComfyUI, Forge and civitai users download: Stability's
 MMDiT keys `joint_blocks.*`, Black Forest Labs' `double_blocks.*` / `single_blocks.*`, with or without the
-`model.diffusion_model.` prefix), loaded offline into a pipeline whose other parts come from a diffusers folder
-of the same model.
+`model.diffusion_model.` prefix), loaded offline into a pipeline whose other parts come from separate part files
+(gen.pipelines.flow_parts), from the file itself, or from a diffusers folder of the same model; with no folder,
+gen's shipped configs and tokenizers stand in for one (gen.pipelines.flow_configs).
 
 Loading goes through diffusers' own converters (`from_single_file` with the folder's transformer config, so nothing
 is fetched). Those converters read the SD3 architecture from the file's shapes, but Flux's hard-code Flux.1's width
 (3072): a Flux file converts as diffusers converts it, and only real Flux.1 files do. The folder's config must fit
 the file: a Flux-dev file (guidance embedding) with a schnell folder, or a different depth, is named in one line
-before conversion. T5 has no tokenizer a user could carry in a single file, which is why the folder is required.
+before conversion.
 
 A file may carry more than the transformer (Stability's `sd3_medium_incl_clips*.safetensors`, ComfyUI's all-in-one
 checkpoints): the VAE (`first_stage_model.` or `vae.`) and text encoders (`text_encoders.clip_l.`, `clip_g.`,
@@ -28,20 +29,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from gen.pipelines.flow_parts import (
+    PACKED_TEXT,
+    PREFIX,
+    TEXT_PREFIX,
+    VAE_PREFIXES,
+    Source,
+    packed_sources,
+)
+
 logger = logging.getLogger(__name__)
 
-PREFIX = "model.diffusion_model."
 SD3_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
 FLUX_KEY = "double_blocks.0.img_attn.qkv.weight"
-
-
-VAE_PREFIXES = ("first_stage_model.", "vae.")  # diffusers' LDM_VAE_KEYS
-TEXT_PREFIX = "text_encoders.{}.transformer."
-# the text encoders an all-in-one file may pack, as the pipeline names them, per family
-PACKED_TEXT = {
-    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"},
-    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
-}
 _PACKED = (*VAE_PREFIXES, "text_encoders.")  # keys of parts other than the transformer
 
 
@@ -129,34 +129,37 @@ def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dt
 
 def packed_parts(path: str | Path, family: str) -> list[str]:
     """The pipeline components besides the transformer that the file carries ("vae", "text_encoder", ...)."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    found = ["vae"] if any(k.startswith(VAE_PREFIXES) for k in keys) else []
-    for name, part in PACKED_TEXT[family].items():
-        if any(k.startswith(TEXT_PREFIX.format(part)) for k in keys):
-            found.append(name)
-    return found
+    return list(packed_sources(path, family))
 
 
 def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32) -> dict:
     """The VAE and text encoders the file carries, each converted by diffusers from its own keys with `folder`'s
     config for it (so CLIP-L and CLIP-G cannot be taken for each other, whatever their widths), offline."""
+    return load_parts(packed_sources(path, family), folder, family, torch_dtype)
+
+
+def load_parts(
+    sources: dict[str, Source], folder: str | Path, family: str, torch_dtype=torch.float32
+) -> dict:
+    """The VAE and text encoders `sources` point at ({component: Source}, packed in the transformer's file or in
+    separate files), each renamed to the all-in-one layout and converted by diffusers' per-part converter with
+    `folder`'s config for that component, offline."""
     from diffusers.loaders.single_file_utils import (
         create_diffusers_clip_model_from_ldm,
         create_diffusers_t5_model_from_checkpoint,
     )
 
-    path, folder = Path(path), Path(folder)
+    folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
     out = {}
-    for name in packed_parts(path, family):
+    for name, source in sources.items():
+        path = source.path
         library, class_name = index.get(name) or (None, None)
         if class_name is None:
             raise ValueError(f"{path.name} carries a {name} the folder {folder} has no place for")
         cls = getattr(importlib.import_module(library), class_name)
         part = PACKED_TEXT[family].get(name)
-        prefixes = VAE_PREFIXES if part is None else (TEXT_PREFIX.format(part),)
-        sd = _tensors(path, lambda k, p=prefixes: k.startswith(p))
+        sd = source.tensors(add=VAE_PREFIXES[0] if part is None else TEXT_PREFIX.format(part))
         common = {
             "config": str(folder),
             "subfolder": name,
@@ -167,6 +170,7 @@ def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=t
             if part is None:
                 out[name] = cls.from_single_file(sd, **common)
             elif part == "t5xxl":
+                _shared_embedding(sd, TEXT_PREFIX.format(part))
                 out[name] = create_diffusers_t5_model_from_checkpoint(cls, sd, **common)
             else:
                 out[name] = create_diffusers_clip_model_from_ldm(cls, sd, **common)
@@ -182,6 +186,13 @@ def load_packed(path: str | Path, folder: str | Path, family: str, torch_dtype=t
         out[name].eval()
         logger.info("%s: %s from the file", path.name, name)
     return out
+
+
+def _shared_embedding(sd: dict, prefix: str) -> None:
+    """A T5 file holding its embedding only as encoder.embed_tokens (some exports do) gets it as `shared` too,
+    the name transformers ties the encoder's to."""
+    if prefix + "shared.weight" not in sd and prefix + "encoder.embed_tokens.weight" in sd:
+        sd[prefix + "shared.weight"] = sd[prefix + "encoder.embed_tokens.weight"]
 
 
 def _check_loaded(module: torch.nn.Module, path: Path, name: str) -> None:

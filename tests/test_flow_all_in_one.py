@@ -21,10 +21,9 @@ from tests.flow_parts import flux_parts, sd3_parts
 CALL = {"prompt": "a red circle", "num_inference_steps": 3, "height": 32, "width": 32, "output_type": "np"}
 
 
-def t5_to_original(encoder) -> dict[str, torch.Tensor]:
-    """T5 as SD3/ComfyUI files hold it: the encoder's own names under text_encoders.t5xxl.transformer., the token
-    embedding once (`shared.weight`; transformers' tied encoder.embed_tokens is not written)."""
-    prefix = "text_encoders.t5xxl.transformer."
+def t5_to_original(encoder, prefix: str = "text_encoders.t5xxl.transformer.") -> dict[str, torch.Tensor]:
+    """T5 as SD3/ComfyUI files hold it: the encoder's own names under `prefix` (none in a separate t5xxl file), the
+    token embedding once (`shared.weight`; transformers' tied encoder.embed_tokens is not written)."""
     state = encoder.state_dict()
     return {prefix + k: v.clone() for k, v in state.items() if k != "encoder.embed_tokens.weight"}
 

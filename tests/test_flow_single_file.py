@@ -108,7 +108,7 @@ def test_misfits_are_one_line(sd3, tmp_path):
         tmp_path / "schnell"
     )
     cases = [
-        (sd3 / "finetune.safetensors", None, "is an SD3 transformer file; give the diffusers SD3 folder"),
+        (sd3 / "finetune.safetensors", None, "is an SD3 transformer file without VAE, CLIP-L, CLIP-G; give the part files"),
         (sd3 / "finetune.safetensors", tmp_path / "schnell", "is a FluxTextToImagePipeline folder; finetune.safetensors needs an SD3 folder"),
         (flux_file(tmp_path, True), tmp_path / "schnell", "guidance_embeds is Flux-dev (guidance embedding) in the file and Flux-schnell (none) in the folder's config"),
         (sd3 / "finetune.safetensors", tmp_path / "nowhere", "not a diffusers pipeline folder"),
@@ -123,8 +123,9 @@ def test_misfits_are_one_line(sd3, tmp_path):
 
 def test_gen_serve_serves_a_file_with_the_base_that_fits_it(sd3, tmp_path):
     """`gen serve --model finetune.safetensors --model sd3-folder --base flux-folder --base sd3-folder`: the SD3
-    file takes the SD3 base (the Flux one is passed over), its A1111 images are the CLI's `--model file --base`
-    ones, and its PNGs name the base, so they reproduce; a file no base fits is refused in one line."""
+        file takes the SD3 base (the Flux one is passed over), its A1111 images are the CLI's `--model file --base`
+        ones, and its PNGs name the base, so they reproduce; a file with no folder of its family and no parts of its own
+    is refused in one line."""
     from gen.serve.models import Models
     from tests.images import assert_same_image
     from tests.serve_support import cli_image, png, serving
@@ -145,8 +146,8 @@ def test_gen_serve_serves_a_file_with_the_base_that_fits_it(sd3, tmp_path):
     served.write_bytes(__import__("base64").b64decode(answer.json()["images"][0]))
     assert main(["reproduce", str(served), "--verify"]) == 0
     with pytest.raises(
-        ValueError, match="finetune.safetensors is an SD3 transformer file and no --base"
-    ) as e:
+        ValueError, match="finetune.safetensors is an SD3 transformer file without VAE, CLIP-L, CLIP-G"
+    ) as e:  # no SD3 folder among the bases: the shipped configs stand in, and the file carries no parts
         Models.load([file], "cpu", "fp32", "sdpa", bases=[str(tmp_path / "flux")])
     assert "\n" not in str(e.value)
 

@@ -163,6 +163,10 @@ def reproduce(args) -> int:
         o.model = args.model
     if args.base is not None:
         o.base = args.base
+    if args.text_encoder is not None:
+        o.text_encoder = args.text_encoder
+    if args.vae is not None:
+        o.vae = args.vae
     G.check_options(o)
     init = _given_inputs(record, o, args)
     control = _given_control(record, o, args)

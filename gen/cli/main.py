@@ -250,6 +250,14 @@ def cmd_reproduce(argv: list[str]) -> int:
         metavar="DIR",
         help="an SD3/Flux transformer file's diffusers folder, if not at its recorded path",
     )
+    p.add_argument(
+        "--text-encoder",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="an SD3/Flux transformer file's text encoder files, if not at their recorded paths (repeatable)",
+    )
+    p.add_argument("--vae", default=None, metavar="FILE", help="its VAE file, if not at its recorded path")
     p.add_argument("--init-image", default=None, help="the init image, if not at its recorded path")
     p.add_argument("--mask", default=None, help="the mask, if not at its recorded path")
     p.add_argument(

@@ -321,6 +321,8 @@ def load(o: Options):
         allow_pickle=o.allow_pickle,
         backend=o.backend,
         base=o.base,
+        text_encoders=o.text_encoder,
+        vae=o.vae,
     )
     return prepare(pipe, o)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,10 +15,19 @@ from gen.loading.backend import use_openvino
 from gen.loading.hashing import model_hash
 from gen.loading.precision import check_backend, check_precision
 from gen.pipelines import TextToImagePipeline
+from gen.pipelines.flow_configs import config_folder
+from gen.pipelines.flow_parts import (
+    REQUIRED,
+    describe,
+    file_sources,
+    identify,
+    packed_sources,
+    transformer_source,
+)
 from gen.pipelines.flow_single_file import (
     check_fit,
     flow_family,
-    load_packed,
+    load_parts,
     load_transformer,
     transformer_class,
 )
@@ -34,11 +44,14 @@ def load_pipeline(
     allow_pickle: bool = False,
     backend: str = "torch",
     base: str | Path | None = None,
+    text_encoders: list[str | Path] = (),
+    vae: str | Path | None = None,
 ):
     """Load a local pipeline folder (gen's, SD 1.x/2.x or SDXL: one class takes both, SDXL when model_index.json
     names text_encoder_2; SD3 and Flux: their own classes, from model_index.json's _class_name) or single
     .safetensors SD checkpoint (configs shipped with gen, or `base`'s), or an SD3/Flux transformer file whose other
-    parts come from the diffusers folder `base`; with no path, the embedded default model.
+    parts come from the files `text_encoders` and `vae`, the file itself or the diffusers folder `base` (see
+    load_flow_file); with no path, the embedded default model.
     Never reaches the network; refuses pickle weights unless allow_pickle (see gen.pipelines.safety).
     backend="openvino": the denoiser, VAE and CLIP text encoders run as OpenVINO compiled models
     (gen.loading.backend), in bf16 when torch_dtype is bfloat16, else f32; the torch modules load in float32 and
@@ -47,17 +60,21 @@ def load_pipeline(
     check_precision(dtype, str(device))
     check_backend(backend, dtype, str(device))
     if backend == "openvino":
-        pipe = load_pipeline(path, torch.float32, device, allow_pickle, base=base)
+        pipe = load_pipeline(path, torch.float32, device, allow_pickle, base, text_encoders, vae)
 
         def reload():
-            return load_pipeline(path, torch.float32, device, allow_pickle, base=base)
+            return load_pipeline(path, torch.float32, device, allow_pickle, base, text_encoders, vae)
 
         use_openvino(pipe, model_hash(model_folder(path)), dtype, reload=reload)
         return pipe
     folder = model_folder(path)
     family = flow_family(folder) if folder.is_file() else None
-    if family is not None:  # an SD3/Flux transformer file; the rest from `base`
-        pipe = load_flow_file(folder, base, family, torch_dtype, allow_pickle)
+    if (text_encoders or vae) and family is None:
+        raise ValueError(
+            f"{folder.name}: --text-encoder and --vae are for SD3/Flux transformer files; this model carries its own"
+        )
+    if family is not None:  # an SD3/Flux transformer file; the rest from part files, itself or `base`
+        pipe = load_flow_file(folder, base, family, torch_dtype, allow_pickle, text_encoders, vae)
     elif folder.is_file():  # one original-layout checkpoint (SD 1.x/2.x/SDXL); configs shipped or from `base`
         pipe = load_single_file(folder, base, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     else:
@@ -116,10 +133,17 @@ def base_class(base: Path):
     return pipeline_class(base)
 
 
+def flow_file(path: str | Path | None) -> bool:
+    """Whether `path` is an SD3/Flux transformer single file (the models part files and --base are for)."""
+    folder = model_folder(path) if path is not None else None
+    return folder is not None and folder.is_file() and flow_family(folder) is not None
+
+
 def base_for(path: str | Path | None, bases: list[str]) -> str | None:
     """For a server given several models and `--base` folders: the first folder in `bases` that fits the SD3/Flux
     transformer file `path` (its family, depth and Flux's guidance embedding); None for every other model (a
-    folder, an SD checkpoint: those need no base). ValueError in one line when no folder fits."""
+    folder, an SD checkpoint: those need no base) and for a file no folder of its family was given for (gen's
+    shipped configs then stand in). ValueError in one line when folders of its family are given and none fits."""
     folder = model_folder(path) if path is not None else None
     family = flow_family(folder) if folder is not None and folder.is_file() else None
     if family is None:
@@ -138,32 +162,66 @@ def base_for(path: str | Path | None, bases: list[str]) -> str | None:
             misfits.append(" ".join(str(e).split()))
             continue
         return str(base_path)
-    detail = f" ({misfits[0]})" if misfits else ""
+    if not misfits:
+        return None
     raise ValueError(
-        f"{folder.name} is an {name} transformer file and no --base folder fits it{detail}; give the diffusers"
-        f" {name} folder its VAE, text encoders and tokenizers come from (--base DIR, repeatable)"
+        f"{folder.name} is an {name} transformer file and no --base folder fits it ({misfits[0]}); give the"
+        f" diffusers {name} folder of the model it was made from, or none (gen's shipped configs)"
     )
 
 
-def load_flow_file(path: Path, base, family: str, torch_dtype: torch.dtype, allow_pickle: bool = False):
-    """An SD3 or Flux pipeline: the transformer from the single file `path`, with the VAE and text encoders the
-    file carries (all-in-one files), every other part from the diffusers folder `base` of the same family (which
-    then needs no weights for what the file holds)."""
+def load_flow_file(
+    path: Path,
+    base,
+    family: str,
+    torch_dtype: torch.dtype,
+    allow_pickle: bool = False,
+    text_encoders: list[str | Path] = (),
+    vae: str | Path | None = None,
+):
+    """An SD3 or Flux pipeline: the transformer from the single file `path`; the VAE and text encoders from the
+    separate files given (their kind read from their keys), else the ones the file carries (all-in-one files),
+    else the diffusers folder `base` of the same family. With no `base`, gen's shipped configs and tokenizers
+    stand in for it (gen.pipelines.flow_configs), and every part the model needs must come from a file."""
     name = {"sd3": "SD3", "flux": "Flux"}[family]
+    check_weight_file(path)
+    sources = part_sources(path, family, text_encoders, vae)
     if base is None:
-        raise ValueError(
-            f"{path.name} is an {name} transformer file; give the diffusers {name} folder its VAE, text encoders"
-            " and tokenizers come from (--base DIR; base= from Python)"
-        )
+        missing = [describe(n, family) for n in REQUIRED[family] if n not in sources]
+        if missing:
+            raise ValueError(
+                f"{path.name} is an {name} transformer file without {', '.join(missing)}; give the part files"
+                " (--text-encoder FILE for CLIP and T5, --vae FILE) or the diffusers folder of the model (--base DIR)"
+            )
+        with tempfile.TemporaryDirectory(prefix="gen-flow-configs-") as tmp:
+            folder = config_folder(family, transformer_source(path), sources, Path(tmp))
+            return _assemble(path, folder, family, sources, torch_dtype, allow_pickle)
     base = Path(base)
     cls = base_class(base)
     if not cls.__name__.lower().startswith(family):
         raise ValueError(f"--base {base} is a {cls.__name__} folder; {path.name} needs an {name} folder")
-    check_weight_file(path)
-    transformer = load_transformer(path, base, family, torch_dtype)
-    packed = load_packed(path, base, family, torch_dtype)
+    return _assemble(path, base, family, sources, torch_dtype, allow_pickle)
+
+
+def part_sources(path: Path, family: str, text_encoders=(), vae=None) -> dict:
+    """Where each part comes from: the files given win over those packed in the transformer's file."""
+    for given in text_encoders:
+        if identify(given)[0] == "vae":
+            raise ValueError(f"--text-encoder {Path(given).name}: a VAE file; give it as --vae")
+    if vae is not None and (kind := identify(vae)[0]) != "vae":
+        raise ValueError(
+            f"--vae {Path(vae).name}: a {kind.upper()} text encoder file; give it as --text-encoder"
+        )
+    packed = packed_sources(path, family)
+    return packed | file_sources([*text_encoders, *([vae] if vae else [])], family, have=set(packed))
+
+
+def _assemble(path: Path, folder: Path, family: str, sources: dict, torch_dtype, allow_pickle: bool):
+    cls = base_class(folder)
+    transformer = load_transformer(path, folder, family, torch_dtype)
+    parts = load_parts(sources, folder, family, torch_dtype)
     return cls.from_pretrained(
-        base, transformer=transformer, **packed, allow_pickle=allow_pickle, dtype=torch_dtype
+        folder, transformer=transformer, **parts, allow_pickle=allow_pickle, dtype=torch_dtype
     )
 
 

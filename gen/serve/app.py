@@ -28,7 +28,14 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     why = config.resolve_precision()
     logger.info("precision: %s%s", config.dtype, f" ({why})" if why else "")
     models = models or Models.load(
-        config.models, config.device, config.dtype, config.attention, config.backend, config.bases
+        config.models,
+        config.device,
+        config.dtype,
+        config.attention,
+        config.backend,
+        config.bases,
+        config.text_encoders,
+        config.vae,
     )
     state = State(config, models)
 

@@ -13,7 +13,7 @@ from gen import generation as G
 from gen.diffusion.samplers import samplers_for
 from gen.generation import metadata
 from gen.loading.assets import model_folder
-from gen.loading.pipeline import base_for
+from gen.loading.pipeline import base_for, flow_file
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ class ServedModel:
     sha256: str  # the PNG metadata's model hash
     pipe: Any = field(repr=False)
     scheduler: Any = field(repr=False)  # the model's own: for requests that name no sampler
-    base: str | None = None  # an SD3/Flux transformer file's folder for its other parts (absolute), else None
+    # an SD3/Flux transformer file's other parts, as request fields: "base" (its folder), "text_encoder" and "vae"
+    # (part files), absolute; empty for every other model
+    parts: dict = field(default_factory=dict)
 
     def pipeline(self, sampler: str | None, init=None) -> Any:
         """The pipeline for a request's task (text, image-to-image, inpainting: from `init`) and sampler, sharing
@@ -68,14 +70,22 @@ def load_model(
     attention: str,
     backend: str = "torch",
     bases: list[str] = (),
+    part_files: list[str] = (),
+    vae: str | None = None,
 ) -> ServedModel:
-    """One served model; an SD3/Flux transformer file gets the first of `bases` that fits it (recorded in each
-    PNG's options, so `gen reproduce` finds it)."""
+    """One served model; an SD3/Flux transformer file gets the first of `bases` that fits it and the part files
+    (`part_files`: text encoders; `vae`) given, all recorded in each PNG's options, so `gen reproduce` finds them."""
     folder = model_folder(path).resolve()
     base = base_for(path, list(bases))
+    flow = flow_file(path)
+    parts = {
+        "base": str(Path(base).resolve()) if base is not None else None,
+        "text_encoder": [str(Path(f).resolve()) for f in part_files] if flow else [],
+        "vae": str(Path(vae).resolve()) if flow and vae is not None else None,
+    }
     o = G.Options(
         model=str(folder) if path is not None else None,
-        base=str(Path(base).resolve()) if base is not None else None,
+        **parts,
         device=device,
         dtype=dtype,
         attention=attention,
@@ -84,7 +94,8 @@ def load_model(
     G.check_options(o)
     pipe = G.load(o)
     logger.info("loaded %s", folder)
-    return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler, o.base)
+    used = {k: v for k, v in parts.items() if v}
+    return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler, used)
 
 
 class Models:
@@ -107,8 +118,10 @@ class Models:
         attention: str,
         backend: str = "torch",
         bases: list[str] = (),
+        part_files: list[str] = (),
+        vae: str | None = None,
     ) -> Models:
-        return cls([load_model(p, device, dtype, attention, backend, bases) for p in paths])
+        return cls([load_model(p, device, dtype, attention, backend, bases, part_files, vae) for p in paths])
 
     def __iter__(self):
         return iter(self.all)

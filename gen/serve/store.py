@@ -118,7 +118,9 @@ def restore(record: JobRecord, model: ServedModel, config: ServeConfig) -> Task:
     are this server's (the weights are the same: `model` was found by their hash)."""
     o = G.Options.from_dict(record.options)
     o.model, o.device, o.dtype, o.attention = model.path, config.device, config.dtype, config.attention
-    o.base = model.base
+    o.base, o.text_encoder, o.vae = None, [], None
+    for name, value in model.parts.items():
+        setattr(o, name, value)
     o.backend = config.backend
     jobs = [G.Job(index, prompt, seed) for index, prompt, seed in record.jobs]
     init = None if record.init is None else _init_images(record.init)

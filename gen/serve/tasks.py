@@ -127,7 +127,7 @@ def build_task(
         values = {k: v for k, v in values.items() if k != "seed"}
     try:
         model = models.find(values.get("model"))
-        o = G.Options(**{**server_values(config), **values, "model": model.path, "base": model.base})
+        o = G.Options(**{**server_values(config), **values, "model": model.path, **model.parts})
         if init is None:
             o.strength, o.mask_blur, o.invert_mask = G.Options.strength, G.Options.mask_blur, False
         G.check_options(o)  # first: the sizes below are computed from these values

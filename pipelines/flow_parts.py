@@ -1,0 +1,162 @@
+"""Where an SD3/Flux pipeline's VAE and text encoders come from when its transformer is a single file: packed in
+that file (all-in-one checkpoints), or separate files of the layouts users download beside it (ComfyUI's
+`clip_l.safetensors`, `clip_g.safetensors`, `t5xxl_fp16.safetensors`, Black Forest Labs' `ae.safetensors`),
+whose kind is read from their keys as ComfyUI's loaders do.
+
+A part is a `Source`: a file and the key prefix its tensors carry there. Each is read alone (get_slice for shapes,
+the part's tensors only for weights), so a 20 GB all-in-one file is never held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")  # diffusers' LDM_VAE_KEYS
+TEXT_PREFIX = "text_encoders.{}.transformer."
+# the text encoders a pipeline of each family takes, by component name, and the kind of each
+PACKED_TEXT = {
+    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"},
+    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+}
+# parts a pipeline cannot run without (SD3 runs without T5, as diffusers allows)
+REQUIRED = {
+    "sd3": ("vae", "text_encoder", "text_encoder_2"),
+    "flux": ("vae", "text_encoder", "text_encoder_2"),
+}
+# the key ending that tells each kind of separate file, with everything before it the file's prefix
+MARKS = {
+    "clip": "text_model.final_layer_norm.weight",
+    "t5xxl": "encoder.block.0.layer.0.SelfAttention.q.weight",
+    "vae": "decoder.conv_in.weight",
+}
+REAL_CLIP = {768: "clip_l", 1280: "clip_g"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One part's tensors: those of `path` whose keys start with `prefix` (the prefix dropped)."""
+
+    path: Path
+    prefix: str = ""
+
+    def _keys(self, f) -> list[str]:
+        return [k for k in f.keys() if k.startswith(self.prefix)]
+
+    def shapes(self) -> dict[str, tuple]:
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k[len(self.prefix) :]: tuple(f.get_slice(k).get_shape()) for k in self._keys(f)}
+
+    def tensors(self, add: str = "") -> dict[str, torch.Tensor]:
+        """The part's tensors, renamed `add` + key (the packed naming diffusers' converters read)."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return {add + k[len(self.prefix) :]: f.get_tensor(k) for k in self._keys(f)}
+
+
+def _file_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def packed_sources(path: str | Path, family: str) -> dict[str, Source]:
+    """The VAE and text encoders an all-in-one file carries, by pipeline component name."""
+    path = Path(path)
+    keys = _file_keys(path)
+    found = {}
+    for prefix in VAE_PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            found["vae"] = Source(path, prefix)
+            break
+    for name, kind in PACKED_TEXT[family].items():
+        prefix = TEXT_PREFIX.format(kind)
+        if any(k.startswith(prefix) for k in keys):
+            found[name] = Source(path, prefix)
+    return found
+
+
+def transformer_source(path: str | Path) -> Source:
+    path = Path(path)
+    return Source(path, PREFIX if any(k.startswith(PREFIX) for k in _file_keys(path)) else "")
+
+
+def identify(path: str | Path) -> tuple[str, Source]:
+    """("clip" | "t5xxl" | "vae", its Source) for a separate part file; ValueError in one line for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        keys = _file_keys(path)
+    except Exception:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        raise ValueError(f"{path.name}: not a .safetensors file gen can read") from None
+    for kind, mark in MARKS.items():
+        for k in keys:
+            if k.endswith(mark):
+                prefix = k[: -len(mark)]
+                if kind == "vae" and prefix + "encoder.down.0.block.0.conv1.weight" not in keys:
+                    continue  # diffusers' own VAE layout (up_blocks...): not an original-layout file
+                return kind, Source(path, prefix)
+    raise ValueError(
+        f"{path.name}: not a text encoder or VAE file gen can read: a CLIP (text_model.*), T5 (encoder.block.*)"
+        " or original-layout VAE (encoder.down.*, decoder.up.*)"
+    )
+
+
+def _width(source: Source) -> int:
+    return source.shapes()["text_model.final_layer_norm.weight"][0]
+
+
+def _clip_slots(clips: list[Source], family: str, have: set[str]) -> dict[str, Source]:
+    """CLIP files to components: Flux takes one (CLIP-L); SD3 two, the narrower CLIP-L (768 < 1280, as in every
+    SD3), or one where the other is already packed in the file, or known by a real model's width."""
+    names = [n for n, kind in PACKED_TEXT[family].items() if kind != "t5xxl"]
+    if len(clips) > len(names):
+        raise ValueError(
+            f"{len(clips)} CLIP files given; {family.upper()} takes {len(names)}: "
+            + ", ".join(s.path.name for s in clips)
+        )
+    clips = sorted(clips, key=_width)
+    if len(clips) == len(names):
+        return dict(zip(names, clips, strict=True))
+    if not clips:
+        return {}
+    missing = [n for n in names if n not in have]
+    if len(missing) == 1:
+        return {missing[0]: clips[0]}
+    kind = REAL_CLIP.get(_width(clips[0]))
+    if kind is None:
+        raise ValueError(
+            f"{clips[0].path.name}: a CLIP {_width(clips[0])} wide; SD3 needs CLIP-L and CLIP-G, give both files"
+        )
+    return {n: clips[0] for n in names if PACKED_TEXT[family][n] == kind}
+
+
+def file_sources(paths: list[str | Path], family: str, have: set[str] = frozenset()) -> dict[str, Source]:
+    """Separate part files to the components they fill, by the kind their keys show; `have`: what the transformer
+    file already carries (a CLIP file fills the slot still empty)."""
+    by_kind: dict[str, list[Source]] = {"clip": [], "t5xxl": [], "vae": []}
+    for path in paths:
+        kind, source = identify(path)
+        by_kind[kind].append(source)
+    for kind, label in (("t5xxl", "T5"), ("vae", "VAE")):
+        if len(by_kind[kind]) > 1:
+            raise ValueError(
+                f"{len(by_kind[kind])} {label} files given, one is taken: "
+                + ", ".join(s.path.name for s in by_kind[kind])
+            )
+    found = _clip_slots(by_kind["clip"], family, have)
+    if by_kind["vae"]:
+        found["vae"] = by_kind["vae"][0]
+    t5 = next(n for n, kind in PACKED_TEXT[family].items() if kind == "t5xxl")
+    if by_kind["t5xxl"]:
+        found[t5] = by_kind["t5xxl"][0]
+    return found
+
+
+def describe(name: str, family: str) -> str:
+    """How a component is called to users ("the VAE", "CLIP-L", "T5")."""
+    kind = "vae" if name == "vae" else PACKED_TEXT[family].get(name, name)
+    return {"vae": "VAE", "clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5"}[kind]

@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from gen.pipelines.flow_parts import PACKED_TEXT, Source
+from gen.pipelines.flow_parts import PACKED_TEXT, Folder, Source
 from gen.pipelines.single_file import ASSETS, TOKENIZER
 
 CLIP_VOCAB = TOKENIZER  # CLIP's full BPE vocabulary, as the SD configs use it
@@ -129,6 +129,11 @@ def t5(shapes: dict[str, tuple], base: dict) -> dict:
     )
 
 
+def _config(part: Source | Folder, build, template: dict) -> dict:
+    """A part's config: a folder's own, else the template with the sizes its weights fix."""
+    return part.config() if isinstance(part, Folder) else build(part.shapes(), template)
+
+
 def _write(path: Path, config: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
@@ -144,7 +149,7 @@ def _tokenizer(kind: str, spec: dict, into: Path) -> None:
             (into / name).write_bytes((CLIP_VOCAB / name).read_bytes())
 
 
-def config_folder(family: str, transformer: Source, parts: dict[str, Source], into: Path) -> Path:
+def config_folder(family: str, transformer: Source, parts: dict[str, Source | Folder], into: Path) -> Path:
     """Write the diffusers folder (configs and tokenizers, no weights) for an SD3/Flux transformer and the `parts`
     found for it ({component: Source}); an SD3 without T5 gets none, as diffusers allows."""
     t = templates()
@@ -159,14 +164,14 @@ def config_folder(family: str, transformer: Source, parts: dict[str, Source], in
     (into / "scheduler").mkdir(parents=True, exist_ok=True)
     (into / "scheduler" / "scheduler_config.json").write_text(json.dumps(t["scheduler"][schedule]))
     if "vae" in parts:
-        _write(into / "vae", vae(parts["vae"].shapes(), t["vae"][family]))
+        _write(into / "vae", _config(parts["vae"], vae, t["vae"][family]))
     for name, kind in PACKED_TEXT[family].items():
         tokenizer = name.replace("text_encoder", "tokenizer")
         if name not in parts:
             index[name] = index[tokenizer] = [None, None]
             continue
         build = t5 if kind == "t5xxl" else clip
-        _write(into / name, build(parts[name].shapes(), t["text_encoder"][kind]))
+        _write(into / name, _config(parts[name], build, t["text_encoder"][kind]))
         _tokenizer(kind, t["tokenizer"][kind], into / tokenizer)
     (into / "model_index.json").write_text(json.dumps(index, indent=1))
     return into

@@ -4,11 +4,14 @@ that file (all-in-one checkpoints), or separate files of the layouts users downl
 whose kind is read from their keys as ComfyUI's loaders do.
 
 A part is a `Source`: a file and the key prefix its tensors carry there. Each is read alone (get_slice for shapes,
-the part's tensors only for weights), so a 20 GB all-in-one file is never held whole.
+the part's tensors only for weights), so a 20 GB all-in-one file is never held whole. A part may also be a
+`Folder`: a transformers text-encoder folder (a T5 such as google/t5-v1_1-xxl, a diffusers repo's text_encoder_3)
+or a diffusers VAE folder, loaded by its library's from_pretrained with its own config.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,37 @@ class Source:
             return {add + k[len(self.prefix) :]: f.get_tensor(k) for k in self._keys(f)}
 
 
+@dataclass(frozen=True)
+class Folder:
+    """A part saved by from_pretrained's counterpart: config.json and its weights."""
+
+    path: Path
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+
+# a folder's config -> the kind of part it is
+FOLDER_KINDS = {"t5": "t5xxl", "clip_text_model": "clip", "AutoencoderKL": "vae"}
+
+
+def _folder_kind(path: Path) -> tuple[str, Folder]:
+    """A folder's kind from its config: a T5 (encoder-only or whole: T5EncoderModel reads the encoder out of
+    either), a CLIP text model, or a diffusers AutoencoderKL."""
+    folder = Folder(path)
+    try:
+        config = folder.config()
+    except (OSError, ValueError):
+        raise ValueError(f"{path}: a folder without a readable config.json; not a model folder") from None
+    found = config.get("model_type") or config.get("_class_name")
+    if found not in FOLDER_KINDS:
+        raise ValueError(
+            f"{path}: a {found} folder; a text encoder folder is a transformers T5 or CLIP text model, a VAE folder"
+            " a diffusers AutoencoderKL"
+        )
+    return FOLDER_KINDS[found], folder
+
+
 def _file_keys(path: Path) -> list[str]:
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
@@ -83,11 +117,14 @@ def transformer_source(path: str | Path) -> Source:
     return Source(path, PREFIX if any(k.startswith(PREFIX) for k in _file_keys(path)) else "")
 
 
-def identify(path: str | Path) -> tuple[str, Source]:
-    """("clip" | "t5xxl" | "vae", its Source) for a separate part file; ValueError in one line for anything else."""
+def identify(path: str | Path) -> tuple[str, Source | Folder]:
+    """("clip" | "t5xxl" | "vae", where it is) for a separate part file or folder; ValueError in one line for
+    anything else."""
     path = Path(path)
+    if path.is_dir():
+        return _folder_kind(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: no such file or folder")
     try:
         keys = _file_keys(path)
     except Exception:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
@@ -105,11 +142,13 @@ def identify(path: str | Path) -> tuple[str, Source]:
     )
 
 
-def _width(source: Source) -> int:
+def _width(source: Source | Folder) -> int:
+    if isinstance(source, Folder):
+        return source.config()["hidden_size"]
     return source.shapes()["text_model.final_layer_norm.weight"][0]
 
 
-def _clip_slots(clips: list[Source], family: str, have: set[str]) -> dict[str, Source]:
+def _clip_slots(clips: list, family: str, have: set[str]) -> dict:
     """CLIP files to components: Flux takes one (CLIP-L); SD3 two, the narrower CLIP-L (768 < 1280, as in every
     SD3), or one where the other is already packed in the file, or known by a real model's width."""
     names = [n for n, kind in PACKED_TEXT[family].items() if kind != "t5xxl"]
@@ -134,10 +173,10 @@ def _clip_slots(clips: list[Source], family: str, have: set[str]) -> dict[str, S
     return {n: clips[0] for n in names if PACKED_TEXT[family][n] == kind}
 
 
-def file_sources(paths: list[str | Path], family: str, have: set[str] = frozenset()) -> dict[str, Source]:
-    """Separate part files to the components they fill, by the kind their keys show; `have`: what the transformer
+def file_sources(paths: list[str | Path], family: str, have: set[str] = frozenset()) -> dict:
+    """Separate part files (and folders) to the components they fill, by the kind their keys show; `have`: what the transformer
     file already carries (a CLIP file fills the slot still empty)."""
-    by_kind: dict[str, list[Source]] = {"clip": [], "t5xxl": [], "vae": []}
+    by_kind: dict[str, list[Source | Folder]] = {"clip": [], "t5xxl": [], "vae": []}
     for path in paths:
         kind, source = identify(path)
         by_kind[kind].append(source)

@@ -34,6 +34,7 @@ from gen.pipelines.flow_parts import (
     PREFIX,
     TEXT_PREFIX,
     VAE_PREFIXES,
+    Folder,
     Source,
     packed_sources,
 )
@@ -158,6 +159,9 @@ def load_parts(
         if class_name is None:
             raise ValueError(f"{path.name} carries a {name} the folder {folder} has no place for")
         cls = getattr(importlib.import_module(library), class_name)
+        if isinstance(source, Folder):
+            out[name] = _from_folder(cls, library, source.path, name, torch_dtype)
+            continue
         part = PACKED_TEXT[family].get(name)
         sd = source.tensors(add=VAE_PREFIXES[0] if part is None else TEXT_PREFIX.format(part))
         common = {
@@ -186,6 +190,23 @@ def load_parts(
         out[name].eval()
         logger.info("%s: %s from the file", path.name, name)
     return out
+
+
+def _from_folder(cls, library: str, path: Path, name: str, torch_dtype):
+    """A part from its own folder, by its library's from_pretrained; weights the pipeline's class needs and the
+    folder lacks (a CLIP without the projection SD3 reads) are refused, not left random."""
+    dtype = {"dtype": torch_dtype} if library == "transformers" else {"torch_dtype": torch_dtype}
+    try:
+        model, info = cls.from_pretrained(path, **dtype, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"{path}: could not load it as the {name} ({cls.__name__}): {detail}") from None
+    if info.get("missing_keys"):
+        raise ValueError(
+            f"{path}: the {name} ({cls.__name__}) needs weights the folder lacks, e.g. {sorted(info['missing_keys'])[0]!r}"
+        )
+    logger.info("%s: %s from the folder", path, name)
+    return model.eval()
 
 
 def _shared_embedding(sd: dict, prefix: str) -> None:

@@ -426,3 +426,30 @@ def test_the_configs_read_from_real_sized_weights_are_the_released_ones():
         model = T5EncoderModel(T5Config(**t["text_encoder"]["t5xxl"]))
         written = fc.t5(shapes(t5_to_original(model, prefix="")), t["text_encoder"]["t5xxl"])
         assert written == t["text_encoder"]["t5xxl"]
+
+
+def test_part_folders_load_with_their_own_configs(sd3, tmp_path):
+    """A T5 folder (google/t5-v1_1-xxl's layout, a repo's text_encoder_3), a CLIP-G text model folder and a
+    diffusers VAE folder stand in for files; a CLIP folder without the projection SD3 reads is refused in one line,
+    not run with a random one."""
+    from transformers import CLIPTextModel
+
+    p, f = sd3["parts"], sd3["files"]
+    p["text_encoder_3"].save_pretrained(tmp_path / "t5")
+    p["text_encoder_2"].save_pretrained(tmp_path / "clip_g")
+    p["vae"].save_pretrained(tmp_path / "vae")
+    pipe = load_pipeline(
+        f["transformer"],
+        text_encoders=[f["clip_l"], tmp_path / "clip_g", tmp_path / "t5"],
+        vae=tmp_path / "vae",
+    )
+    assert np.abs(images(pipe) - sd3["reference"]).max() < 1e-4
+    CLIPTextModel(p["text_encoder_2"].config).save_pretrained(tmp_path / "bare")
+    with pytest.raises(
+        ValueError, match="bare: the text_encoder_2 .CLIPTextModelWithProjection. needs weights"
+    ) as e:
+        load_pipeline(f["transformer"], text_encoders=[f["clip_l"], tmp_path / "bare"], vae=f["vae"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="empty: a folder without a readable config.json"):
+        (tmp_path / "empty").mkdir()
+        load_pipeline(f["transformer"], text_encoders=[tmp_path / "empty"], vae=f["vae"])

@@ -56,15 +56,15 @@ class Options:
     # ComfyUI's clip_l / clip_g / t5xxl and Black Forest Labs' ae.safetensors beside an SD3/Flux file
     text_encoder: list[str] = option(
         [],
-        "with an SD3/Flux transformer file: a text encoder's file (CLIP-L, CLIP-G or T5, told apart by their"
-        " weights; repeatable); wins over one the file or --base carries",
-        metavar="FILE",
+        "with an SD3/Flux transformer file: a text encoder's file or transformers folder (CLIP-L, CLIP-G or T5,"
+        " told apart by their weights; repeatable); wins over one the file or --base carries",
+        metavar="PATH",
     )
     vae: str | None = option(
         None,
-        "with an SD3/Flux transformer file: the VAE's file (original layout, e.g. Flux's ae.safetensors); wins"
-        " over one the file or --base carries",
-        metavar="FILE",
+        "with an SD3/Flux transformer file: the VAE's file (original layout, e.g. Flux's ae.safetensors) or"
+        " diffusers folder; wins over one the file or --base carries",
+        metavar="PATH",
     )
     num_images: int = option(1, "images per prompt", flags=("-n", "--num-images"), ge=1)
     batch_size: int = option(1, "images computed together; never changes them", ge=1)

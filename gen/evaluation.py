@@ -137,23 +137,38 @@ def evaluate_styles(
     return result
 
 
+# under-specified prompts (issue 25, item 6): what each names, and a scene holding it (the rest is not judged)
+UNDER_SPECIFIED = {
+    "a circle": (S.Scene("red", "circle", "white", "large", "centre"), ("shape",)),
+    "a shape on a white background": (S.Scene("red", "circle", "white", "large", "centre"), ("background",)),
+    "a red circle": (S.Scene("red", "circle", "white", "large", "centre"), ("colour", "shape")),
+}
+
+
 def probe(pipe, judge: Judge, seeds: int = 16, guidance_scale: float = 5.0, **kwargs) -> dict:
-    """The README's first prompt over many seeds, and how varied the backgrounds of under-specified prompts are."""
+    """The README's first prompt over many seeds; for under-specified prompts, whether the pictures are valid (what
+    the prompt names, drawn), clean (one confident shape, its colour not the background's), and how varied what
+    it leaves open is (distinct values judged over the seeds)."""
     target = S.Scene("red", "circle", "blue", "large", "centre")
     images = generate(
         pipe, ["a red circle on a blue background"] * seeds, list(range(seeds)), guidance_scale, **kwargs
     )
     first = score_named(judge, images, [target] * seeds, ("colour", "shape", "background"))
-    out = {
+    out: dict = {
         "a red circle on a blue background": f"right {round(first['named'] * seeds)}/{seeds}, right and clean"
         f" {round(first['all'] * seeds)}/{seeds}"
     }
-    for text in ("a circle", "a shape on a white background", "a red circle"):
+    for text, (scene, named) in UNDER_SPECIFIED.items():
         images = generate(pipe, [text] * seeds, list(range(seeds)), guidance_scale, **kwargs)
+        scored = score_named(judge, images, [scene] * seeds, named)
         with torch.no_grad():
             pred = judge.predict(images.to(judge.device))
         names = {a: [CLASSES[a][i] for i in pred[a].tolist()] for a in ("background", "colour", "shape")}
-        out[text] = {a: len(set(v)) for a, v in names.items()}  # distinct values judged over the seeds
+        out[text] = {
+            "valid": f"{round(scored['named'] * seeds)}/{seeds}",
+            "clean": f"{round(scored['clean'] * seeds)}/{seeds}",
+            "distinct": {a: len(set(v)) for a, v in names.items() if a not in named},
+        }
     return out
 
 

@@ -65,8 +65,10 @@ def sd3_transformer(shapes: dict[str, tuple], base: dict) -> dict:
 def flux_transformer(shapes: dict[str, tuple], base: dict) -> dict:
     """Flux.1's transformer config: depths, guidance embedding and input widths from the file. diffusers' Flux
     converter assumes Flux.1's width (3072), so the head layout stays the shipped one."""
+    out, in_channels = shapes["final_layer.linear.weight"][0], shapes["img_in.weight"][1]
     return dict(
         base,
+        **({"out_channels": out} if out != in_channels else {}),  # Flux Fill/Depth: more in than out
         num_layers=_count(shapes, r"double_blocks\.(\d+)\."),
         num_single_layers=_count(shapes, r"single_blocks\.(\d+)\."),
         guidance_embeds=any(k.startswith("guidance_in.") for k in shapes),
@@ -129,9 +131,9 @@ def t5(shapes: dict[str, tuple], base: dict) -> dict:
     )
 
 
-def _config(part: Source | Folder, build, template: dict) -> dict:
+def _config(part: Source | Folder, build, template: dict, what: str) -> dict:
     """A part's config: a folder's own, else the template with the sizes its weights fix."""
-    return part.config() if isinstance(part, Folder) else build(part.shapes(), template)
+    return part.config() if isinstance(part, Folder) else _read(part, build, template, what)
 
 
 def _write(path: Path, config: dict) -> None:
@@ -151,27 +153,72 @@ def _tokenizer(kind: str, spec: dict, into: Path) -> None:
 
 def config_folder(family: str, transformer: Source, parts: dict[str, Source | Folder], into: Path) -> Path:
     """Write the diffusers folder (configs and tokenizers, no weights) for an SD3/Flux transformer and the `parts`
-    found for it ({component: Source}); an SD3 without T5 gets none, as diffusers allows."""
+    found for it ({component: Source}), after checking the parts fit the transformer (check_fits); an SD3 without
+    T5 gets none, as diffusers allows."""
     t = templates()
-    shapes = transformer.shapes()
-    if family == "sd3":
-        config, schedule = sd3_transformer(shapes, t["transformer"]["sd3"]), "sd3"
-    else:
-        config = flux_transformer(shapes, t["transformer"]["flux"])
-        schedule = "flux-dev" if config["guidance_embeds"] else "flux-schnell"
+    build = sd3_transformer if family == "sd3" else flux_transformer
+    config = _read(transformer, build, t["transformer"][family], f"{family.upper()} transformer")
+    schedule = "sd3" if family == "sd3" else "flux-dev" if config["guidance_embeds"] else "flux-schnell"
+    configs = {}
+    if "vae" in parts:
+        configs["vae"] = _config(parts["vae"], vae, t["vae"][family], "VAE")
+    for name, kind in PACKED_TEXT[family].items():
+        if name in parts:
+            what = "T5" if kind == "t5xxl" else "CLIP"
+            configs[name] = _config(
+                parts[name], t5 if kind == "t5xxl" else clip, t["text_encoder"][kind], what
+            )
+    check_fits(family, config, configs, {n: p.path.name for n, p in parts.items()})
     index = copy.deepcopy(t["model_index"][family])
     _write(into / "transformer", config)
     (into / "scheduler").mkdir(parents=True, exist_ok=True)
     (into / "scheduler" / "scheduler_config.json").write_text(json.dumps(t["scheduler"][schedule]))
-    if "vae" in parts:
-        _write(into / "vae", _config(parts["vae"], vae, t["vae"][family]))
+    for name, part_config in configs.items():
+        _write(into / name, part_config)
     for name, kind in PACKED_TEXT[family].items():
         tokenizer = name.replace("text_encoder", "tokenizer")
-        if name not in parts:
+        if name in configs:
+            _tokenizer(kind, t["tokenizer"][kind], into / tokenizer)
+        else:
             index[name] = index[tokenizer] = [None, None]
-            continue
-        build = t5 if kind == "t5xxl" else clip
-        _write(into / name, _config(parts[name], build, t["text_encoder"][kind]))
-        _tokenizer(kind, t["tokenizer"][kind], into / tokenizer)
     (into / "model_index.json").write_text(json.dumps(index, indent=1))
     return into
+
+
+def check_fits(family: str, transformer: dict, parts: dict[str, dict], names: dict[str, str]) -> None:
+    """The parts against the transformer, before any weight is read: the pooled CLIP width (SD3: CLIP-L's and
+    CLIP-G's projections side by side; Flux: CLIP-L's), T5's width (the transformer's joint attention), the VAE's
+    latent channels. A CLIP given twice, a part of another model, an SD VAE: named in one line, not a shape error
+    at the first step or the decode."""
+    clips = [n for n, kind in PACKED_TEXT[family].items() if kind != "t5xxl" and n in parts]
+    t5 = next(n for n, kind in PACKED_TEXT[family].items() if kind == "t5xxl")
+    width = "projection_dim" if family == "sd3" else "hidden_size"
+    if len(clips) == len(PACKED_TEXT[family]) - 1:
+        pooled = [parts[n][width] for n in clips]
+        if sum(pooled) != transformer["pooled_projection_dim"]:
+            given = " + ".join(f"{names[n]} {w}" for n, w in zip(clips, pooled, strict=True))
+            raise ValueError(
+                f"the text encoders pool {given} wide; this {family.upper()} transformer reads"
+                f" {transformer['pooled_projection_dim']} (is a CLIP given twice, or one of another model?)"
+            )
+    if t5 in parts and parts[t5]["d_model"] != transformer["joint_attention_dim"]:
+        raise ValueError(
+            f"{names[t5]}: a T5 {parts[t5]['d_model']} wide; this {family.upper()} transformer reads"
+            f" {transformer['joint_attention_dim']}"
+        )
+    if "vae" in parts:
+        latents = parts["vae"]["latent_channels"]
+        wants = transformer["in_channels"] // (4 if family == "flux" else 1)  # Flux packs 2x2 latent patches
+        if latents != wants:
+            raise ValueError(
+                f"{names['vae']}: a VAE with {latents} latent channels; this {family.upper()} transformer reads"
+                f" {wants} (an SD 1.x/SDXL VAE has 4, SD3's and Flux's 16)"
+            )
+
+
+def _read(source: Source, build, template: dict, what: str) -> dict:
+    """build(shapes, template), a missing key named in one line (a file of another layout)."""
+    try:
+        return build(source.shapes(), template)
+    except KeyError as e:
+        raise ValueError(f"{source.path.name}: not the {what} layout gen reads (no {e.args[0]!r})") from None

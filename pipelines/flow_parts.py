@@ -55,9 +55,30 @@ class Source:
             return {k[len(self.prefix) :]: tuple(f.get_slice(k).get_shape()) for k in self._keys(f)}
 
     def tensors(self, add: str = "") -> dict[str, torch.Tensor]:
-        """The part's tensors, renamed `add` + key (the packed naming diffusers' converters read)."""
+        """The part's tensors, renamed `add` + key (the packed naming diffusers' converters read), ComfyUI's
+        scaled fp8 weights multiplied out."""
         with safe_open(str(self.path), framework="pt") as f:
-            return {add + k[len(self.prefix) :]: f.get_tensor(k) for k in self._keys(f)}
+            sd = {k[len(self.prefix) :]: f.get_tensor(k) for k in self._keys(f)}
+        return {add + k: v for k, v in dequantize_scaled_fp8(sd).items()}
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's "scaled fp8" files (t5xxl_fp8_e4m3fn_scaled, some fp8 transformers) hold each weight as fp8 with a
+    `scale_weight` beside it and a `scaled_fp8` marker: the real weight is their product. diffusers' converters
+    know neither key, so the product is taken here (in fp32) and the scales dropped; plain fp8 files pass as they
+    are (their values cast up later)."""
+    scales = [k for k in sd if k.endswith(".scale_weight")]
+    if not scales and "scaled_fp8" not in sd:
+        return sd
+    out = dict(sd)
+    for key in scales:
+        weight = key.removesuffix(".scale_weight") + ".weight"
+        if weight in out:
+            out[weight] = out[weight].float() * out[key].float()
+        del out[key]
+    for key in [k for k in out if k.endswith(".scale_input") or k == "scaled_fp8"]:
+        del out[key]
+    return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +171,8 @@ def _width(source: Source | Folder) -> int:
 
 def _clip_slots(clips: list, family: str, have: set[str]) -> dict:
     """CLIP files to components: Flux takes one (CLIP-L); SD3 two, the narrower CLIP-L (768 < 1280, as in every
-    SD3), or one where the other is already packed in the file, or known by a real model's width."""
+    SD3), or one: by a released model's width (768 CLIP-L, 1280 CLIP-G), else into the slot the file leaves.
+    config_folder's check_fits then refuses a CLIP that does not fit the transformer."""
     names = [n for n, kind in PACKED_TEXT[family].items() if kind != "t5xxl"]
     if len(clips) > len(names):
         raise ValueError(
@@ -162,15 +184,15 @@ def _clip_slots(clips: list, family: str, have: set[str]) -> dict:
         return dict(zip(names, clips, strict=True))
     if not clips:
         return {}
+    kind = REAL_CLIP.get(_width(clips[0]))
+    if kind is not None:  # a real CLIP-L or CLIP-G goes where its width says, whatever the file packs
+        return {n: clips[0] for n in names if PACKED_TEXT[family][n] == kind}
     missing = [n for n in names if n not in have]
     if len(missing) == 1:
         return {missing[0]: clips[0]}
-    kind = REAL_CLIP.get(_width(clips[0]))
-    if kind is None:
-        raise ValueError(
-            f"{clips[0].path.name}: a CLIP {_width(clips[0])} wide; SD3 needs CLIP-L and CLIP-G, give both files"
-        )
-    return {n: clips[0] for n in names if PACKED_TEXT[family][n] == kind}
+    raise ValueError(
+        f"{clips[0].path.name}: a CLIP {_width(clips[0])} wide; SD3 needs CLIP-L and CLIP-G, give both files"
+    )
 
 
 def file_sources(paths: list[str | Path], family: str, have: set[str] = frozenset()) -> dict:

@@ -36,6 +36,7 @@ from gen.pipelines.flow_parts import (
     VAE_PREFIXES,
     Folder,
     Source,
+    dequantize_scaled_fp8,
     packed_sources,
 )
 
@@ -108,14 +109,17 @@ def _tensors(path: Path, keep) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
 
 
-def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32):
-    """The file's transformer, converted by diffusers with `folder`'s transformer config, offline."""
+def load_transformer(
+    path: str | Path, folder: str | Path, family: str, torch_dtype=torch.float32, configs: str = ""
+):
+    """The file's transformer, converted by diffusers with `folder`'s transformer config, offline; `configs` names
+    where the config came from in errors (default: the folder)."""
     cls = transformer_class(family)
     config = cls.load_config(str(folder), subfolder="transformer")
     check_fit(Path(path), family, config)
     try:
         return cls.from_single_file(
-            _tensors(Path(path), lambda k: not k.startswith(_PACKED)),
+            dequantize_scaled_fp8(_tensors(Path(path), lambda k: not k.startswith(_PACKED))),
             config=str(folder),
             subfolder="transformer",
             local_files_only=True,
@@ -123,8 +127,9 @@ def load_transformer(path: str | Path, folder: str | Path, family: str, torch_dt
         )
     except (ValueError, RuntimeError, KeyError, AssertionError) as e:
         detail = " ".join(str(e).split())[:300] or type(e).__name__
+        where = configs or f"{folder}'s"
         raise ValueError(
-            f"{Path(path).name}: diffusers could not convert it with {folder}'s config: {detail}"
+            f"{Path(path).name}: diffusers could not convert it with {where} config: {detail}"
         ) from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from transformers import (
 from gen.loading.pipeline import load_pipeline
 from gen.pipelines.flow_configs import FLOW, config_folder, templates
 from gen.pipelines.flow_export import export_sd3
+from gen.pipelines.flow_parts import PREFIX as PREFIX_FLUX
 from gen.pipelines.flow_parts import file_sources, packed_sources, transformer_source
 from gen.pipelines.single_file import TOKENIZER, clip_to_original, vae_to_original
 from tests.test_flow_all_in_one import t5_to_original
@@ -453,3 +455,77 @@ def test_part_folders_load_with_their_own_configs(sd3, tmp_path):
     with pytest.raises(ValueError, match="empty: a folder without a readable config.json"):
         (tmp_path / "empty").mkdir()
         load_pipeline(f["transformer"], text_encoders=[tmp_path / "empty"], vae=f["vae"])
+
+
+def test_parts_that_do_not_fit_the_transformer_are_one_line(sd3, tmp_path):
+    """Caught before any weight is read, not as a shape error at the first step or at the decode: a CLIP given
+    twice, an SD 1.x VAE (4 latent channels), a T5 of another width, a transformer file of another layout."""
+    from safetensors.torch import load_file
+
+    p, f = sd3["parts"], sd3["files"]
+    torch.manual_seed(0)
+    sd_vae = AutoencoderKL(
+        block_out_channels=(32,), layers_per_block=1, latent_channels=4, norm_num_groups=32
+    )
+    other_t5 = T5EncoderModel(T5Config(**dict(p["text_encoder_3"].config.to_dict(), d_model=32, d_kv=16)))
+    cut = {k: v for k, v in load_file(f["transformer"]).items() if "y_embedder" not in k}
+    cases = [
+        (
+            {"text_encoders": [f["clip_l"], f["clip_l"], f["t5xxl"]], "vae": f["vae"]},
+            "the text encoders pool clip_l.safetensors 64 + clip_l.safetensors 64 wide; this SD3 transformer reads"
+            " 192 (is a CLIP given twice",
+        ),
+        (
+            {"text_encoders": [f["clip_l"], f["clip_g"]], "vae": write(vae_to_original(sd_vae, ""), tmp_path / "sd.safetensors")},
+            "sd.safetensors: a VAE with 4 latent channels; this SD3 transformer reads 16",
+        ),
+        (
+            {"text_encoders": [f["clip_l"], f["clip_g"], write(t5_to_original(other_t5, prefix=""), tmp_path / "t5.safetensors")], "vae": f["vae"]},
+            "t5.safetensors: a T5 32 wide; this SD3 transformer reads 64",
+        ),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            load_pipeline(f["transformer"], **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(
+        ValueError, match="cut.safetensors: not the SD3 transformer layout gen reads .no 'y_embedder"
+    ):
+        load_pipeline(
+            write(cut, tmp_path / "cut.safetensors"), text_encoders=[f["clip_l"], f["clip_g"]], vae=f["vae"]
+        )
+
+
+def test_comfyuis_scaled_fp8_t5_is_multiplied_out(sd3, tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled: fp8 weights with a `scale_weight` each and a `scaled_fp8` marker. Loaded as weight x
+    scale (what ComfyUI computes), within fp8's precision of the original, not as the raw fp8 values."""
+    original = sd3["parts"]["text_encoder_3"].state_dict()
+    state = t5_to_original(sd3["parts"]["text_encoder_3"], prefix="")
+    scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in state.items():
+        if key.endswith(".weight") and value.ndim == 2 and "embed" not in key and "shared" not in key:
+            scale = value.abs().max() / 448
+            scaled[key] = (value / scale).to(torch.float8_e4m3fn)
+            scaled[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            scaled[key] = value
+    f = sd3["files"]
+    path = write(scaled, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    pipe = load_pipeline(f["transformer"], text_encoders=[f["clip_l"], f["clip_g"], path], vae=f["vae"])
+    loaded = pipe.text_encoder_3.state_dict()
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert torch.allclose(loaded[q], original[q], rtol=0.07, atol=1e-3)
+    assert "scale_weight" not in " ".join(loaded)
+
+
+def test_the_server_refuses_part_files_it_cannot_place(sd3, tmp_path):
+    from gen.serve.models import check_part_flags
+
+    flux = write(
+        {PREFIX_FLUX + "double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, tmp_path / "flux.safetensors"
+    )
+    with pytest.raises(ValueError, match="are for SD3/Flux transformer files; no --model is one"):
+        check_part_flags([None])
+    with pytest.raises(ValueError, match="would go to both the SD3 and the Flux files"):
+        check_part_flags([sd3["files"]["transformer"], flux])
+    check_part_flags([sd3["files"]["transformer"], sd3["files"]["all"]])  # one family: fine

@@ -60,10 +60,11 @@ def load_pipeline(
     check_precision(dtype, str(device))
     check_backend(backend, dtype, str(device))
     if backend == "openvino":
-        pipe = load_pipeline(path, torch.float32, device, allow_pickle, base, text_encoders, vae)
+        parts = {"base": base, "text_encoders": text_encoders, "vae": vae}
+        pipe = load_pipeline(path, torch.float32, device, allow_pickle, **parts)
 
         def reload():
-            return load_pipeline(path, torch.float32, device, allow_pickle, base, text_encoders, vae)
+            return load_pipeline(path, torch.float32, device, allow_pickle, **parts)
 
         use_openvino(pipe, model_hash(model_folder(path)), dtype, reload=reload)
         return pipe
@@ -133,10 +134,10 @@ def base_class(base: Path):
     return pipeline_class(base)
 
 
-def flow_file(path: str | Path | None) -> bool:
-    """Whether `path` is an SD3/Flux transformer single file (the models part files and --base are for)."""
+def flow_file(path: str | Path | None) -> str | None:
+    """ "sd3" or "flux" if `path` is such a transformer single file (what part files and --base are for), else None."""
     folder = model_folder(path) if path is not None else None
-    return folder is not None and folder.is_file() and flow_family(folder) is not None
+    return flow_family(folder) if folder is not None and folder.is_file() else None
 
 
 def base_for(path: str | Path | None, bases: list[str]) -> str | None:
@@ -195,7 +196,7 @@ def load_flow_file(
             )
         with tempfile.TemporaryDirectory(prefix="gen-flow-configs-") as tmp:
             folder = config_folder(family, transformer_source(path), sources, Path(tmp))
-            return _assemble(path, folder, family, sources, torch_dtype, allow_pickle)
+            return _assemble(path, folder, family, sources, torch_dtype, allow_pickle, "gen's shipped")
     base = Path(base)
     cls = base_class(base)
     if not cls.__name__.lower().startswith(family):
@@ -216,9 +217,11 @@ def part_sources(path: Path, family: str, text_encoders=(), vae=None) -> dict:
     return packed | file_sources([*text_encoders, *([vae] if vae else [])], family, have=set(packed))
 
 
-def _assemble(path: Path, folder: Path, family: str, sources: dict, torch_dtype, allow_pickle: bool):
+def _assemble(
+    path: Path, folder: Path, family: str, sources: dict, torch_dtype, allow_pickle: bool, configs: str = ""
+):
     cls = base_class(folder)
-    transformer = load_transformer(path, folder, family, torch_dtype)
+    transformer = load_transformer(path, folder, family, torch_dtype, configs or f"{folder}'s")
     parts = load_parts(sources, folder, family, torch_dtype)
     return cls.from_pretrained(
         folder, transformer=transformer, **parts, allow_pickle=allow_pickle, dtype=torch_dtype

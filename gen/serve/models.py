@@ -77,7 +77,7 @@ def load_model(
     (`part_files`: text encoders; `vae`) given, all recorded in each PNG's options, so `gen reproduce` finds them."""
     folder = model_folder(path).resolve()
     base = base_for(path, list(bases))
-    flow = flow_file(path)
+    flow = flow_file(path) is not None
     parts = {
         "base": str(Path(base).resolve()) if base is not None else None,
         "text_encoder": [str(Path(f).resolve()) for f in part_files] if flow else [],
@@ -96,6 +96,19 @@ def load_model(
     logger.info("loaded %s", folder)
     used = {k: v for k, v in parts.items() if v}
     return ServedModel(o.model, folder.stem, metadata.model_hash(folder), pipe, pipe.scheduler, used)
+
+
+def check_part_flags(paths: list[str | None]) -> None:
+    """--text-encoder/--vae go to every SD3/Flux transformer file served: refused where there is none, or where
+    files of both families would each take the other's parts (an SD3 and a Flux VAE cannot be told apart)."""
+    families = {family for p in paths if (family := flow_file(p)) is not None}
+    if not families:
+        raise ValueError("--text-encoder and --vae are for SD3/Flux transformer files; no --model is one")
+    if len(families) > 1:
+        raise ValueError(
+            "--text-encoder and --vae would go to both the SD3 and the Flux files among --model; serve each family"
+            " from its own server, or use files that carry their parts or --base folders"
+        )
 
 
 class Models:
@@ -121,6 +134,8 @@ class Models:
         part_files: list[str] = (),
         vae: str | None = None,
     ) -> Models:
+        if part_files or vae:
+            check_part_flags(paths)
         return cls([load_model(p, device, dtype, attention, backend, bases, part_files, vae) for p in paths])
 
     def __iter__(self):

@@ -529,3 +529,48 @@ def test_the_server_refuses_part_files_it_cannot_place(sd3, tmp_path):
     with pytest.raises(ValueError, match="would go to both the SD3 and the Flux files"):
         check_part_flags([sd3["files"]["transformer"], flux])
     check_part_flags([sd3["files"]["transformer"], sd3["files"]["all"]])  # one family: fine
+
+
+def test_gen_info_says_what_a_single_file_holds_and_needs(sd3, tmp_path, capsys):
+    """`gen info FILE`, from the headers only: an SD3/Flux file's model, its parts (parameters, dtype) and what it
+    still needs; an SD checkpoint's version and parts."""
+    from gen.cli import main
+    from gen.loading.info import describe
+
+    f, p = sd3["files"], sd3["parts"]
+    info = describe(f["all"])
+    assert info["pipeline"] == "SD3 (2 layers, 128 wide) single file" and info["needs"] == []
+    assert list(info["components"]) == [
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+    ]
+    assert info["components"]["text_encoder_2"]["parameters"] == sum(
+        v.numel() for v in p["text_encoder_2"].state_dict().values()
+    )
+    assert info["components"]["transformer"]["parameters"] == sum(
+        v.numel() for v in p["transformer"].state_dict().values()
+    )
+    assert describe(f["transformer"])["needs"] == ["VAE", "CLIP-L", "CLIP-G", "T5 (optional)"]
+    assert main(["info", f["transformer"]]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "needs            VAE, CLIP-L, CLIP-G, T5 (optional) (--text-encoder / --vae files, or --base DIR)"
+        in out
+    )
+    sd = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3, dtype=torch.float16),
+        "first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3, dtype=torch.float16),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(
+            768, dtype=torch.float16
+        ),
+    }
+    info = describe(write(sd, tmp_path / "sd15-inpainting.safetensors"))
+    assert info["pipeline"] == "SD 1.x inpainting single file"
+    assert {k: (c["parameters"], c["dtype"]) for k, c in info["components"].items()} == {
+        "unet": (648, "F16"),
+        "vae": (144, "F16"),
+        "text_encoder": (768, "F16"),
+    }

@@ -42,7 +42,7 @@ If names are taken, the run goes on after the highest number there, unless --ove
 
 other commands (gen COMMAND --help for each):
   samplers              the sampler names (A1111's and ComfyUI's)
-  info [MODEL]          a model's components, sizes, dtypes and scheduler
+  info [MODEL]          a model's components, sizes, dtypes and scheduler (a folder or single file)
   prompt PROMPT         how a prompt is tokenized, weighted and chunked
   eval                  does the embedded model obey its prompts? (a judge network scores the images)
   reproduce IMAGE.png   make a PNG's image again from its metadata (--verify: exit 1 if it differs)
@@ -147,8 +147,16 @@ def cmd_samplers(argv: list[str]) -> int:
 
 
 def cmd_info(argv: list[str]) -> int:
-    p = Parser(prog="gen info", description="What a model folder holds.")
-    p.add_argument("path", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
+    p = Parser(
+        prog="gen info",
+        description="What a model folder or single file holds (an SD3/Flux file: also what it still needs).",
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        default=None,
+        help="pipeline folder or .safetensors file (default: the embedded model)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     from gen.loading.info import describe, format_description

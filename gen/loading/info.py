@@ -1,4 +1,5 @@
-"""`gen info`: what a model folder holds, read from its files' headers without loading any weights."""
+"""`gen info`: what a model folder or single file holds, read from its files' headers without loading any weights.
+For an SD3/Flux transformer file: which model it is, the parts it carries and those it still needs."""
 
 from __future__ import annotations
 
@@ -25,8 +26,114 @@ def _weights(folder: Path) -> dict:
     return {"parameters": params, "bytes": size, "dtype": dtypes.most_common(1)[0][0] if dtypes else None}
 
 
+def _part(source) -> dict:
+    """Parameters, bytes and the main dtype of one part of a single file (its keys under `source.prefix`)."""
+    params, dtypes, size = 0, Counter(), 0
+    with safe_open(str(source.path), framework="pt") as st:
+        for key in st.keys():
+            if not key.startswith(source.prefix) or (source.prefix == "" and key.startswith(_PACKED)):
+                continue
+            s = st.get_slice(key)
+            n = math.prod(s.get_shape())
+            params += n
+            dtypes[s.get_dtype()] += n
+            size += n * _BYTES.get(s.get_dtype(), 4)
+    return {"parameters": params, "bytes": size, "dtype": dtypes.most_common(1)[0][0] if dtypes else None}
+
+
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+_PACKED = ("first_stage_model.", "vae.", "text_encoders.")
+
+
+def _variant(family: str, config: dict) -> str:
+    """The released model a transformer's config is (by its sizes), else its family and depth."""
+    if family == "flux":
+        name = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
+        return (
+            name
+            if (config["num_layers"], config["num_single_layers"]) == (19, 38)
+            else f"Flux ({name} layout)"
+        )
+    known = {
+        (24, 1536, None, False): "SD3 Medium",
+        (24, 1536, "rms_norm", True): "SD3.5 Medium",
+        (38, 2432, "rms_norm", False): "SD3.5 Large",
+    }
+    key = (
+        config["num_layers"],
+        config["caption_projection_dim"],
+        config["qk_norm"],
+        bool(config["dual_attention_layers"]),
+    )
+    return known.get(key, f"SD3 ({config['num_layers']} layers, {config['caption_projection_dim']} wide)")
+
+
+def describe_flow_file(path: Path, family: str) -> dict:
+    from gen.pipelines.flow_configs import flux_transformer, sd3_transformer, templates
+    from gen.pipelines.flow_parts import REQUIRED, describe, packed_sources, transformer_source
+
+    source = transformer_source(path)
+    build = sd3_transformer if family == "sd3" else flux_transformer
+    config = build(source.shapes(), templates()["transformer"][family])
+    parts = packed_sources(path, family)
+    components = {"transformer": {"class": config["_class_name"], **_part(source)}}
+    for name, part in parts.items():
+        components[name] = {"class": describe(name, family), **_part(part)}
+    missing = [describe(n, family) for n in REQUIRED[family] if n not in parts]
+    if family == "sd3" and "text_encoder_3" not in parts:
+        missing.append("T5 (optional)")
+    return {
+        "path": str(path),
+        "pipeline": f"{_variant(family, config)} single file",
+        "components": components,
+        "needs": missing,
+    }
+
+
+# an SD checkpoint's parts by version: component -> key prefix (the original layouts)
+SD_PARTS = {
+    "v1": {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "cond_stage_model.transformer.",
+    },
+    "v2": {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "cond_stage_model.model.",
+    },
+    "xl": {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "conditioner.embedders.0.transformer.",
+        "text_encoder_2": "conditioner.embedders.1.model.",
+    },
+}
+
+
+def describe_sd_file(path: Path) -> dict:
+    """An SD 1.x/2.x/SDXL checkpoint (gen's shipped configs load it): its version and parts."""
+    from gen.pipelines.flow_parts import Source
+    from gen.pipelines.single_file import detect_version, unet_in_channels
+
+    if path.suffix.lower() != ".safetensors":
+        raise FileNotFoundError(f"{path}: gen info reads .safetensors files and diffusers folders")
+    version = detect_version(path)
+    name = {"v1": "SD 1.x", "v2": "SD 2.x", "xl": "SDXL"}[version]
+    inpainting = " inpainting" if unet_in_channels(path) == 9 else ""
+    components = {
+        part: {"class": part, **_part(Source(path, prefix))} for part, prefix in SD_PARTS[version].items()
+    }
+    return {"path": str(path), "pipeline": f"{name}{inpainting} single file", "components": components}
+
+
 def describe(path: str | Path | None = None) -> dict:
     folder = model_folder(path)
+    if folder.is_file():
+        from gen.pipelines.flow_single_file import flow_family
+
+        family = flow_family(folder)
+        return describe_flow_file(folder, family) if family else describe_sd_file(folder)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; expected a diffusers pipeline folder")
@@ -78,4 +185,7 @@ def format_description(info: dict) -> str:
             if c.get(key) is not None:
                 detail.append(f"{key} {c[key]}")
         lines.append(f"  {name:<16}" + ", ".join(detail))
+    if "needs" in info:
+        needs = ", ".join(info["needs"]) or "nothing more"
+        lines.append(f"  needs            {needs} (--text-encoder / --vae files, or --base DIR)")
     return "\n".join(lines)

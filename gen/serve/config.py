@@ -47,16 +47,16 @@ class ServeConfig:
     )
     text_encoders: list[str] = option(
         [],
-        "with SD3/Flux transformer files among --model: text encoder files (ComfyUI's clip_l, clip_g, t5xxl; told"
-        " apart by their weights) each such file takes (repeatable)",
+        "with SD3/Flux transformer files among --model (of one family): text encoder files or folders (ComfyUI's"
+        " clip_l, clip_g, t5xxl; told apart by their weights) each such file takes (repeatable)",
         flags=("--text-encoder",),
-        metavar="FILE",
+        metavar="PATH",
     )
     vae: str | None = option(
         None,
-        "with SD3/Flux transformer files among --model: the VAE file each such file takes (e.g. Flux's"
-        " ae.safetensors)",
-        metavar="FILE",
+        "with SD3/Flux transformer files among --model (of one family): the VAE file or folder each such file takes"
+        " (e.g. Flux's ae.safetensors)",
+        metavar="PATH",
     )
     device: str = option("cpu", "cpu, cuda, cuda:1, ... one worker per device")
     controlnet_dir: str | None = option(

@@ -235,7 +235,7 @@ def test_sd3_runs_without_t5_as_diffusers_allows(sd3):
         ({"text_encoders": ["vae"]}, "--text-encoder ae.safetensors: a VAE file; give it as --vae"),
         (
             {"vae": "t5xxl"},
-            "--vae t5xxl_fp16.safetensors: a T5XXL text encoder file; give it as --text-encoder",
+            "--vae t5xxl_fp16.safetensors: a T5 text encoder file; give it as --text-encoder",
         ),
         ({"text_encoders": ["transformer"]}, "sd3_transformer.safetensors: not a text encoder or VAE file"),
         ({"text_encoders": ["clip_l", "clip_l", "clip_g"]}, "3 CLIP files given; SD3 takes 2"),

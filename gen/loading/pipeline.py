@@ -210,9 +210,8 @@ def part_sources(path: Path, family: str, text_encoders=(), vae=None) -> dict:
         if identify(given)[0] == "vae":
             raise ValueError(f"--text-encoder {Path(given).name}: a VAE file; give it as --vae")
     if vae is not None and (kind := identify(vae)[0]) != "vae":
-        raise ValueError(
-            f"--vae {Path(vae).name}: a {kind.upper()} text encoder file; give it as --text-encoder"
-        )
+        what = {"clip": "CLIP", "t5xxl": "T5"}[kind]
+        raise ValueError(f"--vae {Path(vae).name}: a {what} text encoder file; give it as --text-encoder")
     packed = packed_sources(path, family)
     return packed | file_sources([*text_encoders, *([vae] if vae else [])], family, have=set(packed))
 

@@ -168,7 +168,12 @@ def config_folder(family: str, transformer: Source, parts: dict[str, Source | Fo
             configs[name] = _config(
                 parts[name], t5 if kind == "t5xxl" else clip, t["text_encoder"][kind], what
             )
-    check_fits(family, config, configs, {n: p.path.name for n, p in parts.items()})
+    check_fits(
+        family,
+        config,
+        configs,
+        {"transformer": transformer.path.name} | {n: p.path.name for n, p in parts.items()},
+    )
     index = copy.deepcopy(t["model_index"][family])
     _write(into / "transformer", config)
     (into / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -205,6 +210,14 @@ def check_fits(family: str, transformer: dict, parts: dict[str, dict], names: di
         raise ValueError(
             f"{names[t5]}: a T5 {parts[t5]['d_model']} wide; this {family.upper()} transformer reads"
             f" {transformer['joint_attention_dim']}"
+        )
+    if (
+        family == "flux"
+        and transformer.get("out_channels", transformer["in_channels"]) != transformer["in_channels"]
+    ):
+        raise ValueError(
+            f"{names.get('transformer', 'the file')}: a Flux Fill/Control transformer ({transformer['in_channels']}"
+            f" input channels for {transformer['out_channels']} out); gen runs Flux text-to-image files only so far"
         )
     if "vae" in parts:
         latents = parts["vae"]["latent_channels"]

@@ -54,19 +54,21 @@ class Source:
         with safe_open(str(self.path), framework="pt") as f:
             return {k[len(self.prefix) :]: tuple(f.get_slice(k).get_shape()) for k in self._keys(f)}
 
-    def tensors(self, add: str = "") -> dict[str, torch.Tensor]:
+    def tensors(self, add: str = "", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The part's tensors, renamed `add` + key (the packed naming diffusers' converters read), ComfyUI's
-        scaled fp8 weights multiplied out."""
+        scaled fp8 weights multiplied out in `dtype` (the precision the part will run in)."""
         with safe_open(str(self.path), framework="pt") as f:
             sd = {k[len(self.prefix) :]: f.get_tensor(k) for k in self._keys(f)}
-        return {add + k: v for k, v in dequantize_scaled_fp8(sd).items()}
+        return {add + k: v for k, v in dequantize_scaled_fp8(sd, dtype).items()}
 
 
-def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantize_scaled_fp8(
+    sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """ComfyUI's "scaled fp8" files (t5xxl_fp8_e4m3fn_scaled, some fp8 transformers) hold each weight as fp8 with a
     `scale_weight` beside it and a `scaled_fp8` marker: the real weight is their product. diffusers' converters
-    know neither key, so the product is taken here (in fp32) and the scales dropped; plain fp8 files pass as they
-    are (their values cast up later)."""
+    know neither key, so the product is taken here (in fp32, stored in `dtype`: a 12 B Flux in bf16 must not pass
+    through 48 GB of fp32) and the scales dropped; plain fp8 files pass as they are (their values cast up later)."""
     scales = [k for k in sd if k.endswith(".scale_weight")]
     if not scales and "scaled_fp8" not in sd:
         return sd
@@ -74,7 +76,7 @@ def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key in scales:
         weight = key.removesuffix(".scale_weight") + ".weight"
         if weight in out:
-            out[weight] = out[weight].float() * out[key].float()
+            out[weight] = (out[weight].float() * out[key].float()).to(dtype)
         del out[key]
     for key in [k for k in out if k.endswith(".scale_input") or k == "scaled_fp8"]:
         del out[key]

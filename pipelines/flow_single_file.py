@@ -119,7 +119,7 @@ def load_transformer(
     check_fit(Path(path), family, config)
     try:
         return cls.from_single_file(
-            dequantize_scaled_fp8(_tensors(Path(path), lambda k: not k.startswith(_PACKED))),
+            dequantize_scaled_fp8(_tensors(Path(path), lambda k: not k.startswith(_PACKED)), torch_dtype),
             config=str(folder),
             subfolder="transformer",
             local_files_only=True,
@@ -168,7 +168,7 @@ def load_parts(
             out[name] = _from_folder(cls, library, source.path, name, torch_dtype)
             continue
         part = PACKED_TEXT[family].get(name)
-        sd = source.tensors(add=VAE_PREFIXES[0] if part is None else TEXT_PREFIX.format(part))
+        sd = source.tensors(VAE_PREFIXES[0] if part is None else TEXT_PREFIX.format(part), torch_dtype)
         common = {
             "config": str(folder),
             "subfolder": name,

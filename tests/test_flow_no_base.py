@@ -574,3 +574,33 @@ def test_gen_info_says_what_a_single_file_holds_and_needs(sd3, tmp_path, capsys)
         "vae": (144, "F16"),
         "text_encoder": (768, "F16"),
     }
+
+
+def test_flux_fill_files_and_unreadable_files_are_one_line(sd3, tmp_path):
+    """A Flux Fill/Control transformer (more input channels than out) is named, not fed a text-to-image VAE; gen
+    info on a cut or foreign file says so in one line."""
+    from gen.cli import main
+    from gen.loading.info import describe
+
+    z = torch.zeros
+    fill = {
+        f"{PREFIX_FLUX}double_blocks.0.img_attn.qkv.weight": z(1, dtype=torch.float16),
+        f"{PREFIX_FLUX}single_blocks.0.linear1.weight": z(1, dtype=torch.float16),
+        f"{PREFIX_FLUX}img_in.weight": z(3072, 384, dtype=torch.float16),
+        f"{PREFIX_FLUX}txt_in.weight": z(3072, 64, dtype=torch.float16),
+        f"{PREFIX_FLUX}vector_in.in_layer.weight": z(3072, 64, dtype=torch.float16),
+        f"{PREFIX_FLUX}final_layer.linear.weight": z(64, 3072, dtype=torch.float16),
+    }
+    path = write(fill, tmp_path / "flux1-fill-dev.safetensors")
+    f = sd3["files"]
+    with pytest.raises(
+        ValueError, match="flux1-fill-dev.safetensors: a Flux Fill/Control transformer .384 input"
+    ):
+        load_pipeline(path, text_encoders=[f["clip_l"], f["t5xxl"]], vae=f["vae"])
+    assert describe(path)["pipeline"].startswith("Flux Fill/Control (384 input channels")
+    cut = write({k: v for k, v in fill.items() if "final_layer" not in k}, tmp_path / "cut.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    for bad, message in ((cut, "not the FLUX transformer layout gen reads"), (tmp_path / "broken.safetensors", "not a .safetensors file gen can read")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            describe(bad)
+        assert main(["info", str(bad)]) == 2

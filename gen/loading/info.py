@@ -48,6 +48,8 @@ _PACKED = ("first_stage_model.", "vae.", "text_encoders.")
 def _variant(family: str, config: dict) -> str:
     """The released model a transformer's config is (by its sizes), else its family and depth."""
     if family == "flux":
+        if config.get("out_channels", config["in_channels"]) != config["in_channels"]:
+            return f"Flux Fill/Control ({config['in_channels']} input channels; not run by gen yet)"
         name = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
         return (
             name
@@ -69,12 +71,12 @@ def _variant(family: str, config: dict) -> str:
 
 
 def describe_flow_file(path: Path, family: str) -> dict:
-    from gen.pipelines.flow_configs import flux_transformer, sd3_transformer, templates
+    from gen.pipelines.flow_configs import _read, flux_transformer, sd3_transformer, templates
     from gen.pipelines.flow_parts import REQUIRED, describe, packed_sources, transformer_source
 
     source = transformer_source(path)
     build = sd3_transformer if family == "sd3" else flux_transformer
-    config = build(source.shapes(), templates()["transformer"][family])
+    config = _read(source, build, templates()["transformer"][family], f"{family.upper()} transformer")
     parts = packed_sources(path, family)
     components = {"transformer": {"class": config["_class_name"], **_part(source)}}
     for name, part in parts.items():
@@ -132,8 +134,13 @@ def describe(path: str | Path | None = None) -> dict:
     if folder.is_file():
         from gen.pipelines.flow_single_file import flow_family
 
-        family = flow_family(folder)
-        return describe_flow_file(folder, family) if family else describe_sd_file(folder)
+        try:
+            family = flow_family(folder)
+            return describe_flow_file(folder, family) if family else describe_sd_file(folder)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception:  # noqa: BLE001 -- an unreadable header (not safetensors, cut short): one line
+            raise ValueError(f"{folder.name}: not a .safetensors file gen can read") from None
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; expected a diffusers pipeline folder")

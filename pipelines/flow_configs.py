@@ -16,10 +16,9 @@ import copy
 import json
 import lzma
 import math
-import re
 from pathlib import Path
 
-from gen.pipelines.flow_parts import PACKED_TEXT, Folder, Source
+from gen.pipelines.flow_parts import PACKED_TEXT, Folder, Source, count_indices
 from gen.pipelines.single_file import ASSETS, TOKENIZER
 
 CLIP_VOCAB = TOKENIZER  # CLIP's full BPE vocabulary, as the SD configs use it
@@ -31,16 +30,10 @@ def templates() -> dict:
     return json.loads((FLOW / "flow.json").read_text())
 
 
-def _count(shapes: dict, pattern: str) -> int:
-    """How many distinct indices `pattern` (a regex with one group) matches among the keys."""
-    found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 def sd3_transformer(shapes: dict[str, tuple], base: dict) -> dict:
     """SD3/SD3.5's transformer config from the file's shapes (Stability's key names, no prefix)."""
     width, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
-    depth = _count(shapes, r"joint_blocks\.(\d+)\.")
+    depth = count_indices(shapes, r"joint_blocks\.(\d+)\.")
     final = shapes["final_layer.linear.weight"][0]
     config = dict(
         base,
@@ -69,8 +62,8 @@ def flux_transformer(shapes: dict[str, tuple], base: dict) -> dict:
     return dict(
         base,
         **({"out_channels": out} if out != in_channels else {}),  # Flux Fill/Depth: more in than out
-        num_layers=_count(shapes, r"double_blocks\.(\d+)\."),
-        num_single_layers=_count(shapes, r"single_blocks\.(\d+)\."),
+        num_layers=count_indices(shapes, r"double_blocks\.(\d+)\."),
+        num_single_layers=count_indices(shapes, r"single_blocks\.(\d+)\."),
         guidance_embeds=any(k.startswith("guidance_in.") for k in shapes),
         in_channels=shapes["img_in.weight"][1],
         joint_attention_dim=shapes["txt_in.weight"][1],
@@ -80,14 +73,14 @@ def flux_transformer(shapes: dict[str, tuple], base: dict) -> dict:
 
 def vae(shapes: dict[str, tuple], base: dict) -> dict:
     """The VAE's config from its original-layout shapes (encoder.down.N..., decoder.conv_in...)."""
-    blocks = _count(shapes, r"encoder\.down\.(\d+)\.")
+    blocks = count_indices(shapes, r"encoder\.down\.(\d+)\.")
     widths = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(blocks)]
     return dict(
         base,
         block_out_channels=widths,
         down_block_types=["DownEncoderBlock2D"] * blocks,
         up_block_types=["UpDecoderBlock2D"] * blocks,
-        layers_per_block=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+        layers_per_block=count_indices(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
         latent_channels=shapes["decoder.conv_in.weight"][1],
         in_channels=shapes["encoder.conv_in.weight"][1],
         out_channels=shapes["decoder.conv_out.weight"][0],
@@ -106,7 +99,7 @@ def clip(shapes: dict[str, tuple], base: dict) -> dict:
         hidden_size=width,
         num_attention_heads=width // HEAD_WIDTH["clip"],
         intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=_count(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
+        num_hidden_layers=count_indices(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
         max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0],
         projection_dim=projection[0] if projection else width,
     )
@@ -117,7 +110,7 @@ def t5(shapes: dict[str, tuple], base: dict) -> dict:
     attention = "encoder.block.0.layer.0.SelfAttention."
     buckets, heads = shapes[attention + "relative_attention_bias.weight"]
     inner = shapes[attention + "q.weight"][0]
-    depth = _count(shapes, r"encoder\.block\.(\d+)\.")
+    depth = count_indices(shapes, r"encoder\.block\.(\d+)\.")
     return dict(
         base,
         vocab_size=shapes["shared.weight"][0],

@@ -12,6 +12,8 @@ or a diffusers VAE folder, loaded by its library's from_pretrained with its own 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,16 @@ MARKS = {
     "vae": "decoder.conv_in.weight",
 }
 REAL_CLIP = {768: "clip_l", 1280: "clip_g"}
+PACKED_PREFIXES = (
+    *VAE_PREFIXES,
+    "text_encoders.",
+)  # keys of an all-in-one file's parts other than the transformer
+
+
+def count_indices(keys: Iterable[str], pattern: str) -> int:
+    """How many blocks `pattern` (a regex with one group, the index) finds among the keys: the highest index + 1."""
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,20 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from gen.pipelines.flow_parts import (
+    PACKED_PREFIXES,
     PACKED_TEXT,
     PREFIX,
     TEXT_PREFIX,
     VAE_PREFIXES,
     Folder,
     Source,
+    count_indices,
     dequantize_scaled_fp8,
     packed_sources,
 )
@@ -44,13 +45,12 @@ logger = logging.getLogger(__name__)
 
 SD3_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
 FLUX_KEY = "double_blocks.0.img_attn.qkv.weight"
-_PACKED = (*VAE_PREFIXES, "text_encoders.")  # keys of parts other than the transformer
 
 
 def _keys(path: Path) -> list[str]:
     """The transformer's keys (the `model.diffusion_model.` prefix dropped), without a packed VAE's or encoder's."""
     with safe_open(str(path), framework="pt") as f:
-        return [k.removeprefix(PREFIX) for k in f.keys() if not k.startswith(_PACKED)]
+        return [k.removeprefix(PREFIX) for k in f.keys() if not k.startswith(PACKED_PREFIXES)]
 
 
 def flow_family(path: str | Path) -> str | None:
@@ -65,20 +65,15 @@ def flow_family(path: str | Path) -> str | None:
     return "sd3" if SD3_KEY in keys else "flux" if FLUX_KEY in keys else None
 
 
-def _depth(keys: list[str], block: str) -> int:
-    numbers = {int(m.group(1)) for k in keys if (m := re.match(rf"{block}\.(\d+)\.", k))}
-    return max(numbers) + 1 if numbers else 0
-
-
 def check_fit(path: Path, family: str, config: dict) -> None:
     """The file's depth (and Flux's guidance embedding) against the folder's transformer config."""
     keys = _keys(path)
     if family == "sd3":
-        found = {"num_layers": _depth(keys, "joint_blocks")}
+        found = {"num_layers": count_indices(keys, r"joint_blocks\.(\d+)\.")}
     else:
         found = {
-            "num_layers": _depth(keys, "double_blocks"),
-            "num_single_layers": _depth(keys, "single_blocks"),
+            "num_layers": count_indices(keys, r"double_blocks\.(\d+)\."),
+            "num_single_layers": count_indices(keys, r"single_blocks\.(\d+)\."),
             "guidance_embeds": any(k.startswith("guidance_in.") for k in keys),
         }
     for name, value in found.items():
@@ -119,7 +114,9 @@ def load_transformer(
     check_fit(Path(path), family, config)
     try:
         return cls.from_single_file(
-            dequantize_scaled_fp8(_tensors(Path(path), lambda k: not k.startswith(_PACKED)), torch_dtype),
+            dequantize_scaled_fp8(
+                _tensors(Path(path), lambda k: not k.startswith(PACKED_PREFIXES)), torch_dtype
+            ),
             config=str(folder),
             subfolder="transformer",
             local_files_only=True,

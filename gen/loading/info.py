@@ -28,10 +28,12 @@ def _weights(folder: Path) -> dict:
 
 def _part(source) -> dict:
     """Parameters, bytes and the main dtype of one part of a single file (its keys under `source.prefix`)."""
+    from gen.pipelines.flow_parts import PACKED_PREFIXES  # here: torch stays out of `gen info` on folders
+
     params, dtypes, size = 0, Counter(), 0
     with safe_open(str(source.path), framework="pt") as st:
         for key in st.keys():
-            if not key.startswith(source.prefix) or (source.prefix == "" and key.startswith(_PACKED)):
+            if not key.startswith(source.prefix) or (source.prefix == "" and key.startswith(PACKED_PREFIXES)):
                 continue
             s = st.get_slice(key)
             n = math.prod(s.get_shape())
@@ -42,7 +44,6 @@ def _part(source) -> dict:
 
 
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
-_PACKED = ("first_stage_model.", "vae.", "text_encoders.")
 
 
 def _variant(family: str, config: dict) -> str:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import gen
 from gen.train import checkpoint
-from gen.train.dreambooth import EMBEDDINGS_FILE, LORA_FILE, main
+from gen.train.dreambooth import EMBEDDINGS_FILE, LORA_FILE, DreamBoothTrainer, main
 from tests import components
 
 
@@ -166,8 +166,57 @@ def test_class_images_are_only_topped_up(models, tmp_path):
             "1",
         )
     )
-    assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "class-00001.png", "mine.png"]
+    names = ["class-00000.png", "class-00001.png", "class-00001.txt", "mine.png"]
+    assert sorted(p.name for p in classes.iterdir()) == names
     assert Image.open(classes / "class-00000.png").getpixel((0, 0)) == (0, 0, 255)  # left alone
+    assert (classes / "class-00001.txt").read_text() == "a shape\n"  # what it was drawn for
+
+
+def test_class_prompts_file_cycles_and_captions_each_class_image(models, tmp_path):
+    prompts, classes = tmp_path / "prompts.txt", tmp_path / "classes"
+    prompts.write_text("a red shape\n\n  a blue shape  \n")
+    main(
+        args(
+            models,
+            tmp_path / "run",
+            "--with-prior-preservation",
+            "--class-prompts",
+            str(prompts),
+            "--class-dir",
+            str(classes),
+            "--num-class-images",
+            "3",
+            "--lora",
+            "--max-steps",
+            "1",
+        )
+    )
+    texts = [(classes / f"class-{n:05d}.txt").read_text() for n in range(3)]
+    assert texts == ["a red shape\n", "a blue shape\n", "a red shape\n"]
+    prompts.write_text("\n \n")
+    with pytest.raises(SystemExit, match="--class-prompts '.*prompts.txt' has no prompts"):
+        main(args(models, tmp_path / "again", "--with-prior-preservation", "--class-prompts", str(prompts)))
+
+
+def test_class_images_train_with_their_own_captions(models, tmp_path, monkeypatch):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    Image.new("RGB", (32, 32), "green").save(classes / "a.png")
+    (classes / "a.txt").write_text("a green shape\n")
+    Image.new("RGB", (32, 32), "blue").save(classes / "b.png")  # no caption: --class-prompt's
+    seen = []
+    original = DreamBoothTrainer.next_batch
+
+    def spy(self):
+        batch = original(self)
+        seen.append(batch["captions"])
+        return batch
+
+    monkeypatch.setattr(DreamBoothTrainer, "next_batch", spy)
+    extra = ["--with-prior-preservation", "--class-prompt", "a shape", "--class-dir", str(classes)]
+    main(args(models, tmp_path / "run", *extra, "--num-class-images", "2", "--lora", "--max-steps", "3"))
+    assert [c[:2] for c in seen] == [["a sks shape"] * 2] * 3
+    assert sorted({c for captions in seen for c in captions[2:]}) == ["a green shape", "a shape"]
 
 
 def test_full_fine_tune_of_a_unet(models, tmp_path):
@@ -205,6 +254,10 @@ def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
     [
         (["--instance-prompt", ""], "--instance-dir and --instance-prompt are required"),
         (["--with-prior-preservation"], "--with-prior-preservation needs --class-prompt"),
+        (
+            ["--with-prior-preservation", "--class-prompts", "/no/such/prompts.txt"],
+            "--class-prompts '/no/such/prompts.txt': cannot read it",
+        ),
         (["--lora", "--rank", "0"], "--rank 0: must be at least 1"),
         (
             ["--train-identifier", "sks", "--train-text-encoder"],

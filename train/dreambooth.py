@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from gen.data.folders import ImageCaptionFolder
-from gen.files import atomic_write
+from gen.files import atomic_write, atomic_write_text
 from gen.train.common import TrainError, exit_on_train_error, parse_options, save_options
 from gen.train.trainer import Trainer, TrainOptions
 
@@ -40,6 +40,13 @@ class Options(TrainOptions):
     instance_dir: str = field(default="", metadata={"help": "the subject's pictures (a few are enough)"})
     instance_prompt: str = field(default="", metadata={"help": "e.g. 'a photo of sks dog'"})
     class_prompt: str = field(default="", metadata={"help": "e.g. 'a photo of a dog'"})
+    class_prompts: str = field(
+        default="",
+        metadata={
+            "help": "a text file of class prompts, one a line, instead of one --class-prompt: class images cycle"
+            " through them, each captioned by its own prompt"
+        },
+    )
     class_dir: str = field(default="", metadata={"help": "class images (default: OUTPUT/class_images)"})
     num_class_images: int = 100
     with_prior_preservation: bool = False
@@ -116,7 +123,7 @@ class DreamBoothTrainer(Trainer):
         if self.acc.is_main_process:
             generate_class_images(
                 self.pipe,
-                o.class_prompt,
+                class_prompts(o),
                 folder=folder,
                 count=o.num_class_images,
                 batch_size=o.sample_batch_size,
@@ -125,7 +132,10 @@ class DreamBoothTrainer(Trainer):
                 size=o.resolution if getattr(self.pipe, "is_flow", False) else None,
             )
         self.acc.wait_for_everyone()
-        return ImageCaptionFolder(folder, o.resolution, caption=o.class_prompt)
+        # A class image keeps the caption it was drawn (or captioned) with -- a .txt beside it, as kohya's
+        # regularisation folders have -- so prior preservation holds the base model to what each prompt gave;
+        # --class-prompt captions the ones without.
+        return ImageCaptionFolder(folder, o.resolution, fallback_caption=o.class_prompt)
 
     def next_batch(self) -> dict:
         o, b = self.o, self.o.batch_size
@@ -133,8 +143,9 @@ class DreamBoothTrainer(Trainer):
         captions = [o.instance_prompt] * b
         weights = None
         if o.with_prior_preservation:
-            items += self.items(self.classes, self.take("class", self.classes, b))
-            captions += [o.class_prompt] * b
+            picks = self.take("class", self.classes, b)
+            items += self.items(self.classes, picks)
+            captions += [self.classes.items[i][1] for i in picks]
             # loss = mean over instance images + prior_loss_weight * mean over class images
             weights = torch.tensor([2.0] * b + [2.0 * o.prior_loss_weight] * b, device=self.acc.device)
         return {"items": items, "captions": self.dropped(captions), "weights": weights}
@@ -153,10 +164,18 @@ class DreamBoothTrainer(Trainer):
 
 @torch.no_grad()
 def generate_class_images(
-    pipe, prompt: str, folder: Path, count: int, batch_size: int, seed: int, size: int | None = None
+    pipe,
+    prompts: str | list[str],
+    folder: Path,
+    count: int,
+    batch_size: int,
+    seed: int,
+    size: int | None = None,
 ) -> None:
-    """Fill `folder` up to `count` images of `prompt` from the base model, one seed per image, each written
-    atomically (an interrupted run keeps the finished ones and generates only the rest next time)."""
+    """Fill `folder` up to `count` images from the base model, image n of prompts[n % len(prompts)] with one seed
+    per image and its prompt in a .txt beside it, each written atomically (an interrupted run keeps the finished
+    ones and generates only the rest next time)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     from tqdm.auto import tqdm
 
     from gen.data.folders import IMAGE_SUFFIXES
@@ -171,15 +190,20 @@ def generate_class_images(
         if not (folder / f"class-{n:05d}.png").exists():
             missing.append(n)
         n += 1
-    logger.info("generating %d class images of %r into %s", len(missing), prompt, folder)
+    shown = repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts"
+    logger.info("generating %d class images of %s into %s", len(missing), shown, folder)
     progress = tqdm(total=len(missing), desc="class images", unit="image")
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch
     for start in range(0, len(missing), batch_size):
         numbers = missing[start : start + batch_size]
         gens = [torch.Generator().manual_seed(seed * 100_003 + n) for n in numbers]
         sized = {} if size is None else {"height": size, "width": size}
-        images = pipe([prompt] * len(numbers), generator=gens, **sized).images
-        for n, image in zip(numbers, images, strict=True):
+        texts = [prompts[n % len(prompts)] for n in numbers]
+        images = pipe(texts, generator=gens, **sized).images
+        for n, image, text in zip(numbers, images, texts, strict=True):
+            atomic_write_text(
+                folder / f"class-{n:05d}.txt", text + "\n"
+            )  # first: no image without its caption
             with atomic_write(folder / f"class-{n:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
         progress.update(len(numbers))
@@ -205,10 +229,29 @@ def _check_prompts(o: Options) -> None:
         raise TrainError(
             "--instance-dir and --instance-prompt are required (the subject's pictures and their prompt)"
         )
-    if o.with_prior_preservation and not o.class_prompt:
-        raise TrainError("--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog')")
-    if o.class_prompt and not o.with_prior_preservation:
-        logger.warning("--class-prompt is only used with --with-prior-preservation")
+    if o.with_prior_preservation and not (o.class_prompt or o.class_prompts):
+        raise TrainError(
+            "--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog') or --class-prompts FILE"
+        )
+    if o.class_prompts:
+        class_prompts(o)  # the file's errors now, not after the model loads
+    if (o.class_prompt or o.class_prompts) and not o.with_prior_preservation:
+        logger.warning("--class-prompt and --class-prompts are only used with --with-prior-preservation")
+
+
+def class_prompts(o: Options) -> list[str]:
+    """--class-prompts' lines (blank ones skipped), or [--class-prompt]."""
+    if not o.class_prompts:
+        return [o.class_prompt]
+    path = Path(o.class_prompts)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"--class-prompts {o.class_prompts!r}: cannot read it ({e})") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise TrainError(f"--class-prompts {o.class_prompts!r} has no prompts (one a line)")
+    return prompts
 
 
 def _check_identifier(o: Options) -> None:

@@ -51,8 +51,14 @@ class ImageCaptionFolder:
     """A map dataset: {"pixel_values": (3, R, R) in [-1, 1], "caption": str}."""
 
     def __init__(
-        self, folder: str | Path, resolution: int = 64, flip: bool = False, caption: str | None = None
+        self,
+        folder: str | Path,
+        resolution: int = 64,
+        flip: bool = False,
+        caption: str | None = None,
+        fallback_caption: str = "",
     ):
+        """`caption` captions every image; `fallback_caption` only those without a caption of their own."""
         self.folder, self.resolution, self.flip = Path(folder), resolution, flip
         if not self.folder.is_dir():
             raise FileNotFoundError(f"data folder {str(self.folder)!r} does not exist")
@@ -66,7 +72,7 @@ class ImageCaptionFolder:
             text = caption if caption is not None else meta.get(path.name)
             if text is None and path.with_suffix(".txt").is_file():
                 text = path.with_suffix(".txt").read_text().strip()
-            self.items.append((path, text or ""))
+            self.items.append((path, text or fallback_caption))
         if skipped:
             logger.warning(
                 "skipped %d unreadable image(s) in %s: %s", len(skipped), self.folder, ", ".join(skipped)

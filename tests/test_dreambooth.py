@@ -83,7 +83,7 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
     )
     assert lora == out / LORA_FILE
     assert sorted(p.name for p in (out / "class_images").iterdir()) == [
-        f"class-{n:05d}.png" for n in range(3)
+        f"class-{n:05d}.{ext}" for n in range(3) for ext in ("png", "txt")
     ]
     keys = load_file(str(lora))
     assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}
@@ -172,30 +172,27 @@ def test_class_images_are_only_topped_up(models, tmp_path):
     assert (classes / "class-00001.txt").read_text() == "a shape\n"  # what it was drawn for
 
 
-def test_class_prompts_file_cycles_and_captions_each_class_image(models, tmp_path):
+def test_class_prompts_file_cycles_and_captions_each_class_image(models, tmp_path, monkeypatch):
     prompts, classes = tmp_path / "prompts.txt", tmp_path / "classes"
-    prompts.write_text("a red shape\n\n  a blue shape  \n")
-    main(
-        args(
-            models,
-            tmp_path / "run",
-            "--with-prior-preservation",
-            "--class-prompts",
-            str(prompts),
-            "--class-dir",
-            str(classes),
-            "--num-class-images",
-            "3",
-            "--lora",
-            "--max-steps",
-            "1",
-        )
-    )
+    prompts.write_text(
+        "\ufeffa red shape\n\n  a blue shape  \n", encoding="utf-8"
+    )  # a BOM, as Notepad writes
+    pipeline = type(gen.load_pipeline(models / "transformer"))
+    drawn, original = [], pipeline.__call__
+
+    def spy(self, prompt=None, *a, **kw):
+        drawn.extend([prompt] if isinstance(prompt, str) else prompt)
+        return original(self, prompt, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "__call__", spy)
+    extra = ["--with-prior-preservation", "--class-prompts", str(prompts), "--class-dir", str(classes)]
+    main(args(models, tmp_path / "run", *extra, "--num-class-images", "3", "--lora", "--max-steps", "1"))
+    assert drawn == ["a red shape", "a blue shape", "a red shape"]
     texts = [(classes / f"class-{n:05d}.txt").read_text() for n in range(3)]
     assert texts == ["a red shape\n", "a blue shape\n", "a red shape\n"]
     prompts.write_text("\n \n")
     with pytest.raises(SystemExit, match="--class-prompts '.*prompts.txt' has no prompts"):
-        main(args(models, tmp_path / "again", "--with-prior-preservation", "--class-prompts", str(prompts)))
+        main(args(models, tmp_path / "again", *extra))
 
 
 def test_class_images_train_with_their_own_captions(models, tmp_path, monkeypatch):
@@ -209,14 +206,24 @@ def test_class_images_train_with_their_own_captions(models, tmp_path, monkeypatc
 
     def spy(self):
         batch = original(self)
-        seen.append(batch["captions"])
+        seen.append(batch)
         return batch
 
     monkeypatch.setattr(DreamBoothTrainer, "next_batch", spy)
-    extra = ["--with-prior-preservation", "--class-prompt", "a shape", "--class-dir", str(classes)]
-    main(args(models, tmp_path / "run", *extra, "--num-class-images", "2", "--lora", "--max-steps", "3"))
-    assert [c[:2] for c in seen] == [["a sks shape"] * 2] * 3
-    assert sorted({c for captions in seen for c in captions[2:]}) == ["a green shape", "a shape"]
+    extra = ["--with-prior-preservation", "--class-dir", str(classes), "--num-class-images", "2", "--lora"]
+    main(args(models, tmp_path / "run", *extra, "--class-prompt", "a shape", "--max-steps", "3"))
+    expected = {"a.png": "a green shape", "b.png": "a shape"}
+    for batch in seen:
+        assert batch["captions"][:2] == ["a sks shape"] * 2
+        for (dataset, index, _), caption in zip(batch["items"][2:], batch["captions"][2:], strict=True):
+            assert caption == expected[dataset.items[index][0].name]  # each image with its own caption
+    # Without --class-prompt the uncaptioned one would train as the empty (unconditional) prompt: refused.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shape\n")
+    with pytest.raises(
+        SystemExit, match=r"1 class image\(s\) in .*classes have no caption.*pass --class-prompt"
+    ):
+        main(args(models, tmp_path / "again", *extra, "--class-prompts", str(prompts)))
 
 
 def test_full_fine_tune_of_a_unet(models, tmp_path):
@@ -310,5 +317,5 @@ def test_two_processes_lora_with_identifier(models, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     sums = re.findall(r"process (\d) weight checksum (\S+)", done.stderr)
     assert len(sums) == 2 and sums[0][1] == sums[1][1]
-    assert len(list((tmp_path / "run" / "class_images").iterdir())) == 3
+    assert len(list((tmp_path / "run" / "class_images").glob("*.png"))) == 3
     assert (tmp_path / "run" / LORA_FILE).is_file() and (tmp_path / "run" / EMBEDDINGS_FILE).is_file()

@@ -92,7 +92,11 @@ def test_flux_with_prior_preservation_and_text_encoder(folders, tmp_path):
     out = tmp_path / "run"
     extra = ["--max-steps", "2", "--with-prior-preservation", "--class-prompt", "a circle"]
     lora = train(folders, "flux", out, *extra, "--num-class-images", "2", "--train-text-encoder")
-    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class-00000.png", "class-00001.png"]
+    assert sorted(p.name for p in (out / "class_images").glob("*.png")) == [
+        "class-00000.png",
+        "class-00001.png",
+    ]
+    assert (out / "class_images" / "class-00001.txt").read_text() == "a circle\n"
     assert Image.open(out / "class_images" / "class-00000.png").size == (32, 32)
     from safetensors.torch import load_file
 

@@ -5,12 +5,13 @@ gen's models, SD 1.x/2.x/SDXL, and SD3 and Flux folders (flow matching: gen.trai
         --class-prompt "a photo of a dog" --with-prior-preservation --lora --rank 8 --output-dir runs/dog
     accelerate launch -m gen.train.dreambooth ...   # the same, on every GPU accelerate is configured for
 
-Every batch pairs instance images (captioned with the instance prompt) with as many class images (captioned with
-the class prompt); the class loss, weighted by --prior-loss-weight, keeps what the model drew for the class before.
-Class images the class folder lacks are generated first with the base model. With --lora only peft adapters
-train (on the denoiser's attention, and on the text encoder's with --train-text-encoder); the result is
-OUTPUT/pytorch_lora_weights.safetensors, read by `pipe.load_lora_weights` here and in diffusers. Without --lora
-the whole denoiser (and text encoder) trains and OUTPUT/model is a pipeline folder.
+Every batch pairs instance images (captioned with the instance prompt) with as many class images (each captioned
+with the prompt it was drawn with: its own .txt, or else the class prompt); the class loss, weighted by
+--prior-loss-weight, keeps what the model drew for the class before. Class images the class folder lacks are
+generated first with the base model. With --lora only peft adapters train (on the denoiser's attention, and on
+the text encoder's with --train-text-encoder); the result is OUTPUT/pytorch_lora_weights.safetensors, read by
+`pipe.load_lora_weights` here and in diffusers. Without --lora the whole denoiser (and text encoder) trains and
+OUTPUT/model is a pipeline folder.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class Options(TrainOptions):
     class_prompts: str = field(
         default="",
         metadata={
-            "help": "a text file of class prompts, one a line, instead of one --class-prompt: class images cycle"
-            " through them, each captioned by its own prompt"
+            "help": "a text file of class prompts, one a line: class images are drawn round-robin from them, each"
+            " captioned by its own prompt (--class-prompt then captions only class images without a caption)"
         },
     )
     class_dir: str = field(default="", metadata={"help": "class images (default: OUTPUT/class_images)"})
@@ -135,7 +136,15 @@ class DreamBoothTrainer(Trainer):
         # A class image keeps the caption it was drawn (or captioned) with -- a .txt beside it, as kohya's
         # regularisation folders have -- so prior preservation holds the base model to what each prompt gave;
         # --class-prompt captions the ones without.
-        return ImageCaptionFolder(folder, o.resolution, fallback_caption=o.class_prompt)
+        classes = ImageCaptionFolder(folder, o.resolution, fallback_caption=o.class_prompt)
+        bare = sum(1 for _, text in classes.items if not text)
+        if bare:  # an empty caption would train the unconditional branch on them, silently
+            raise TrainError(
+                f"{bare} class image(s) in {folder} have no caption (a .txt beside it or a metadata.jsonl line);"
+                " pass --class-prompt to caption them"
+            )
+        logger.info("%d class images, %d distinct captions", len(classes), len({t for _, t in classes.items}))
+        return classes
 
     def next_batch(self) -> dict:
         o, b = self.o, self.o.batch_size
@@ -235,8 +244,13 @@ def _check_prompts(o: Options) -> None:
         )
     if o.class_prompts:
         class_prompts(o)  # the file's errors now, not after the model loads
-    if (o.class_prompt or o.class_prompts) and not o.with_prior_preservation:
-        logger.warning("--class-prompt and --class-prompts are only used with --with-prior-preservation")
+    given = [
+        flag
+        for flag, value in (("--class-prompt", o.class_prompt), ("--class-prompts", o.class_prompts))
+        if value
+    ]
+    if given and not o.with_prior_preservation:
+        logger.warning("%s: only used with --with-prior-preservation", " and ".join(given))
 
 
 def class_prompts(o: Options) -> list[str]:
@@ -245,9 +259,11 @@ def class_prompts(o: Options) -> list[str]:
         return [o.class_prompt]
     path = Path(o.class_prompts)
     try:
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
-        raise TrainError(f"--class-prompts {o.class_prompts!r}: cannot read it ({e})") from None
+        raise TrainError(
+            f"--class-prompts {o.class_prompts!r}: cannot read it as a UTF-8 text file of prompts, one a line ({e})"
+        ) from None
     prompts = [line for line in lines if line]
     if not prompts:
         raise TrainError(f"--class-prompts {o.class_prompts!r} has no prompts (one a line)")

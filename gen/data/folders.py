@@ -71,7 +71,7 @@ class ImageCaptionFolder:
                 continue
             text = caption if caption is not None else meta.get(path.name)
             if text is None and path.with_suffix(".txt").is_file():
-                text = path.with_suffix(".txt").read_text().strip()
+                text = path.with_suffix(".txt").read_text(encoding="utf-8-sig").strip()
             self.items.append((path, text or fallback_caption))
         if skipped:
             logger.warning(

@@ -174,9 +174,8 @@ def test_class_images_are_only_topped_up(models, tmp_path):
 
 def test_class_prompts_file_cycles_and_captions_each_class_image(models, tmp_path, monkeypatch):
     prompts, classes = tmp_path / "prompts.txt", tmp_path / "classes"
-    prompts.write_text(
-        "\ufeffa red shape\n\n  a blue shape  \n", encoding="utf-8"
-    )  # a BOM, as Notepad writes
+    # A byte-order mark (as Notepad writes), a blank line and spaces: none of them part of a prompt.
+    prompts.write_text("\ufeffa red shape\n\n  a blue shape  \n", encoding="utf-8")
     pipeline = type(gen.load_pipeline(models / "transformer"))
     drawn, original = [], pipeline.__call__
 

@@ -210,9 +210,8 @@ def generate_class_images(
         texts = [prompts[n % len(prompts)] for n in numbers]
         images = pipe(texts, generator=gens, **sized).images
         for n, image, text in zip(numbers, images, texts, strict=True):
-            atomic_write_text(
-                folder / f"class-{n:05d}.txt", text + "\n"
-            )  # first: no image without its caption
+            # The caption first: a crash between the two leaves no image without its caption.
+            atomic_write_text(folder / f"class-{n:05d}.txt", text + "\n")
             with atomic_write(folder / f"class-{n:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
         progress.update(len(numbers))
@@ -242,7 +241,7 @@ def _check_prompts(o: Options) -> None:
         raise TrainError(
             "--with-prior-preservation needs --class-prompt (e.g. 'a photo of a dog') or --class-prompts FILE"
         )
-    if o.class_prompts:
+    if o.class_prompts and o.with_prior_preservation:
         class_prompts(o)  # the file's errors now, not after the model loads
     given = [
         flag

@@ -149,8 +149,7 @@ def config_folder(family: str, transformer: Source, parts: dict[str, Source | Fo
     found for it ({component: Source}), after checking the parts fit the transformer (check_fits); an SD3 without
     T5 gets none, as diffusers allows."""
     t = templates()
-    build = sd3_transformer if family == "sd3" else flux_transformer
-    config = _read(transformer, build, t["transformer"][family], f"{family.upper()} transformer")
+    config = transformer_config(family, transformer)
     schedule = "sd3" if family == "sd3" else "flux-dev" if config["guidance_embeds"] else "flux-schnell"
     configs = {}
     if "vae" in parts:
@@ -204,10 +203,7 @@ def check_fits(family: str, transformer: dict, parts: dict[str, dict], names: di
             f"{names[t5]}: a T5 {parts[t5]['d_model']} wide; this {family.upper()} transformer reads"
             f" {transformer['joint_attention_dim']}"
         )
-    if (
-        family == "flux"
-        and transformer.get("out_channels", transformer["in_channels"]) != transformer["in_channels"]
-    ):
+    if family == "flux" and is_flux_fill(transformer):
         raise ValueError(
             f"{names.get('transformer', 'the file')}: a Flux Fill/Control transformer ({transformer['in_channels']}"
             f" input channels for {transformer['out_channels']} out); gen runs Flux text-to-image files only so far"
@@ -220,6 +216,17 @@ def check_fits(family: str, transformer: dict, parts: dict[str, dict], names: di
                 f"{names['vae']}: a VAE with {latents} latent channels; this {family.upper()} transformer reads"
                 f" {wants} (an SD 1.x/SDXL VAE has 4, SD3's and Flux's 16)"
             )
+
+
+def transformer_config(family: str, source: Source) -> dict:
+    """The SD3/Flux transformer's diffusers config, read from the file's shapes."""
+    build = sd3_transformer if family == "sd3" else flux_transformer
+    return _read(source, build, templates()["transformer"][family], f"{family.upper()} transformer")
+
+
+def is_flux_fill(config: dict) -> bool:
+    """A Flux Fill/Control transformer: more input channels (image and mask or control latents) than out."""
+    return config.get("out_channels", config["in_channels"]) != config["in_channels"]
 
 
 def _read(source: Source, build, template: dict, what: str) -> dict:

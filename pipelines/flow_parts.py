@@ -40,10 +40,8 @@ MARKS = {
     "vae": "decoder.conv_in.weight",
 }
 REAL_CLIP = {768: "clip_l", 1280: "clip_g"}
-PACKED_PREFIXES = (
-    *VAE_PREFIXES,
-    "text_encoders.",
-)  # keys of an all-in-one file's parts other than the transformer
+# The keys of an all-in-one file's parts other than the transformer.
+PACKED_PREFIXES = (*VAE_PREFIXES, "text_encoders.")
 
 
 def count_indices(keys: Iterable[str], pattern: str) -> int:

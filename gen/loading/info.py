@@ -48,8 +48,10 @@ _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U
 
 def _variant(family: str, config: dict) -> str:
     """The released model a transformer's config is (by its sizes), else its family and depth."""
+    from gen.pipelines.flow_configs import is_flux_fill
+
     if family == "flux":
-        if config.get("out_channels", config["in_channels"]) != config["in_channels"]:
+        if is_flux_fill(config):
             return f"Flux Fill/Control ({config['in_channels']} input channels; not run by gen yet)"
         name = "Flux.1-dev" if config["guidance_embeds"] else "Flux.1-schnell"
         return (
@@ -72,12 +74,11 @@ def _variant(family: str, config: dict) -> str:
 
 
 def describe_flow_file(path: Path, family: str) -> dict:
-    from gen.pipelines.flow_configs import _read, flux_transformer, sd3_transformer, templates
+    from gen.pipelines.flow_configs import transformer_config
     from gen.pipelines.flow_parts import REQUIRED, describe, packed_sources, transformer_source
 
     source = transformer_source(path)
-    build = sd3_transformer if family == "sd3" else flux_transformer
-    config = _read(source, build, templates()["transformer"][family], f"{family.upper()} transformer")
+    config = transformer_config(family, source)
     parts = packed_sources(path, family)
     components = {"transformer": {"class": config["_class_name"], **_part(source)}}
     for name, part in parts.items():

@@ -30,25 +30,9 @@ from gen.train import dreambooth
 
 INSTANCE = "a sks shape on a white background"
 CLASS = "a shape on a white background"
-RECIPE = [
-    "--lora",
-    "--rank",
-    "4",
-    "--lora-targets",
-    "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,mlp.0,mlp.2",
-    "--train-identifier",
-    "sks",
-    "--identifier-learning-rate",
-    "1e-2",
-    "--learning-rate",
-    "1e-3",
-    "--batch-size",
-    "4",
-    "--min-snr-gamma",
-    "5",
-    "--num-class-images",
-    "100",
-]
+# No tuning flags: gen.train.dreambooth fills in the recipe measured for gen's DiT (its RECIPES), and finds the
+# identifier ("sks") as the instance prompt's word the class prompt lacks.
+RECIPE = ["--lora", "--class-prompt", CLASS, "--num-class-images", "100"]
 
 
 def instance_images(folder: Path, shape: str, colour: str, count: int, seed: int) -> None:
@@ -143,19 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
             *RECIPE,
         ]
         if prior:
-            args += [
-                "--with-prior-preservation",
-                "--class-prompt",
-                CLASS,
-                "--class-dir",
-                str(o.out / "class_images"),
-            ]
+            args += ["--with-prior-preservation", "--class-dir", str(o.out / "class_images")]
         start = time.perf_counter()
         lora = dreambooth.main(args + extra)
         minutes = (time.perf_counter() - start) / 60
         pipe.load_lora_weights(lora, adapter_name=name.replace(" ", "_"))
         row = judge_subject(pipe, judge, o.shape, o.colour, o.seeds)
         row |= {"adherence": base_adherence(pipe, judge, o.images_per_prompt), "minutes": minutes}
+        config = json.loads((out / "train_config.json").read_text())
+        row["recipe"] = {k: config[k] for k in dreambooth.TUNING_FLAGS}  # what the run trained with
         pipe.unload_lora_weights()
         report[name] = row
     (o.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,6 +1,8 @@
 """gen.train.dreambooth on tiny components, in-process: LoRA (denoiser and text encoder) with prior preservation,
 full fine-tuning of a UNet, resume, and the one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from safetensors.torch import load_file
 
 import gen
 from gen.train import checkpoint
-from gen.train.dreambooth import EMBEDDINGS_FILE, LORA_FILE, DreamBoothTrainer, main
+from gen.train.dreambooth import EMBEDDINGS_FILE, LORA_FILE, RECIPES, DreamBoothTrainer, Options, check, main
 from tests import components
 
 
@@ -253,6 +255,82 @@ def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
         str(main(args(models, tmp_path / "b", *extra, "--max-steps", "4", "--resume", "latest")))
     )
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_lora_on_gen_dit_trains_the_measured_recipe(models, tmp_path):
+    """No tuning flags: adapters on self-attention and MLPs only, and the identifier's embedding beside them."""
+    out = tmp_path / "run"
+    extra = ["--lora", "--with-prior-preservation", "--class-prompt", "a shape", "--num-class-images", "2"]
+    main(args(models, out, *extra, "--max-steps", "1"))
+    keys = load_file(out / LORA_FILE).keys()
+    assert any(".attn1." in k for k in keys) and any(".mlp.0." in k for k in keys)
+    assert not any(".attn2." in k for k in keys)  # cross-attention keeps the base model's prompt reading
+    assert set(load_file(out / EMBEDDINGS_FILE)) == {"sks"}  # the word "a shape" lacks
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["rank"], saved["learning_rate"], saved["min_snr_gamma"]) == (4, 1e-3, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "lora", "prompt", "class_prompt", "recipe", "identifier"),
+    [
+        ("transformer", True, "a sks shape", "a shape", "gen-dit", "sks"),
+        ("transformer", True, "a sks shape", "", "gen-dit", ""),  # nothing to compare the prompt with
+        ("transformer", True, "a sks zwx shape", "a shape", "gen-dit", ""),  # two new words: which one?
+        ("transformer", False, "a sks shape", "a shape", "generic", ""),  # a full fine-tune
+        ("unet", True, "a sks shape", "a shape", "generic", ""),
+    ],
+)
+def test_the_recipe_follows_the_model_and_the_prompts(
+    models, model, lora, prompt, class_prompt, recipe, identifier
+):
+    o = Options(
+        model=str(models / model),
+        instance_dir="x",
+        instance_prompt=prompt,
+        class_prompt=class_prompt,
+        lora=lora,
+        output_dir="unused",
+    )
+    o = check(o)
+    want = RECIPES[recipe]
+    assert (o.rank, o.lora_targets, o.learning_rate, o.min_snr_gamma) == (
+        want.rank,
+        want.lora_targets,
+        want.learning_rate,
+        want.min_snr_gamma,
+    )
+    assert o.train_identifier == identifier
+
+
+def test_cache_text_keeps_the_recipe_from_learning_an_identifier(models):
+    o = Options(
+        model=str(models / "transformer"),
+        instance_dir="x",
+        instance_prompt="a sks shape",
+        class_prompt="a shape",
+        lora=True,
+        cache_text=True,
+        output_dir="unused",
+    )
+    assert check(o).train_identifier == ""  # rather than the trainer's refusal of a learning text encoder
+
+
+def test_flags_given_win_over_the_recipe(models):
+    o = Options(
+        model=str(models / "transformer"),
+        instance_dir="x",
+        instance_prompt="a sks shape",
+        class_prompt="a shape",
+        lora=True,
+        rank=2,
+        learning_rate=3e-4,
+        min_snr_gamma=0.0,
+        train_identifier="",
+        output_dir="unused",
+    )
+    o = check(o)
+    assert (o.rank, o.learning_rate, o.min_snr_gamma, o.train_identifier) == (2, 3e-4, 0.0, "")
+    assert o.lora_targets == RECIPES["gen-dit"].lora_targets  # the one flag not given
 
 
 @pytest.mark.parametrize(

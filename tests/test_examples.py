@@ -55,6 +55,8 @@ def test_dreambooth_recipe_runs_end_to_end(tmp_path, capsys):
     assert report["judge on renders"]["clean"] == 1.0  # the judge knows a rendered heart
     for run in ("prior preservation", "no prior preservation"):
         assert 0 <= report[run]["fidelity"] <= 1 and set(report[run]["adherence"]) == {"seen", "held-out"}
+        # no tuning flags given: the recipe for gen's DiT, with the identifier found in both runs
+        assert report[run]["recipe"]["train_identifier"] == "sks" and report[run]["recipe"]["rank"] == 4
     assert "no prior preservation" in capsys.readouterr().out
 
 

@@ -73,6 +73,8 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
             "--rank",
             "2",
             "--train-text-encoder",
+            "--train-identifier",
+            "",  # adapters only (the recipe would learn "sks", which "a shape" lacks)
             "--ema-decay",
             "0.9",
             "--min-snr-gamma",
@@ -300,6 +302,75 @@ def test_the_recipe_follows_the_model_and_the_prompts(
         want.min_snr_gamma,
     )
     assert o.train_identifier == identifier
+
+
+def test_identifier_found_by_the_recipe_learns_beside_text_encoder_adapters(models, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--lora", "--train-text-encoder", "--class-prompt", "a shape", "--max-steps", "2"]
+    main(args(models, out, *extra))
+    pipe = gen.load_pipeline(models / "transformer")
+    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    base = pipe.text_encoder.get_input_embeddings().weight[sks]
+    learned = load_file(out / EMBEDDINGS_FILE)["sks"]
+    assert (learned - base).abs().max() > 1e-4  # peft's add_adapter had frozen the table before it
+
+
+@pytest.mark.parametrize(
+    ("prompt", "class_prompt", "found"),
+    [
+        (
+            "A photo of Sks, dog.",
+            "a photo of a dog",
+            "sks",
+        ),  # case and punctuation as the tokenizer sees them
+        ("a photo of sks dog", "a photo of a dog", "sks"),
+        ("a photo of sks dog", "a dog", ""),  # photo, of, sks: which one?
+        ("a photo of a dog", "a photo of a dog", ""),
+    ],
+)
+def test_identifier_is_the_one_new_word(models, prompt, class_prompt, found):
+    o = Options(
+        model=str(models / "transformer"),
+        instance_dir="x",
+        instance_prompt=prompt,
+        class_prompt=class_prompt,
+        lora=True,
+        output_dir="unused",
+    )
+    assert check(o).train_identifier == found
+
+
+def test_resume_fills_left_out_flags_from_the_run_it_continues(models, tmp_path):
+    out = tmp_path / "run"
+    main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "", "--checkpointing-steps", "1"))
+    o = check(
+        Options(
+            model=str(models / "transformer"),
+            instance_dir="x",
+            instance_prompt="a sks shape",
+            class_prompt="a shape",
+            lora=True,
+            output_dir=str(out),
+            resume="latest",
+        )
+    )
+    assert (o.rank, o.train_identifier) == (2, "")  # not the recipe's 4 and "sks"
+    with pytest.raises(SystemExit, match="was written by a run that trained other parameters"):
+        main(
+            args(
+                models,
+                out,
+                "--lora",
+                "--rank",
+                "3",
+                "--train-identifier",
+                "",
+                "--resume",
+                "latest",
+                "--max-steps",
+                "3",
+            )
+        )
 
 
 def test_cache_text_keeps_the_recipe_from_learning_an_identifier(models):

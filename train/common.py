@@ -51,7 +51,9 @@ def options_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = field.metadata.get("help", "") + " (default: %(default)s)"
+        help_text = field.metadata.get("help", "")
+        if field.default is not None:  # a None default is described by the help itself
+            help_text += " (default: %(default)s)"
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text

@@ -2,14 +2,14 @@
 gen's models, SD 1.x/2.x/SDXL, and SD3 and Flux folders (flow matching: gen.train.flow).
 
     python -m gen.train.dreambooth --instance-dir my-dog/ --instance-prompt "a photo of sks dog" \\
-        --class-prompt "a photo of a dog" --with-prior-preservation --lora --rank 8 --output-dir runs/dog
+        --class-prompt "a photo of a dog" --with-prior-preservation --lora --output-dir runs/dog
     accelerate launch -m gen.train.dreambooth ...   # the same, on every GPU accelerate is configured for
 
 Every batch pairs instance images (captioned with the instance prompt) with as many class images (each captioned
 with the prompt it was drawn with: its own .txt, or else the class prompt); the class loss, weighted by
 --prior-loss-weight, keeps what the model drew for the class before. Class images the class folder lacks are
-generated first with the base model. With --lora only peft adapters train (on the denoiser's attention, and on
-the text encoder's with --train-text-encoder); the result is OUTPUT/pytorch_lora_weights.safetensors, read by
+generated first with the base model. With --lora only peft adapters train (on the denoiser's --lora-targets, and
+on the text encoder's attention with --train-text-encoder); the result is OUTPUT/pytorch_lora_weights.safetensors, read by
 `pipe.load_lora_weights` here and in diffusers. Without --lora the whole denoiser (and text encoder) trains and
 OUTPUT/model is a pipeline folder.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,45 +145,71 @@ def recipe_name(o: Options) -> str:
 
 
 def with_recipe(o: Options) -> Options:
-    """`o` with every tuning flag it left out (None) filled from its model's recipe, the choice logged."""
+    """`o` with every tuning flag it left out (None) filled in, the choice logged: from the run's own
+    train_config.json when it resumes (the checkpoint was made with those), else from its model's recipe."""
     left_out = [k for k in TUNING_FLAGS if getattr(o, k) is None]
-    name = recipe_name(o)
-    recipe = RECIPES[name]
-    finds_identifier = recipe.learns_identifier and "train_identifier" in left_out
-    if finds_identifier and o.cache_text:
-        logger.info("no identifier learned: --cache-text keeps the text encoder, and its embeddings, frozen")
-        finds_identifier = False
-    if (o.class_prompt or o.class_prompts) and not (o.with_prior_preservation or finds_identifier):
-        logger.warning(
-            "--class-prompt(s): only used with --with-prior-preservation, or to find the identifier"
-        )
     if not left_out:
         return o
-    filled = {k: getattr(recipe, k) for k in left_out if k != "train_identifier"}
-    if "train_identifier" in left_out:
-        filled["train_identifier"] = identifier(o) if finds_identifier else ""
+    saved = _saved_config(o)
+    if saved:
+        filled = {k: saved[k] for k in left_out}
+        source = f"{Path(o.output_dir) / 'train_config.json'} (resuming)"
+    else:
+        name = recipe_name(o)
+        recipe = RECIPES[name]
+        filled = {k: getattr(recipe, k) for k in left_out if k != "train_identifier"}
+        if "train_identifier" in left_out:
+            filled["train_identifier"] = identifier(o) if recipe.learns_identifier else ""
+        source = f"the {name} recipe"
+    found = filled.get("train_identifier")
+    if (o.class_prompt or o.class_prompts) and not (o.with_prior_preservation or found):
+        logger.warning("--class-prompt(s) unused: they caption class images, with --with-prior-preservation")
     shown = " ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in filled.items())
-    logger.info("%s recipe for the flags not given: %s", name, shown)
+    logger.info("flags not given, from %s: %s", source, shown)
     return dataclasses.replace(o, **filled)
+
+
+def _saved_config(o: Options) -> dict | None:
+    """The tuning flags of the run --resume continues, if its train_config.json has them all."""
+    path = Path(o.output_dir) / "train_config.json"
+    if not o.resume or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return saved if all(saved.get(k) is not None for k in TUNING_FLAGS) else None
+
+
+def words(text: str) -> list[str]:
+    """A prompt's words as the CLIP tokenizer sees them: lower case, punctuation apart ("Sks," -> "sks")."""
+    return re.findall(r"[\w'-]+", text.casefold())
 
 
 def identifier(o: Options) -> str:
     """The one word of the instance prompt that no class prompt has ("sks" in "a photo of sks dog" against "a
-    photo of a dog"), or "" (logged) when there is no class prompt to compare with or not exactly one such word."""
-    if not (o.class_prompt or o.class_prompts):
-        logger.info("no class prompt to find the identifier by: pass --train-identifier WORD to learn one")
-        return ""
-    known = {w for p in class_prompts(o) for w in p.split()}
-    words = list(dict.fromkeys(w for w in o.instance_prompt.split() if w not in known))
-    if len(words) != 1:
-        logger.info(
-            "the instance prompt has %s words the class prompt lacks (%s): no identifier learned; pass"
-            " --train-identifier WORD to choose one",
-            len(words),
-            ", ".join(words) or "none",
+    photo of a dog"), or "" (said in a warning) when there is no class prompt or not exactly one such word."""
+    if o.cache_text:
+        logger.warning(
+            "no identifier learned: --cache-text keeps the text encoder, and its embeddings, frozen"
         )
         return ""
-    return words[0]
+    known = set(words(o.class_prompt))
+    if o.class_prompts:
+        known |= {w for p in class_prompts(o) for w in words(p)}
+    if not known:
+        logger.warning("no class prompt to find the identifier by: pass --train-identifier WORD to learn one")
+        return ""
+    new = list(dict.fromkeys(w for w in words(o.instance_prompt) if w not in known))
+    if len(new) != 1:
+        logger.warning(
+            "the instance prompt has %d words the class prompt lacks (%s): no identifier learned; pass"
+            " --train-identifier WORD to choose one",
+            len(new),
+            ", ".join(new) or "none",
+        )
+        return ""
+    return new[0]
 
 
 class DreamBoothTrainer(Trainer):
@@ -197,10 +224,11 @@ class DreamBoothTrainer(Trainer):
             raise TrainError("--train-identifier learns a CLIP token; SD3/Flux read prompts through T5 too")
         if o.with_prior_preservation:
             self.classes = self._class_images()  # with the base model, before anything trains
-        if o.train_identifier:
-            self._learn_identifier()
         if not o.lora:
-            return super().prepare_models()
+            super().prepare_models()
+            if o.train_identifier:
+                self._learn_identifier()
+            return
         from peft import LoraConfig
 
         def config(targets: str) -> LoraConfig:
@@ -216,6 +244,8 @@ class DreamBoothTrainer(Trainer):
         if o.train_text_encoder:
             self.pipe.text_encoder.add_adapter(config(o.text_encoder_lora_targets))
             self.pipe.text_encoder.train()
+        if o.train_identifier:  # after the adapters: peft's add_adapter freezes every non-adapter parameter
+            self._learn_identifier()
         if o.gradient_checkpointing:
             self.pipe.denoiser.enable_gradient_checkpointing()
 
@@ -382,7 +412,10 @@ def class_prompts(o: Options) -> list[str]:
 def _check_identifier(o: Options) -> None:
     # Only the identifier's embedding row learns, so it must be a word of the prompt, and a text encoder that
     # trains whole (no LoRA) would learn it anyway.
-    if o.train_identifier and o.train_identifier not in o.instance_prompt.split():
+    named = o.train_identifier in o.instance_prompt.split() or o.train_identifier.casefold() in words(
+        o.instance_prompt
+    )
+    if o.train_identifier and not named:
         raise TrainError(
             f"--train-identifier {o.train_identifier!r} is not a word of --instance-prompt {o.instance_prompt!r}"
         )

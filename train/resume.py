@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gen.train import checkpoint
+from gen.train.common import TrainError
 
 logger = logging.getLogger("gen.train")
 
@@ -47,10 +48,20 @@ def state_of(trainer) -> dict:
 def restore(trainer, path: Path) -> None:
     """The trainer as it was when the checkpoint at `path` was written."""
     s = checkpoint.load(path)
-    for m, mod in trainer.trained_modules().items():
-        for n, p in mod.named_parameters():
-            if p.requires_grad:
-                p.copy_(s["trainable"][f"{m}.{n}"])
+    mine = {
+        f"{m}.{n}": p
+        for m, mod in trainer.trained_modules().items()
+        for n, p in mod.named_parameters()
+        if p.requires_grad
+    }
+    theirs = s["trainable"]
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise TrainError(
+            f"{path} was written by a run that trained other parameters ({len(theirs)} tensors against this"
+            f" run's {len(mine)}): resume with that run's options (its train_config.json), or start afresh"
+        )
+    for k, p in mine.items():
+        p.copy_(theirs[k])
     trainer.opt.load_state_dict(s["optimizer"])
     trainer.lr.load_state_dict(s["lr"])
     if trainer.ema and s["ema"]:

@@ -92,7 +92,7 @@ def test_lora_with_prior_preservation_text_encoder_ema_min_snr(models, tmp_path)
     keys = load_file(str(lora))
     assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}
     assert all(".lora_A." in k or ".lora_B." in k for k in keys)
-    assert keys["transformer.blocks.0.attn1.to_q.lora_A.weight"].shape[0] == 2  # the rank
+    assert keys["transformer.blocks.0.mlp.0.lora_A.weight"].shape[0] == 2  # the rank
     state = checkpoint.load(out / "checkpoint-2")  # only the adapters train, so only they are checkpointed
     assert state["trainable"] and all("lora_" in k for k in state["trainable"])
     pipe = gen.load_pipeline(models / "transformer")
@@ -260,13 +260,13 @@ def test_resume_equals_an_uninterrupted_lora_run(models, tmp_path):
 
 
 def test_lora_on_gen_dit_trains_the_measured_recipe(models, tmp_path):
-    """No tuning flags: adapters on self-attention and MLPs only, and the identifier's embedding beside them."""
+    """No tuning flags: adapters on the MLPs only, and the identifier's embedding beside them."""
     out = tmp_path / "run"
     extra = ["--lora", "--with-prior-preservation", "--class-prompt", "a shape", "--num-class-images", "2"]
     main(args(models, out, *extra, "--max-steps", "1"))
     keys = load_file(out / LORA_FILE).keys()
-    assert any(".attn1." in k for k in keys) and any(".mlp.0." in k for k in keys)
-    assert not any(".attn2." in k for k in keys)  # cross-attention keeps the base model's prompt reading
+    assert any(".mlp.0." in k for k in keys) and any(".mlp.2." in k for k in keys)
+    assert not any(".attn" in k for k in keys)  # attention keeps the base model's layout and prompt reading
     assert set(load_file(out / EMBEDDINGS_FILE)) == {"sks"}  # the word "a shape" lacks
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["rank"], saved["learning_rate"], saved["min_snr_gamma"]) == (4, 1e-3, 5.0)

@@ -272,6 +272,12 @@ def test_lora_on_gen_dit_trains_the_measured_recipe(models, tmp_path):
     assert (saved["rank"], saved["learning_rate"], saved["min_snr_gamma"]) == (4, 1e-3, 5.0)
 
 
+def checked(models, model="transformer", output_dir="unused", **given) -> Options:
+    """check()'s Options (the recipe filled in) for a LoRA run on a tiny model, `given` set as flags would be."""
+    flags = {"instance_dir": "x", "instance_prompt": "a sks shape", "class_prompt": "a shape", "lora": True}
+    return check(Options(model=str(models / model), output_dir=output_dir, **(flags | given)))
+
+
 @pytest.mark.parametrize(
     ("model", "lora", "prompt", "class_prompt", "recipe", "identifier"),
     [
@@ -285,15 +291,7 @@ def test_lora_on_gen_dit_trains_the_measured_recipe(models, tmp_path):
 def test_the_recipe_follows_the_model_and_the_prompts(
     models, model, lora, prompt, class_prompt, recipe, identifier
 ):
-    o = Options(
-        model=str(models / model),
-        instance_dir="x",
-        instance_prompt=prompt,
-        class_prompt=class_prompt,
-        lora=lora,
-        output_dir="unused",
-    )
-    o = check(o)
+    o = checked(models, model, lora=lora, instance_prompt=prompt, class_prompt=class_prompt)
     want = RECIPES[recipe]
     assert (o.rank, o.lora_targets, o.learning_rate, o.min_snr_gamma) == (
         want.rank,
@@ -302,17 +300,6 @@ def test_the_recipe_follows_the_model_and_the_prompts(
         want.min_snr_gamma,
     )
     assert o.train_identifier == identifier
-
-
-def test_identifier_found_by_the_recipe_learns_beside_text_encoder_adapters(models, tmp_path):
-    out = tmp_path / "run"
-    extra = ["--lora", "--train-text-encoder", "--class-prompt", "a shape", "--max-steps", "2"]
-    main(args(models, out, *extra))
-    pipe = gen.load_pipeline(models / "transformer")
-    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids
-    base = pipe.text_encoder.get_input_embeddings().weight[sks]
-    learned = load_file(out / EMBEDDINGS_FILE)["sks"]
-    assert (learned - base).abs().max() > 1e-4  # peft's add_adapter had frozen the table before it
 
 
 @pytest.mark.parametrize(
@@ -329,79 +316,39 @@ def test_identifier_found_by_the_recipe_learns_beside_text_encoder_adapters(mode
     ],
 )
 def test_identifier_is_the_one_new_word(models, prompt, class_prompt, found):
-    o = Options(
-        model=str(models / "transformer"),
-        instance_dir="x",
-        instance_prompt=prompt,
-        class_prompt=class_prompt,
-        lora=True,
-        output_dir="unused",
-    )
-    assert check(o).train_identifier == found
+    assert checked(models, instance_prompt=prompt, class_prompt=class_prompt).train_identifier == found
 
 
 def test_resume_fills_left_out_flags_from_the_run_it_continues(models, tmp_path):
     out = tmp_path / "run"
     main(args(models, out, "--lora", "--rank", "2", "--train-identifier", "", "--checkpointing-steps", "1"))
-    o = check(
-        Options(
-            model=str(models / "transformer"),
-            instance_dir="x",
-            instance_prompt="a sks shape",
-            class_prompt="a shape",
-            lora=True,
-            output_dir=str(out),
-            resume="latest",
-        )
-    )
+    o = checked(models, output_dir=str(out), resume="latest")
     assert (o.rank, o.train_identifier) == (2, "")  # not the recipe's 4 and "sks"
+    again = ["--lora", "--rank", "3", "--train-identifier", "", "--resume", "latest", "--max-steps", "3"]
     with pytest.raises(SystemExit, match="was written by a run that trained other parameters"):
-        main(
-            args(
-                models,
-                out,
-                "--lora",
-                "--rank",
-                "3",
-                "--train-identifier",
-                "",
-                "--resume",
-                "latest",
-                "--max-steps",
-                "3",
-            )
-        )
+        main(args(models, out, *again))
 
 
 def test_cache_text_keeps_the_recipe_from_learning_an_identifier(models):
-    o = Options(
-        model=str(models / "transformer"),
-        instance_dir="x",
-        instance_prompt="a sks shape",
-        class_prompt="a shape",
-        lora=True,
-        cache_text=True,
-        output_dir="unused",
-    )
-    assert check(o).train_identifier == ""  # rather than the trainer's refusal of a learning text encoder
+    # rather than the trainer's refusal of a learning text encoder
+    assert checked(models, cache_text=True).train_identifier == ""
 
 
 def test_flags_given_win_over_the_recipe(models):
-    o = Options(
-        model=str(models / "transformer"),
-        instance_dir="x",
-        instance_prompt="a sks shape",
-        class_prompt="a shape",
-        lora=True,
-        rank=2,
-        learning_rate=3e-4,
-        min_snr_gamma=0.0,
-        train_identifier="",
-        output_dir="unused",
-    )
-    o = check(o)
+    o = checked(models, rank=2, learning_rate=3e-4, min_snr_gamma=0.0, train_identifier="")
     assert (o.rank, o.learning_rate, o.min_snr_gamma, o.train_identifier) == (2, 3e-4, 0.0, "")
     assert o.lora_targets == RECIPES["gen-dit"].lora_targets  # the one flag not given
+
+
+def test_identifier_found_by_the_recipe_learns_beside_text_encoder_adapters(models, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--lora", "--train-text-encoder", "--class-prompt", "a shape", "--max-steps", "2"]
+    main(args(models, out, *extra))
+    pipe = gen.load_pipeline(models / "transformer")
+    sks = pipe.tokenizer("sks", add_special_tokens=False).input_ids
+    base = pipe.text_encoder.get_input_embeddings().weight[sks]
+    learned = load_file(out / EMBEDDINGS_FILE)["sks"]
+    assert (learned - base).abs().max() > 1e-4  # peft's add_adapter had frozen the table before it
 
 
 @pytest.mark.parametrize(

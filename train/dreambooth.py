@@ -15,7 +15,7 @@ OUTPUT/model is a pipeline folder.
 
 The tuning flags a run leaves out (--rank, --lora-targets, --learning-rate, --min-snr-gamma, --train-identifier,
 --identifier-learning-rate) come from a recipe for the base model (RECIPES): LoRA on gen's own DiT gets the one
-measured on the embedded model, everything else the generic one. The log says which values were filled in.
+measured on the embedded model (round 3), everything else the generic one. The log says which values were filled in.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ TUNING_FLAGS = (
 RECIPES = {
     # LoRA on gen's own DiT, measured on the embedded 6.3 M-parameter model (README, "DreamBooth"): with the
     # generic recipe below it drew an unseen shape in 9 % of images; adapters at 1e-3 with the identifier's
-    # embedding learned drew it in 39-61 %, and neither change alone did. On the MLPs alone they draw it as often
-    # as on self-attention and MLPs, and cost the base model's adherence less (7.5 points against 10.6).
+    # embedding learned drew it in 39-61 %, and neither change alone did. With prior preservation, on the MLPs
+    # alone they draw it as often as on self-attention and MLPs and cost the base model's adherence less (7.5
+    # points against 10.6, round-3 model); without it less than half as often (16 % against 41 %).
     "gen-dit": Recipe(
         rank=4,
         lora_targets="mlp.0,mlp.2",
@@ -154,7 +155,7 @@ def with_recipe(o: Options) -> Options:
     saved = _saved_config(o)
     if saved:
         filled = {k: saved[k] for k in left_out}
-        source = f"{Path(o.output_dir) / 'train_config.json'} (resuming)"
+        source = "the train_config.json of the run it resumes"
     else:
         name = recipe_name(o)
         recipe = RECIPES[name]
@@ -162,9 +163,6 @@ def with_recipe(o: Options) -> Options:
         if "train_identifier" in left_out:
             filled["train_identifier"] = identifier(o) if recipe.learns_identifier else ""
         source = f"the {name} recipe"
-    found = filled.get("train_identifier")
-    if (o.class_prompt or o.class_prompts) and not (o.with_prior_preservation or found):
-        logger.warning("--class-prompt(s) unused: they caption class images, with --with-prior-preservation")
     shown = " ".join(f"--{k.replace('_', '-')} {v!r}" for k, v in filled.items())
     logger.info("flags not given, from %s: %s", source, shown)
     return dataclasses.replace(o, **filled)
@@ -172,7 +170,8 @@ def with_recipe(o: Options) -> Options:
 
 def _saved_config(o: Options) -> dict | None:
     """The tuning flags of the run --resume continues, if its train_config.json has them all."""
-    path = Path(o.output_dir) / "train_config.json"
+    run = Path(o.output_dir) if o.resume == "latest" else Path(o.resume).parent  # OUT/checkpoint-N's OUT
+    path = run / "train_config.json"
     if not o.resume or not path.is_file():
         return None
     try:
@@ -183,8 +182,9 @@ def _saved_config(o: Options) -> dict | None:
 
 
 def words(text: str) -> list[str]:
-    """A prompt's words as the CLIP tokenizer sees them: lower case, punctuation apart ("Sks," -> "sks")."""
-    return re.findall(r"[\w'-]+", text.casefold())
+    """A prompt's words as CLIP's tokenizer splits them (its pre-tokenizer's pattern, casefolded), punctuation
+    left out: "A photo of Sks, dog." -> a, photo, of, sks, dog; "sks_dog" and "sks2" are two words each."""
+    return [w for w in re.findall(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d", text.casefold()) if w.isalnum()]
 
 
 def identifier(o: Options) -> str:
@@ -210,7 +210,25 @@ def identifier(o: Options) -> str:
             ", ".join(new) or "none",
         )
         return ""
+    if _known_word(o, new[0]):
+        logger.warning(
+            "%r, the instance prompt's word the class prompt lacks, is a word the tokenizer has, so its learned"
+            " embedding would not load with the LoRA: no identifier learned; name a rare one (e.g. sks)",
+            new[0],
+        )
+        return ""
     return new[0]
+
+
+def _known_word(o: Options, word: str) -> bool:
+    """Whether the model's tokenizer has `word` (then gen.pipelines' LoRA loader keeps the word's own embedding)."""
+    from transformers import CLIPTokenizer
+
+    try:
+        vocab = CLIPTokenizer.from_pretrained(Path(o.model or DEFAULT_MODEL) / "tokenizer").get_vocab()
+    except (OSError, ValueError):
+        return False
+    return word in vocab
 
 
 class DreamBoothTrainer(Trainer):
@@ -368,7 +386,11 @@ def generate_class_images(
 def check(o: Options) -> Options:
     """One-line errors for options that cannot work, before anything loads; `o` with its recipe filled in."""
     _check_prompts(o)  # first: the recipe reads the class prompts to find the identifier
-    o = with_recipe(o)
+    filled = with_recipe(o)
+    found = o.train_identifier is None and filled.train_identifier  # the class prompt named it
+    if (o.class_prompt or o.class_prompts) and not (o.with_prior_preservation or found):
+        logger.warning("--class-prompt(s) unused: they caption class images, with --with-prior-preservation")
+    o = filled
     _check_identifier(o)
     if o.rank < 1:
         raise TrainError(f"--rank {o.rank}: must be at least 1")

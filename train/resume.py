@@ -55,10 +55,9 @@ def restore(trainer, path: Path) -> None:
         if p.requires_grad
     }
     theirs = s["trainable"]
-    groups = len(s["optimizer"]["param_groups"]) != len(
-        trainer.opt.param_groups
-    )  # e.g. an identifier's own rate
-    if groups or set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+    # The same tensors may still sit in other optimizer groups (e.g. an identifier with its own rate, or without).
+    same_groups = len(s["optimizer"]["param_groups"]) == len(trainer.opt.param_groups)
+    if not same_groups or set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise TrainError(
             f"{path} was written by a run that trained other parameters ({len(theirs)} tensors against this"
             f" run's {len(mine)}): resume with that run's options (its train_config.json), or start afresh"

@@ -234,8 +234,9 @@ def _known_word(o: Options, word: str) -> bool:
 class DreamBoothTrainer(Trainer):
     def __init__(self, o: Options):
         self.instances = ImageCaptionFolder(o.instance_dir, o.resolution, caption=o.instance_prompt)
-        # main() has filled the recipe in; Options built in code may have left it out.
-        super().__init__(o if all(getattr(o, k) is not None for k in TUNING_FLAGS) else with_recipe(o))
+        super().__init__(
+            with_recipe(o)
+        )  # main() has filled it in (then o as it is); Options built in code may not
 
     def prepare_models(self) -> None:
         o = self.o

@@ -24,10 +24,17 @@ def test_caption_mix_kinds_stay_in_the_grammar():
         grammar = C.training_captions(scene)
         short = F.draw_caption(scene, rng, {"short": 1})
         assert short in grammar and not F.names_size_or_place(short)
+        minimal = F.draw_caption(scene, rng, {"minimal": 1})
+        assert minimal in grammar and not F.names_size_or_place(minimal)
+        assert not F.names_background(minimal, scene)
         assert F.draw_caption(scene, rng, {"template": 1}) == C.canonical(scene)
     assert F.names_size_or_place("a big red circle, blue background")
     assert F.names_size_or_place("a red circle on blue in the upper left")
     assert not F.names_size_or_place("a red circle on a blue background")
+    scene = S.Scene("red", "circle", "blue", "small", "centre")
+    assert F.names_background("red circle, blue background", scene)
+    assert F.names_background("a circle in red on blue", scene)
+    assert not F.names_background("a circle in red", scene)
 
 
 def test_parse_mix_rejects_unknown_kinds_and_bad_weights():

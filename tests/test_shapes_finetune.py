@@ -44,6 +44,22 @@ def test_parse_mix_rejects_unknown_kinds_and_bad_weights():
             F.parse_mix(bad)
 
 
+def test_cache_files_follow_only_the_parts_they_depend_on(tmp_path):
+    model = tmp_path / "model"
+    for part in ("vae", "text_encoder", "tokenizer", "transformer"):
+        (model / part).mkdir(parents=True)
+        (model / part / "weights").write_bytes(b"0")
+    o = F.FinetuneOptions(init_from=model, cache_dir=str(tmp_path / "cache"))
+    latents, text = F.cache_files(o, 64)
+    (model / "transformer" / "weights").write_bytes(b"1")  # the next round: a new DiT, the same VAE and CLIP
+    assert F.cache_files(o, 64) == (latents, text)
+    (model / "vae" / "weights").write_bytes(b"1")
+    assert F.cache_files(o, 64)[0] != latents and F.cache_files(o, 64)[1] == text
+    (model / "tokenizer" / "weights").write_bytes(b"1")
+    assert F.cache_files(o, 64)[1] != text
+    assert F.cache_files(F.FinetuneOptions(init_from=model), 64) is None
+
+
 def test_tiny_run_trains_the_dit_from_caches(tmp_path):
     out = tmp_path / "run"
     args = [

@@ -187,7 +187,12 @@ class FinetuneTrainer(Trainer):
     """gen.train.trainer's loop on cached latents and (frozen text encoder) cached caption embeddings."""
 
     def __init__(
-        self, o: TrainOptions, pipe, data: Scenes, text_encoder_lr: float = 0.0, cache: Path | None = None
+        self,
+        o: TrainOptions,
+        pipe,
+        data: Scenes,
+        text_encoder_lr: float = 0.0,
+        cache: tuple[Path, Path] | None = None,
     ):
         self._pipe, self.data, self.text_encoder_lr, self.losses = pipe, data, text_encoder_lr, []
         self.timings: dict[str, float] = {}
@@ -207,13 +212,13 @@ class FinetuneTrainer(Trainer):
         ]
 
     @torch.no_grad()
-    def fill_caches(self, cache: Path | None = None, batch: int = 256) -> None:
+    def fill_caches(self, cache: tuple[Path, Path] | None = None, batch: int = 256) -> None:
         """Every image's posterior into the Trainer's latent cache, and every distinct caption's embedding into its
-        text cache (when the text encoder is frozen), in large batches, once; with `cache` (a file prefix), what
-        an earlier run on the same scenes and model encoded is read back instead."""
+        text cache (when the text encoder is frozen), in large batches, once; with `cache` (cache_files), what
+        an earlier run on the same scenes and parts encoded is read back instead."""
         start = time.perf_counter()
         vae, dev = self.pipe.vae, self.acc.device
-        saved = Path(f"{cache}-latents.pt") if cache else None
+        saved = cache[0] if cache else None
         if saved and saved.exists():
             moments = torch.load(saved, map_location=dev)
         else:
@@ -224,15 +229,14 @@ class FinetuneTrainer(Trainer):
                 parts.append(vae.encode(x).latent_dist.parameters)  # (b, 2C, h, w): mean and log-variance
             moments = torch.cat(parts)
             if saved:
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(moments.cpu(), saved)
+                _save_atomic(moments.cpu(), saved)
         for i, m in enumerate(moments):
             self.latent_cache[(id(self.data), i, False)] = m
         self.timings["encode_images_s"] = round(time.perf_counter() - start, 1)
         if self.text_cache is None:
             return
         start = time.perf_counter()
-        saved = Path(f"{cache}-text.pt") if cache else None
+        saved = cache[1] if cache else None
         known = torch.load(saved, map_location=dev) if saved and saved.exists() else {}
         distinct = sorted({c for row in self.data.captions for c in row})
         self.text_cache.update({c: known[c] for c in distinct if c in known})
@@ -244,7 +248,7 @@ class FinetuneTrainer(Trainer):
             rows, self.text_cache[""] = embed(self.pipe.tokenizer, self.text_model, chunk, dev)
             self.text_cache.update(zip(chunk, rows, strict=True))
         if saved and todo:
-            torch.save({k: v.cpu() for k, v in {**known, **self.text_cache}.items()}, saved)
+            _save_atomic({k: v.cpu() for k, v in {**known, **self.text_cache}.items()}, saved)
         self.timings["embed_captions_s"] = round(time.perf_counter() - start, 1)
         self.timings["distinct_captions"] = len(distinct)
         self.timings["captions_embedded"] = len(todo)
@@ -333,16 +337,32 @@ def format_summary(summary: dict) -> str:
     return "  ".join(f"{k} {v['seen']:.0f}/{v['held-out']:.0f}" for k, v in summary.items())
 
 
-def cache_prefix(o: FinetuneOptions, resolution: int) -> Path | None:
-    """CACHE_DIR/<scenes and model>: a file prefix that changes with the scenes rendered or the model's weights."""
+def cache_files(o: FinetuneOptions, resolution: int) -> tuple[Path, Path] | None:
+    """The latent and caption-embedding cache files under CACHE_DIR. Latents change only with the scenes and the
+    VAE, embeddings only with the text encoder and tokenizer: keying each on its own parts' bytes lets the next
+    round (a new DiT, the same VAE) read the latents back instead of spending minutes re-encoding them."""
     if not o.cache_dir:
         return None
-    weights = sorted(Path(o.init_from).glob("*/*.safetensors"))
-    stamp = ",".join(
-        f"{w.relative_to(o.init_from)}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights
-    )
-    key = hashlib.sha256(f"{Path(o.init_from).resolve()}|{stamp}".encode()).hexdigest()[:12]
-    return Path(o.cache_dir) / f"scenes-{o.data_seed}-{o.images}-{resolution}-{key}"
+    scenes = f"scenes-{o.data_seed}-{o.images}-{resolution}"
+    folder = Path(o.cache_dir)
+    latents = folder / f"{scenes}-vae-{_digest(Path(o.init_from), 'vae')}-latents.pt"
+    return latents, folder / f"text-{_digest(Path(o.init_from), 'text_encoder', 'tokenizer')}.pt"
+
+
+def _digest(model: Path, *parts: str) -> str:
+    sha = hashlib.sha256()
+    for f in sorted(p for part in parts for p in (model / part).rglob("*") if p.is_file()):
+        sha.update(f"{f.relative_to(model)}\n".encode())
+        sha.update(f.read_bytes())
+    return sha.hexdigest()[:12]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    # Two arms started together fill the same cache: each writes whole files, never half of one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _device_name() -> str:
@@ -410,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints_total_limit=1,
         resume=o.resume,
     )
-    trainer = FinetuneTrainer(options, pipe, data, o.text_encoder_lr, cache_prefix(o, resolution))
+    trainer = FinetuneTrainer(options, pipe, data, o.text_encoder_lr, cache_files(o, resolution))
     print(f"caches: {trainer.timings}")
     at = {int(s) for s in o.eval_at.split(",") if s.strip()}
     curve = None

@@ -36,7 +36,7 @@ import torch
 from gen.data import captions as C
 from gen.data import shapes as S
 from gen.evaluation import evaluate_styles
-from gen.files import atomic_folder, atomic_write_text
+from gen.files import atomic_folder, atomic_write, atomic_write_text
 from gen.loading.assets import DEFAULT_MODEL
 from gen.loading.pipeline import load_pipeline
 from gen.models.judge import Judge
@@ -104,7 +104,8 @@ class FinetuneOptions:
     cache_dir: str = field(
         default="",
         metadata={
-            "help": "keep the encoded latents and caption embeddings here, for later runs on the same data"
+            "help": "keep the encoded latents (keyed on the scenes and the VAE) and caption embeddings (keyed on "
+            "CLIP) here, for later runs and rounds"
         },
     )
 
@@ -229,7 +230,7 @@ class FinetuneTrainer(Trainer):
                 parts.append(vae.encode(x).latent_dist.parameters)  # (b, 2C, h, w): mean and log-variance
             moments = torch.cat(parts)
             if saved:
-                _save_atomic(moments.cpu(), saved)
+                _save_cache(moments.cpu(), saved)
         for i, m in enumerate(moments):
             self.latent_cache[(id(self.data), i, False)] = m
         self.timings["encode_images_s"] = round(time.perf_counter() - start, 1)
@@ -248,7 +249,7 @@ class FinetuneTrainer(Trainer):
             rows, self.text_cache[""] = embed(self.pipe.tokenizer, self.text_model, chunk, dev)
             self.text_cache.update(zip(chunk, rows, strict=True))
         if saved and todo:
-            _save_atomic({k: v.cpu() for k, v in {**known, **self.text_cache}.items()}, saved)
+            _save_cache({k: v.cpu() for k, v in {**known, **self.text_cache}.items()}, saved)
         self.timings["embed_captions_s"] = round(time.perf_counter() - start, 1)
         self.timings["distinct_captions"] = len(distinct)
         self.timings["captions_embedded"] = len(todo)
@@ -350,19 +351,22 @@ def cache_files(o: FinetuneOptions, resolution: int) -> tuple[Path, Path] | None
 
 
 def _digest(model: Path, *parts: str) -> str:
+    files = sorted(p for part in parts for p in (model / part).rglob("*") if p.is_file())
+    if not files:  # an empty key would let every model lacking these parts share one cache file
+        raise TrainError(f"--init-from {model}: no files in {' or '.join(parts)}/ to key the cache on")
     sha = hashlib.sha256()
-    for f in sorted(p for part in parts for p in (model / part).rglob("*") if p.is_file()):
+    for f in files:
         sha.update(f"{f.relative_to(model)}\n".encode())
         sha.update(f.read_bytes())
     return sha.hexdigest()[:12]
 
 
-def _save_atomic(obj, path: Path) -> None:
-    # Two arms started together fill the same cache: each writes whole files, never half of one.
+def _save_cache(obj, path: Path) -> None:
+    # Two arms started together fill the same cache: each writes whole files, never half of one. The caption file
+    # is read, added to and rewritten, so two such runs may drop each other's additions (re-embedded next time).
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _device_name() -> str:

@@ -170,9 +170,11 @@ def with_recipe(o: Options) -> Options:
 
 def _saved_config(o: Options) -> dict | None:
     """The tuning flags of the run --resume continues, if its train_config.json has them all."""
+    if not o.resume:
+        return None
     run = Path(o.output_dir) if o.resume == "latest" else Path(o.resume).parent  # OUT/checkpoint-N's OUT
     path = run / "train_config.json"
-    if not o.resume or not path.is_file():
+    if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
@@ -234,9 +236,8 @@ def _known_word(o: Options, word: str) -> bool:
 class DreamBoothTrainer(Trainer):
     def __init__(self, o: Options):
         self.instances = ImageCaptionFolder(o.instance_dir, o.resolution, caption=o.instance_prompt)
-        super().__init__(
-            with_recipe(o)
-        )  # main() has filled it in (then o as it is); Options built in code may not
+        # main() has filled the recipe in (with_recipe returns such options as they are); code may not have
+        super().__init__(with_recipe(o))
 
     def prepare_models(self) -> None:
         o = self.o

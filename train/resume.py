@@ -59,8 +59,9 @@ def restore(trainer, path: Path) -> None:
     same_groups = len(s["optimizer"]["param_groups"]) == len(trainer.opt.param_groups)
     if not same_groups or set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise TrainError(
-            f"{path} was written by a run that trained other parameters ({len(theirs)} tensors against this"
-            f" run's {len(mine)}): resume with that run's options (its train_config.json), or start afresh"
+            f"{path} was written by a run that trained other parameters ({len(theirs)} tensors in"
+            f" {len(s['optimizer']['param_groups'])} optimizer groups against this run's {len(mine)} in"
+            f" {len(trainer.opt.param_groups)}): resume with that run's options (its train_config.json), or start afresh"
         )
     for k, p in mine.items():
         p.copy_(theirs[k])

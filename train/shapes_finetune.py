@@ -132,7 +132,7 @@ def names_size_or_place(text: str) -> bool:
 
 def names_background(text: str, scene: S.Scene) -> bool:
     # A scene's object is never the background's colour, so its background's colour word names the background.
-    return scene.background in text.replace(",", " ").split()
+    return any(w.strip(",") == scene.background for w in text.split())
 
 
 def draw_caption(scene: S.Scene, rng: random.Random, mix: dict[str, float]) -> str:

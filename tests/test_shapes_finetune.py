@@ -106,6 +106,12 @@ def test_tiny_run_trains_the_dit_from_caches(tmp_path):
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["caches"]["captions_embedded"] == 0
     assert again["final_loss"] == pytest.approx(report["final_loss"], rel=1e-5)
+    F.main(["--out", str(tmp_path / "object"), *args, "--object-loss-weight", "4"])
+    weighted = json.loads((tmp_path / "object" / "report.json").read_text())
+    assert weighted["options"]["object_loss_weight"] == "4.0"
+    assert weighted["final_loss"] != pytest.approx(
+        report["final_loss"], rel=1e-3
+    )  # the weights reach the loss
     new = load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
     old = load_file(str(DEFAULT_MODEL / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert new.keys() == old.keys()
@@ -113,3 +119,51 @@ def test_tiny_run_trains_the_dit_from_caches(tmp_path):
     assert (out / "model" / "text_encoder" / "model.safetensors").read_bytes() == (
         DEFAULT_MODEL / "text_encoder" / "model.safetensors"
     ).read_bytes()  # frozen: the starting model's, byte for byte
+
+
+def test_object_weights_cover_the_object_and_little_else():
+    from gen.data.shapes import render_many
+
+    images, _, scenes = render_many(300, 3, "train", 64)
+    w = F.object_weights(scenes, 16, 4.0)
+    assert w.shape == (300, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 4.0}
+    inside = []
+    for image, scene, row in zip(images, scenes, w, strict=True):
+        background = torch.tensor(S.COLOURS[scene.background])
+        drawn = (torch.from_numpy(image).int() - background).abs().sum(
+            -1
+        ) > 30  # (64, 64): the object's pixels
+        boxed = (row[0] == 4.0).repeat_interleave(4, 0).repeat_interleave(4, 1)
+        inside.append((drawn & boxed).sum().item() / drawn.sum().item())
+        assert boxed.float().mean() < {"small": 0.25, "large": 0.55}[scene.size], scene
+    # an anti-aliased edge pixel may round one position outside the box
+    assert min(inside) >= 0.97 and sum(f == 1 for f in inside) >= 297
+
+
+def test_pixel_weights_move_the_emphasis_not_the_scale():
+    from gen.diffusion.training import diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    plain = diffusion_loss(pred, target)
+    assert diffusion_loss(pred, target, pixel_weights=torch.full((3, 1, 8, 8), 7.0)) == pytest.approx(
+        plain.item()
+    )
+    w = torch.ones(3, 1, 8, 8)
+    w[:, :, :4] = 3.0  # the top half counts three times as much
+    error = (pred - target).square().mean(1)  # (3, 8, 8)
+    top, bottom = error[:, :4].mean((1, 2)), error[:, 4:].mean((1, 2))
+    # normalised to mean 1: 1.5 on the top half, 0.5 on the bottom, each half being half of the positions
+    expected = ((1.5 * top + 0.5 * bottom) / 2).mean()
+    assert diffusion_loss(pred, target, pixel_weights=w) == pytest.approx(expected.item(), rel=1e-6)
+    sample = torch.tensor([1.0, 0.0, 2.0])
+    assert diffusion_loss(pred, target, sample, w) == pytest.approx(
+        ((1.5 * top + 0.5 * bottom) / 2 * sample).mean().item(), rel=1e-6
+    )
+
+
+def test_object_loss_weight_must_be_positive(tmp_path):
+    with pytest.raises(
+        SystemExit, match=r"--object-loss-weight -1.0: must be a number above 0 \(1: no emphasis\)"
+    ):
+        F.main(["--out", str(tmp_path / "run"), "--object-loss-weight", "-1"])

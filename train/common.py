@@ -108,6 +108,7 @@ def denoiser_loss(
     noise: torch.Tensor | None = None,  # (B, C, h, w) drawn by the caller, e.g. its slice of a global batch's
     t: torch.Tensor | None = None,  # (B,)
     sample_weights: torch.Tensor | None = None,  # (B,), e.g. DreamBooth's prior-loss weight on class images
+    pixel_weights: torch.Tensor | None = None,  # (B, 1, h, w), e.g. more weight on an object
 ) -> torch.Tensor:
     """Noise the latents at random timesteps, predict, and return the (optionally min-SNR weighted) loss."""
     b = latents.shape[0]
@@ -123,7 +124,7 @@ def denoiser_loss(
     weights = min_snr_weights(scheduler, t, min_snr_gamma) if min_snr_gamma > 0 else None
     if sample_weights is not None:
         weights = sample_weights if weights is None else weights * sample_weights
-    return diffusion_loss(pred, target, weights)
+    return diffusion_loss(pred, target, weights, pixel_weights)
 
 
 class EMA:

@@ -72,6 +72,13 @@ class FinetuneOptions:
             "fixed phrasing)"
         },
     )
+    object_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "how much a latent position in the box around the object counts in the loss against one "
+            "of the background (1: all alike)"
+        },
+    )
     steps: int = 300
     batch_size: int = 64
     learning_rate: float = 1e-4
@@ -177,6 +184,21 @@ class Scenes:
         return {"pixel_values": to_model_range(self.images[index])}  # (3, H, W)
 
 
+def object_weights(scenes: list[S.Scene], side: int, weight: float) -> torch.Tensor:
+    """(B, 1, side, side) loss weights: `weight` inside the square any shape of each scene's size and position fits
+    in (gen.data.scenes.object_box), 1 elsewhere. Why: the shape, the attribute short prompts get wrong most, is
+    the few edge pixels of an object that covers 6-20 % of an image of plain background, so an unweighted loss
+    barely asks for it."""
+    out = torch.ones(len(scenes), 1, side, side)
+    for row, scene in zip(out, scenes, strict=True):
+        # pad 0.02 at a 16-position side: the box holds all of the object in 998-999 of 1,000 renders and at
+        # least 97 % of it in every one (unpadded, rounding leaves up to 10 % outside); it covers 18 % (small) /
+        # 45 % (large) of the image.
+        x0, y0, x1, y1 = S.object_box(scene, resolution=side, pad=0.02)
+        row[:, y0:y1, x0:x1] = weight
+    return out
+
+
 def render_scenes(count: int, seed: int, per_image: int, mix: dict[str, float], resolution: int) -> Scenes:
     images, _, scenes = S.render_many(count, seed, "train", resolution)
     rng = random.Random(f"captions/{seed}")
@@ -194,8 +216,10 @@ class FinetuneTrainer(Trainer):
         data: Scenes,
         text_encoder_lr: float = 0.0,
         cache: tuple[Path, Path] | None = None,
+        object_loss_weight: float = 1.0,
     ):
         self._pipe, self.data, self.text_encoder_lr, self.losses = pipe, data, text_encoder_lr, []
+        self.object_loss_weight, self.latent_side = object_loss_weight, 0
         self.timings: dict[str, float] = {}
         super().__init__(o)
         self.fill_caches(cache)
@@ -233,6 +257,7 @@ class FinetuneTrainer(Trainer):
                 _save_cache(moments.cpu(), saved)
         for i, m in enumerate(moments):
             self.latent_cache[(id(self.data), i, False)] = m
+        self.latent_side = moments.shape[-1]
         self.timings["encode_images_s"] = round(time.perf_counter() - start, 1)
         if self.text_cache is None:
             return
@@ -257,7 +282,13 @@ class FinetuneTrainer(Trainer):
     def next_batch(self) -> dict:
         items = self.items(self.data, self.take("data", self.data, self.o.batch_size))
         captions = [self.rng.choice(self.data.captions[i]) for _, i, _ in items]
-        return {"items": items, "captions": self.dropped(captions)}
+        batch = {"items": items, "captions": self.dropped(captions)}
+        if self.object_loss_weight != 1:
+            scenes = [self.data.scenes[i] for _, i, _ in items]
+            batch["pixel_weights"] = object_weights(scenes, self.latent_side, self.object_loss_weight).to(
+                self.acc.device
+            )
+        return batch
 
     def train_step(self) -> float:
         loss = super().train_step()
@@ -401,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     if o.threads:
         torch.set_num_threads(o.threads)
     mix = parse_mix(o.caption_mix)
+    if not o.object_loss_weight > 0:
+        raise TrainError(
+            f"--object-loss-weight {o.object_loss_weight}: must be a number above 0 (1: no emphasis)"
+        )
     o.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(), logging.FileHandler(o.out / "train.log")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
@@ -434,7 +469,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints_total_limit=1,
         resume=o.resume,
     )
-    trainer = FinetuneTrainer(options, pipe, data, o.text_encoder_lr, cache_files(o, resolution))
+    trainer = FinetuneTrainer(
+        options, pipe, data, o.text_encoder_lr, cache_files(o, resolution), o.object_loss_weight
+    )
     print(f"caches: {trainer.timings}")
     at = {int(s) for s in o.eval_at.split(",") if s.strip()}
     curve = None

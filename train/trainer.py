@@ -188,7 +188,8 @@ class Trainer:
         return [{"params": self.params}]
 
     def next_batch(self) -> dict:
-        """{"items": [(dataset, index, flip)], "captions": [...], "weights": (B,) or None} for this process."""
+        """{"items": [(dataset, index, flip)], "captions": [...], "weights": (B,) or None, optionally
+        "pixel_weights": (B, 1, h, w)} for this process."""
         raise NotImplementedError
 
     def save(self) -> Path:
@@ -257,6 +258,10 @@ class Trainer:
                 context = self.context(batch["captions"])
                 noise, t = self._noise_and_timesteps(latents)
                 with self.acc.autocast():
+                    if self.flow and batch.get("pixel_weights") is not None:
+                        raise TrainError(
+                            "per-pixel loss weights are for the DDPM objective, not flow matching"
+                        )
                     if self.flow:  # t: sigmas
                         loss = flow.flow_loss(
                             self.pipe, self.model, latents, context, noise, t, batch.get("weights")
@@ -271,6 +276,7 @@ class Trainer:
                             noise=noise,
                             t=t,
                             sample_weights=batch.get("weights"),
+                            pixel_weights=batch.get("pixel_weights"),
                         )
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:

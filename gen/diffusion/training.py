@@ -38,9 +38,16 @@ def diffusion_loss(
     pred: torch.Tensor,  # (B, C, h, w)
     target: torch.Tensor,  # (B, C, h, w)
     weights: torch.Tensor | None = None,  # (B,)
+    pixel_weights: torch.Tensor | None = None,  # (B, 1, h, w), positive
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally weighted, averaged over the batch."""
-    per_sample = (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))  # (B,)
+    """Mean squared error per sample, optionally weighted, averaged over the batch. `pixel_weights` makes some
+    positions count more within each sample; each sample's weights are normalised to mean 1, so they move the
+    emphasis without changing the loss's scale (or the learning rate that suits it)."""
+    error = (pred.float() - target.float()).square()
+    if pixel_weights is not None:
+        w = pixel_weights.float()
+        error = error * (w / w.mean(dim=tuple(range(1, w.ndim)), keepdim=True))
+    per_sample = error.mean(dim=tuple(range(1, pred.ndim)))  # (B,)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -167,3 +168,53 @@ def test_object_loss_weight_must_be_positive(tmp_path):
         SystemExit, match=r"--object-loss-weight -1.0: must be a number above 0 \(1: no emphasis\)"
     ):
         F.main(["--out", str(tmp_path / "run"), "--object-loss-weight", "-1"])
+
+
+def test_pixel_weights_of_the_wrong_shape_are_refused():
+    from gen.diffusion.training import diffusion_loss
+
+    pred = torch.zeros(4, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"pixel_weights of shape \(4, 8, 8\): must be \(4, 1, 8, 8\)"):
+        diffusion_loss(pred, pred, pixel_weights=torch.ones(4, 8, 8))  # would broadcast over channels
+
+
+def test_resume_refuses_a_changed_recipe_but_not_a_longer_run(tmp_path):
+    from gen.train.common import save_options
+
+    first = F.FinetuneOptions(out=tmp_path, caption_mix="grammar:2,template:1", object_loss_weight=4.0)
+    save_options(first, tmp_path)
+    longer = F.FinetuneOptions(
+        out=tmp_path,
+        caption_mix="grammar:2,template:1",
+        object_loss_weight=4.0,
+        resume="latest",
+        max_minutes=30,
+        steps=900,
+        eval_at="300",
+        threads=2,
+    )
+    F.check_resume(longer)  # passes
+    F.check_resume(
+        F.FinetuneOptions(out=tmp_path / "elsewhere", resume="latest")
+    )  # no saved config: the Trainer says
+    for change, message in (
+        ({"object_loss_weight": 1.0}, "--object-loss-weight 1.0 differs from the run's 4.0"),
+        (
+            {"caption_mix": "grammar:1"},
+            "--caption-mix 'grammar:1' differs from the run's 'grammar:2,template:1'",
+        ),
+        ({"learning_rate": 2e-4}, "--learning-rate 0.0002 differs from the run's 0.0001"),
+    ):
+        options = {"caption_mix": "grammar:2,template:1", "object_loss_weight": 4.0, **change}
+        with pytest.raises(TrainError, match=re.escape(f"--resume: {message}")):
+            F.check_resume(F.FinetuneOptions(out=tmp_path, resume="latest", **options))
+    checkpoint = tmp_path / "checkpoint-200"  # a checkpoint folder: its run's config is the parent's
+    with pytest.raises(TrainError, match="--object-loss-weight 2.0 differs"):
+        F.check_resume(
+            F.FinetuneOptions(
+                out=tmp_path / "new",
+                resume=str(checkpoint),
+                caption_mix="grammar:2,template:1",
+                object_loss_weight=2.0,
+            )
+        )

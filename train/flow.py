@@ -61,6 +61,7 @@ def flow_loss(
     noise: torch.Tensor,  # (B, C, h, w)
     sigmas: torch.Tensor,  # (B,)
     sample_weights: torch.Tensor | None = None,  # (B,)
+    pixel_weights: torch.Tensor | None = None,  # (B, 1, h, w)
 ) -> torch.Tensor:
     """The velocity loss at `sigmas`."""
     s = sigmas.view(-1, 1, 1, 1)
@@ -90,4 +91,4 @@ def flow_loss(
             pooled_projections=cond["pooled"],
             return_dict=False,
         )[0]
-    return diffusion_loss(pred, target, sample_weights)
+    return diffusion_loss(pred, target, sample_weights, pixel_weights)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -187,7 +188,7 @@ class Scenes:
 def object_weights(scenes: list[S.Scene], side: int, weight: float) -> torch.Tensor:
     """(B, 1, side, side) loss weights: `weight` inside the square any shape of each scene's size and position fits
     in (gen.data.scenes.object_box), 1 elsewhere. Why: the shape, the attribute short prompts get wrong most, is
-    the few edge pixels of an object that covers 6-20 % of an image of plain background, so an unweighted loss
+    the few edge pixels of an object that covers 4-24 % of an image of plain background, so an unweighted loss
     barely asks for it."""
     out = torch.ones(len(scenes), 1, side, side)
     for row, scene in zip(out, scenes, strict=True):
@@ -369,6 +370,35 @@ def format_summary(summary: dict) -> str:
     return "  ".join(f"{k} {v['seen']:.0f}/{v['held-out']:.0f}" for k, v in summary.items())
 
 
+# What a resumed run may change: how long it runs, where it writes and caches, how it is evaluated, its threads
+# and precision (another machine). Everything else defines the data, the objective or the optimizer, and a run
+# that changed one of them half-way would be neither recipe, while its report named only the second.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "steps", "max_minutes", "checkpointing_steps", "resume", "threads", "precision", "cache_dir"}
+    | {"eval_at", "eval_images_per_prompt", "eval_steps", "eval_live"}
+)
+
+
+def check_resume(o: FinetuneOptions) -> None:
+    """Refuse, in one line, a --resume whose flags differ from the run's own train_config.json in anything but
+    RESUMABLE_CHANGES."""
+    if not o.resume:
+        return
+    run = o.out if o.resume == "latest" else Path(o.resume).parent  # OUT/checkpoint-N's OUT
+    path = run / "train_config.json"
+    if not path.is_file():
+        return  # the Trainer says what is missing
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(o).items()}))
+    for key, value in now.items():
+        old = saved.get(key, FinetuneOptions.__dataclass_fields__[key].default)
+        if key not in RESUMABLE_CHANGES and str(old) != str(value):
+            flag = "--" + key.replace("_", "-")
+            raise TrainError(
+                f"--resume: {flag} {value!r} differs from the run's {old!r} (in {path}); give the same"
+            )
+
+
 def cache_files(o: FinetuneOptions, resolution: int) -> tuple[Path, Path] | None:
     """The latent and caption-embedding cache files under CACHE_DIR. Latents change only with the scenes and the
     VAE, embeddings only with the text encoder and tokenizer: keying each on its own parts' bytes lets the next
@@ -432,10 +462,11 @@ def main(argv: list[str] | None = None) -> None:
     if o.threads:
         torch.set_num_threads(o.threads)
     mix = parse_mix(o.caption_mix)
-    if not o.object_loss_weight > 0:
+    if not (math.isfinite(o.object_loss_weight) and o.object_loss_weight > 0):
         raise TrainError(
             f"--object-loss-weight {o.object_loss_weight}: must be a number above 0 (1: no emphasis)"
         )
+    check_resume(o)
     o.out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(), logging.FileHandler(o.out / "train.log")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)

@@ -258,13 +258,16 @@ class Trainer:
                 context = self.context(batch["captions"])
                 noise, t = self._noise_and_timesteps(latents)
                 with self.acc.autocast():
-                    if self.flow and batch.get("pixel_weights") is not None:
-                        raise TrainError(
-                            "per-pixel loss weights are for the DDPM objective, not flow matching"
-                        )
                     if self.flow:  # t: sigmas
                         loss = flow.flow_loss(
-                            self.pipe, self.model, latents, context, noise, t, batch.get("weights")
+                            self.pipe,
+                            self.model,
+                            latents,
+                            context,
+                            noise,
+                            t,
+                            batch.get("weights"),
+                            batch.get("pixel_weights"),
                         )
                     else:
                         loss = denoiser_loss(

@@ -45,6 +45,9 @@ def diffusion_loss(
     emphasis without changing the loss's scale (or the learning rate that suits it)."""
     error = (pred.float() - target.float()).square()
     if pixel_weights is not None:
+        wanted = (pred.shape[0], 1, *pred.shape[2:])
+        if tuple(pixel_weights.shape) != wanted:
+            raise ValueError(f"pixel_weights of shape {tuple(pixel_weights.shape)}: must be {wanted}")
         w = pixel_weights.float()
         error = error * (w / w.mean(dim=tuple(range(1, w.ndim)), keepdim=True))
     per_sample = error.mean(dim=tuple(range(1, pred.ndim)))  # (B,)

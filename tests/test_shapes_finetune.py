@@ -3,6 +3,7 @@ cached latents and caption embeddings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -194,6 +195,9 @@ def test_resume_refuses_a_changed_recipe_but_not_a_longer_run(tmp_path):
         threads=2,
     )
     F.check_resume(longer)  # passes
+    F.check_resume(
+        dataclasses.replace(longer, init_from=F.DEFAULT_MODEL / ".." / F.DEFAULT_MODEL.name)
+    )  # one folder
     F.check_resume(
         F.FinetuneOptions(out=tmp_path / "elsewhere", resume="latest")
     )  # no saved config: the Trainer says

@@ -389,10 +389,13 @@ def check_resume(o: FinetuneOptions) -> None:
     if not path.is_file():
         return  # the Trainer says what is missing
     saved = json.loads(path.read_text())
-    now = json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(o).items()}))
-    for key, value in now.items():
+    for key, value in vars(o).items():
         old = saved.get(key, FinetuneOptions.__dataclass_fields__[key].default)
-        if key not in RESUMABLE_CHANGES and str(old) != str(value):
+        if isinstance(value, Path):  # "./model" and "model" are one folder
+            same = Path(old).resolve() == value.resolve()
+        else:
+            same = str(old) == str(value)  # JSON's numbers read back as the floats they were written from
+        if key not in RESUMABLE_CHANGES and not same:
             flag = "--" + key.replace("_", "-")
             raise TrainError(
                 f"--resume: {flag} {value!r} differs from the run's {old!r} (in {path}); give the same"

@@ -42,7 +42,8 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Mean squared error per sample, optionally weighted, averaged over the batch. `pixel_weights` makes some
     positions count more within each sample; each sample's weights are normalised to mean 1, so they move the
-    emphasis without changing the loss's scale (or the learning rate that suits it)."""
+    emphasis rather than multiply the loss (its value still rises where the error gathers in the heavier positions).
+    All weights must be above 0."""
     error = (pred.float() - target.float()).square()
     if pixel_weights is not None:
         wanted = (pred.shape[0], 1, *pred.shape[2:])
